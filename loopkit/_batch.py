@@ -1,0 +1,71 @@
+"""Walking batches: move their tensors to a device, read their size."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+def move(batch: Any, device: torch.device, non_blocking: bool) -> Any:
+    """Return `batch` with every tensor on `device`; containers keep their types."""
+    if isinstance(batch, torch.Tensor):
+        if batch.device == device:
+            return batch
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move(v, device, non_blocking) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(move(v, device, non_blocking) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move(v, device, non_blocking) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        changes = {
+            f.name: move(getattr(batch, f.name), device, non_blocking)
+            for f in dataclasses.fields(batch)
+            if f.init
+        }
+        return dataclasses.replace(batch, **changes)
+    return batch
+
+
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The first tensor found in `batch` (depth first), or None."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        values: Any = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        values = batch
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        values = (getattr(batch, f.name) for f in dataclasses.fields(batch))
+    else:
+        return None
+    for value in values:
+        found = first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+def batch_size(batch: Any, where: object) -> int:
+    """The leading dimension of the batch's first tensor: the number of samples in it.
+
+    Raises:
+        ValueError: the batch holds no tensor, or its first tensor is empty or 0-d.
+    """
+    tensor = first_tensor(batch)
+    if tensor is None or tensor.ndim == 0:
+        raise ValueError(
+            f"{where}: the batch ({type(batch).__name__}) has no tensor with a batch "
+            "dimension; expected a tensor, or a dict / tuple / list / dataclass of tensors."
+        )
+    size = tensor.shape[0]
+    if size == 0:
+        raise ValueError(
+            f"{where}: empty batch (first tensor has shape {tuple(tensor.shape)}). Drop "
+            "empty batches from the data, or use drop_last=True in the DataLoader."
+        )
+    return size

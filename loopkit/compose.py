@@ -1,0 +1,135 @@
+"""Combinators that build one transform from others: identity, chain, every, when."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ._types import Batch, Transform
+from .state import TrainState
+
+
+def _check_transform(call: str, value: object) -> None:
+    if not callable(value):
+        raise TypeError(
+            f"{call}: {value!r} is not a transform; expected a callable "
+            "`(state, batch) -> TrainState` such as forward(loss_fn) or optimizer_step()."
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Identity:
+    def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
+        return state
+
+    def __repr__(self) -> str:
+        return "identity()"
+
+
+@dataclass(frozen=True, slots=True)
+class _Chain:
+    parts: tuple[Transform, ...]
+
+    def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
+        for part in self.parts:
+            state = part(state, batch)
+        return state
+
+    def __repr__(self) -> str:
+        return f"chain({', '.join(repr(p) for p in self.parts)})"
+
+
+@dataclass(frozen=True, slots=True)
+class _Every:
+    n: int
+    transform: Transform
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"every(n={self.n!r}, ...): n must be an int >= 1.")
+        _check_transform(f"every({self.n}, transform=...)", self.transform)
+
+    def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
+        at_boundary = state.micro_step == 0 or state.window.closed
+        if at_boundary and state.step % self.n == 0:
+            return self.transform(state, batch)
+        return state
+
+    def __repr__(self) -> str:
+        return f"every({self.n}, {self.transform!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class _When:
+    predicate: Callable[[TrainState], bool]
+    transform: Transform
+
+    def __post_init__(self) -> None:
+        if not callable(self.predicate):
+            raise TypeError(
+                f"when(predicate={self.predicate!r}, ...): expected a callable "
+                "`state -> bool`, e.g. `lambda s: s.step >= 100`."
+            )
+        _check_transform("when(..., transform=...)", self.transform)
+
+    def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
+        return self.transform(state, batch) if self.predicate(state) else state
+
+    def __repr__(self) -> str:
+        name = getattr(self.predicate, "__qualname__", repr(self.predicate))
+        return f"when({name}, {self.transform!r})"
+
+
+def identity() -> Transform:
+    """The transform that returns its state unchanged (and does not consume it)."""
+    return _Identity()
+
+
+def chain(*transforms: Transform) -> Transform:
+    """Compose transforms left to right into one: `chain(a, b)(s, x) == b(a(s, x), x)`.
+
+    Nested chains are flattened and identities dropped, so `chain` is associative,
+    `chain()` is `identity()` and `chain(t)` is `t`.
+
+    Raises:
+        TypeError: an argument is not callable.
+
+    Example:
+        >>> from loopkit import accumulate, optimizer_step
+        >>> chain(accumulate(2), chain(identity(), optimizer_step()))
+        chain(accumulate(2), optimizer_step())
+    """
+    parts: list[Transform] = []
+    for index, transform in enumerate(transforms):
+        _check_transform(f"chain(argument {index})", transform)
+        if isinstance(transform, _Chain):
+            parts.extend(transform.parts)
+        elif not isinstance(transform, _Identity):
+            parts.append(transform)
+    if not parts:
+        return _Identity()
+    if len(parts) == 1:
+        return parts[0]
+    return _Chain(tuple(parts))
+
+
+def every(n: int, transform: Transform) -> Transform:
+    """Apply `transform` at window boundaries where `state.step % n == 0`.
+
+    A boundary is a record with no open micro-batches (`micro_step == 0`, e.g. right after
+    `optimizer_step`) or a closed window. Elsewhere the state passes through.
+
+    Raises:
+        ValueError: n is not an int >= 1.
+        TypeError: transform is not callable.
+    """
+    return _Every(n, transform)
+
+
+def when(predicate: Callable[[TrainState], bool], transform: Transform) -> Transform:
+    """Apply `transform` when `predicate(state)` is true; otherwise pass the state through.
+
+    Raises:
+        TypeError: predicate or transform is not callable.
+    """
+    return _When(predicate, transform)

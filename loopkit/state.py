@@ -1,0 +1,292 @@
+"""TrainState: the immutable record that every step transform reads and returns.
+
+Glossary:
+    step: one optimizer step (`TrainState.step` counts those taken).
+    micro-step: one micro-batch (`TrainState.micro_step` counts those in the open window).
+    window: the micro-batches whose gradients make one optimizer step.
+    item: the unit a loss counts (a token or a sample); the window's loss is the mean over
+        every item in it, however the items were split into micro-batches.
+    consume: pass a record to a transform; afterwards that record is stale.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Union
+
+import torch
+
+from ._types import OptimizerFactory, Schedule
+from .precision import Precision, as_precision
+from .schedules import as_schedule
+
+Number = Union[int, float, torch.Tensor]
+
+
+class StaleStateError(RuntimeError):
+    """A consumed TrainState was used again (its tensors have since been updated in place)."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Window:
+    """Bookkeeping of the open gradient window (the micro-batches of one optimizer step).
+
+    Gradients accumulate as sum-of-losses / `ref_count` (the first micro-batch's item count),
+    so a one-micro-batch window needs no rescaling; closing multiplies them by
+    `ref_count / count` to get the gradient of the mean loss over all `count` items.
+
+    Attributes:
+        loss: sum of the micro-batch loss sums divided by `ref_count` (detached).
+        count: items in the window so far (int or device tensor).
+        ref_count: the first micro-batch's item count; None while the window is empty.
+        closed: True once `accumulate` has normalised the gradients.
+        found_inf: fp16 only: device flag set when the closed window's gradients overflowed.
+    """
+
+    loss: Number = 0.0
+    count: Number = 0
+    ref_count: Number | None = None
+    closed: bool = False
+    found_inf: torch.Tensor | None = None
+
+
+class _Lineage:
+    """Shared by a record and every record derived from it: which version is current."""
+
+    __slots__ = ("version", "consumer", "consumed_at_step")
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.consumer: object = None
+        self.consumed_at_step = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class TrainState:
+    """Everything one training step reads and writes.
+
+    Transforms consume the record they receive (tensors are updated in place, like a
+    donated buffer) and return a new one; using a consumed record again raises
+    StaleStateError. `snapshot()` gives an independent deep copy for branching and tests.
+    Build one with `TrainState.create(...)`; change one with `state.replace(...)`.
+
+    Attributes:
+        model: the (strategy-wrapped) model.
+        optimizer: the optimizer over the model's trainable parameters.
+        strategy: how forward/backward, gradient sync, norms and checkpoints run.
+        schedule: lr factor as a function of `step`, or a torch LRScheduler stepped per step.
+        precision: autocast and loss-scaling policy.
+        seed: root of all randomness; micro-step randomness derives from
+            (seed, step, micro_step, rank).
+        base_lrs: each param group's lr at factor 1.0.
+        params: the parameters the optimizer trains (gradients are normalised and clipped
+            over these).
+        step: optimizer steps taken.
+        micro_step: micro-batches in the open window.
+        epoch: passes over the training data completed (set by the loop).
+        samples_seen: samples consumed (leading batch dimension, summed).
+        tokens_seen: items the loss counted (tokens for token losses), summed; may be a
+            device tensor until read.
+        skipped_steps: fp16 windows whose update was skipped on overflow.
+        loss_scale: fp16 loss scale (device tensor), None otherwise.
+        growth_tracker: fp16 clean windows since the last scale change (device tensor).
+        window: the open gradient window.
+        metrics: the last closed window's metrics ("train/loss", "train/lr",
+            "train/grad_norm", ...), device tensors or host floats; never synced in a step.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    strategy: Any
+    schedule: Any
+    precision: Precision
+    seed: int
+    base_lrs: tuple[float, ...]
+    params: tuple[torch.nn.Parameter, ...]
+    step: int = 0
+    micro_step: int = 0
+    epoch: int = 0
+    samples_seen: int = 0
+    tokens_seen: Number = 0
+    skipped_steps: int = 0
+    loss_scale: torch.Tensor | None = None
+    growth_tracker: torch.Tensor | None = None
+    window: Window = field(default_factory=Window)
+    metrics: Mapping[str, Number] = field(default_factory=dict)
+    _lineage: _Lineage = field(default_factory=_Lineage, repr=False)
+    _version: int = field(default=0, repr=False)
+
+    @classmethod
+    def create(
+        cls,
+        model: torch.nn.Module,
+        *,
+        optimizer: Union[torch.optim.Optimizer, OptimizerFactory],
+        schedule: Union[Schedule, torch.optim.lr_scheduler.LRScheduler, None] = None,
+        precision: Union[Precision, str] = "fp32",
+        strategy: Any = None,
+        seed: int = 0,
+    ) -> TrainState:
+        """Prepare `model` with `strategy` and build the initial record.
+
+        Args:
+            model: the module to train.
+            optimizer: a factory `params -> Optimizer` (required by sharding strategies) or
+                a built optimizer over `model`'s parameters.
+            schedule: lr factor per step (see loopkit.schedules), a torch LRScheduler, or
+                None for a constant lr.
+            precision: "fp32", "bf16", "fp16" or a Precision.
+            strategy: a Strategy; None means SingleDevice() (cuda > mps > cpu).
+            seed: root of all randomness in the run.
+
+        Raises:
+            TypeError: model is not an nn.Module, optimizer is neither an optimizer nor a
+                callable, or seed is not an int.
+            ValueError: the optimizer has no parameters, or holds parameters `model` lacks.
+        """
+        from .strategies import SingleDevice, check_strategy
+
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"TrainState.create(model={type(model).__name__}): expected a torch.nn.Module."
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"TrainState.create(seed={seed!r}): expected an int, e.g. seed=0.")
+        precision = as_precision(precision)
+        strategy = SingleDevice() if strategy is None else check_strategy(strategy)
+        _check_optimizer(model, optimizer)
+        model, opt = strategy.setup(model, optimizer, precision)
+        if not any(group["params"] for group in opt.param_groups):
+            raise ValueError(
+                "TrainState.create(optimizer=...): the optimizer has no parameters. Are all "
+                "parameters frozen (requires_grad=False)? Unfreeze some or check the factory."
+            )
+        schedule = as_schedule(schedule, opt)
+        scale = tracker = None
+        if precision.scales_loss:
+            device = strategy.device
+            scale = torch.full((), precision.init_scale, dtype=torch.float32, device=device)
+            tracker = torch.zeros((), dtype=torch.int32, device=device)
+        return cls(
+            model=model,
+            optimizer=opt,
+            strategy=strategy,
+            schedule=schedule,
+            precision=precision,
+            seed=seed,
+            base_lrs=tuple(float(g.get("initial_lr", g["lr"])) for g in opt.param_groups),
+            params=_optimizer_params(opt),
+            loss_scale=scale,
+            growth_tracker=tracker,
+        )
+
+    def replace(self, **changes: Any) -> TrainState:
+        """Return a new record with `changes` applied; this record becomes stale.
+
+        Raises:
+            StaleStateError: this record was already consumed.
+            TypeError: a name in `changes` is not a TrainState field.
+        """
+        return self._advance(None, changes)
+
+    def snapshot(self) -> TrainState:
+        """Return an independent deep copy: model, gradients, optimizer, schedule, tensors.
+
+        The copy starts a new lineage, so stepping it never makes this record stale (and
+        vice versa). Use it to branch a run, or to keep a "before" for comparisons.
+        """
+        self.check_fresh()
+        copied = {f.name: getattr(self, f.name) for f in fields(self) if f.name[0] != "_"}
+        copied = self.strategy.snapshot(copied)
+        return TrainState(**{**copied, "params": _optimizer_params(copied["optimizer"])})
+
+    def check_fresh(self) -> None:
+        """Raise StaleStateError if a transform (or `replace`) already consumed this record."""
+        lineage = self._lineage
+        if self._version != lineage.version:
+            by = lineage.consumer
+            by_text = f"by {by!r} " if by is not None else "by replace() "
+            raise StaleStateError(
+                f"This TrainState (step={self.step}, micro_step={self.micro_step}) was "
+                f"consumed {by_text}at step {lineage.consumed_at_step}: its tensors have been "
+                "updated in place since. Use the record that call returned, or call "
+                "state.snapshot() before the call to keep an independent copy."
+            )
+
+    def _advance(self, by: object, changes: Mapping[str, Any]) -> TrainState:
+        """Consume this record on behalf of transform `by` and return the successor."""
+        self.check_fresh()
+        new = object.__new__(TrainState)
+        setattr_ = object.__setattr__
+        for name in _FIELD_NAMES:
+            setattr_(new, name, getattr(self, name))
+        for name, value in changes.items():
+            if name not in _PUBLIC_FIELDS:
+                raise TypeError(
+                    f"TrainState.replace({name}=...): not a field. Fields: "
+                    f"{', '.join(sorted(_PUBLIC_FIELDS))}."
+                )
+            setattr_(new, name, value)
+        lineage = self._lineage
+        version = lineage.version + 1
+        setattr_(new, "_version", version)
+        lineage.version = version
+        lineage.consumer = by
+        lineage.consumed_at_step = self.step
+        return new
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainState(step={self.step}, micro_step={self.micro_step}, epoch={self.epoch}, "
+            f"samples_seen={self.samples_seen}, precision={self.precision.name!r}, "
+            f"strategy={self.strategy!r}, model={type(self.model).__name__})"
+        )
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(TrainState))
+_PUBLIC_FIELDS = frozenset(n for n in _FIELD_NAMES if not n.startswith("_"))
+
+
+def deep_copy_training_objects(values: dict[str, Any]) -> dict[str, Any]:
+    """Deep-copy model, optimizer, schedule and tensors of a record's fields together.
+
+    One `deepcopy` call over all of them shares the memo, so the copied optimizer refers to
+    the copied model's parameters. Gradients are copied explicitly (Parameter's deepcopy
+    drops them).
+    """
+    params = [p for p in values["model"].parameters()]
+    grads = [p.grad for p in params]
+    keep = {k: values[k] for k in ("strategy", "precision", "params")}
+    copied = copy.deepcopy({k: v for k, v in values.items() if k not in keep})
+    for new_p, g in zip(copied["model"].parameters(), grads):
+        new_p.grad = None if g is None else g.detach().clone()
+    return {**copied, **keep}
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> tuple[torch.nn.Parameter, ...]:
+    return tuple(p for group in optimizer.param_groups for p in group["params"])
+
+
+def _check_optimizer(
+    model: torch.nn.Module, optimizer: Union[torch.optim.Optimizer, OptimizerFactory]
+) -> None:
+    """Check that `optimizer` is a factory, or a built optimizer over `model`'s parameters."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        model_params = {id(p) for p in model.parameters()}
+        foreign = [
+            p for g in optimizer.param_groups for p in g["params"] if id(p) not in model_params
+        ]
+        if foreign:
+            raise ValueError(
+                f"TrainState.create(optimizer={type(optimizer).__name__}): {len(foreign)} of "
+                "its parameters are not parameters of the model. Build the optimizer from "
+                "model.parameters(), or pass a factory such as "
+                "`lambda params: torch.optim.AdamW(params, lr=3e-4)`."
+            )
+    elif not callable(optimizer):
+        raise TypeError(
+            f"TrainState.create(optimizer={optimizer!r}): expected a torch.optim.Optimizer or "
+            "a factory such as `lambda params: torch.optim.AdamW(params, lr=3e-4)`."
+        )

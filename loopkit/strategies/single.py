@@ -1,0 +1,74 @@
+"""SingleDevice: the whole model on one device (cuda, mps or cpu)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Union
+
+import torch
+
+from .._batch import move
+from .._types import Batch, OptimizerFactory
+from ..precision import Precision
+from ._common import build_optimizer
+
+
+def default_device() -> torch.device:
+    """cuda if available, else mps if available, else cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class SingleDevice:
+    """Train on one device: no wrapping, no communication.
+
+    Args:
+        device: "cpu", "cuda", "cuda:1", "mps", a torch.device, or None to pick
+            cuda > mps > cpu.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, device: Union[str, torch.device, None] = None) -> None:
+        try:
+            self.device = default_device() if device is None else torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"SingleDevice(device={device!r}): not a device; use 'cpu', 'cuda', "
+                "'cuda:N', 'mps' or None."
+            ) from error
+        self._non_blocking = self.device.type == "cuda"
+
+    def setup(
+        self,
+        model: torch.nn.Module,
+        optimizer: Union[torch.optim.Optimizer, OptimizerFactory],
+        precision: Precision,
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = model.to(self.device)  # keeps Parameter identity, so a built optimizer still fits
+        return model, build_optimizer(model, optimizer)
+
+    def to_device(self, batch: Batch) -> Batch:
+        # non_blocking from pinned host memory overlaps the copy with compute on CUDA.
+        return move(batch, self.device, self._non_blocking)
+
+    def backward(self, model: torch.nn.Module, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm_(
+        self, params: Sequence[torch.nn.Parameter], max_norm: float, norm_type: float
+    ) -> torch.Tensor:
+        # Stays on device: clip_grad_norm_ multiplies by a clamped coefficient, no .item().
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, foreach=True)
+
+    def snapshot(self, fields: dict[str, Any]) -> dict[str, Any]:
+        from ..state import deep_copy_training_objects
+
+        return deep_copy_training_objects(fields)
+
+    def __repr__(self) -> str:
+        return f"SingleDevice(device={str(self.device)!r})"

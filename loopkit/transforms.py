@@ -1,0 +1,290 @@
+"""The four core step transforms: forward, accumulate, clip, optimizer_step.
+
+One optimizer step is `chain(forward(loss_fn), accumulate(k), clip(max_norm),
+optimizer_step())` applied to each of k micro-batches in turn:
+
+- `forward` runs forward + backward of one micro-batch and adds it to the open window;
+- `accumulate(k)` closes the window after k micro-batches, normalising its gradients;
+- `clip` and `optimizer_step` act on closed windows only and pass open ones through.
+
+How the loss is normalised: micro-batch i contributes `sum_i / c_1` to the gradients,
+where c_1 is the first micro-batch's item count. Closing multiplies them by
+`c_1 / (c_1 + ... + c_k)`, so the window's gradient is that of `sum(sum_i) / sum(c_i)`:
+the mean loss over every item, however the items were split. A one-micro-batch window
+needs no rescaling at all, so `accumulate(1)` costs nothing over a hand-written loop.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from ._batch import batch_size
+from ._rng import micro_step_seed, seed_devices_
+from ._types import Batch, LossFn
+from .loss import as_loss
+from .state import TrainState, Window
+
+_EMPTY_WINDOW = Window()
+LRScheduler = torch.optim.lr_scheduler.LRScheduler
+
+
+def _name(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+@dataclass(frozen=True, slots=True)
+class _Forward:
+    loss_fn: LossFn
+
+    def __post_init__(self) -> None:
+        if not callable(self.loss_fn):
+            raise TypeError(
+                f"forward(loss_fn={self.loss_fn!r}): expected a callable "
+                "`loss_fn(model, batch)` returning a scalar mean or loopkit.Loss(sum, count)."
+            )
+
+    def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
+        state.check_fresh()
+        window = state.window
+        if window.closed:
+            raise RuntimeError(
+                f"{self!r}: the gradient window closed at step {state.step} has not been "
+                "applied. Put optimizer_step() after accumulate(k) in the chain."
+            )
+        strategy = state.strategy
+        batch = strategy.to_device(batch)
+        n_samples = batch_size(batch, self)
+        seed_devices_(
+            micro_step_seed(state.seed, state.step, state.micro_step, strategy.rank),
+            strategy.device,
+        )
+        with state.precision.autocast(strategy.device):
+            value, count, is_mean = as_loss(self.loss_fn(state.model, batch), n_samples, self)
+        if state.step == 0 and state.micro_step == 0 and isinstance(count, torch.Tensor):
+            _check_count_once(count, self)
+        ref = window.ref_count
+        if ref is None:  # first micro-batch of the window: its count is the reference
+            ref = count
+            scaled = value if is_mean else value / count
+        else:
+            scaled = value * (count / ref) if is_mean else value / ref
+        if state.loss_scale is not None:
+            strategy.backward(state.model, scaled * state.loss_scale)
+        else:
+            strategy.backward(state.model, scaled)
+        scaled = scaled.detach()
+        first = window.ref_count is None
+        return state._advance(
+            self,
+            {
+                "micro_step": state.micro_step + 1,
+                "samples_seen": state.samples_seen + n_samples,
+                "tokens_seen": state.tokens_seen + count,
+                "window": Window(
+                    loss=scaled if first else window.loss + scaled,
+                    count=count if first else window.count + count,
+                    ref_count=ref,
+                ),
+            },
+        )
+
+    def __repr__(self) -> str:
+        return f"forward({_name(self.loss_fn)})"
+
+
+def _check_count_once(count: torch.Tensor, where: object) -> None:
+    # host sync: once per run, on the first micro-batch, to catch a broken item count early.
+    value = float(count)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"{where}: loss_fn returned Loss.count={value!r} on the first micro-batch; the "
+            "item count must be a finite number > 0. Check the mask or ignore_index."
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Accumulate:
+    k: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(
+                f"accumulate(k={self.k!r}): k is the number of micro-batches per optimizer "
+                "step, an int >= 1. Use accumulate(1) for no accumulation."
+            )
+
+    def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
+        state.check_fresh()
+        window = state.window
+        if window.closed or state.micro_step < self.k:
+            return state
+        if state.micro_step > self.k:
+            raise RuntimeError(
+                f"{self!r}: the open window already holds {state.micro_step} micro-batches. "
+                "Use a single accumulate(k) per chain, before clip and optimizer_step."
+            )
+        # count and ref_count are the same object only for a one-micro-batch window, whose
+        # gradients are already sum / count.
+        factor = None if window.count is window.ref_count else window.ref_count / window.count
+        grads = [p.grad for p in state.params if p.grad is not None]
+        found_inf = None
+        if state.loss_scale is not None:
+            found_inf = torch.zeros((), device=state.loss_scale.device)
+            inv_scale = ((1.0 if factor is None else factor) / state.loss_scale.double()).float()
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+        elif factor is not None and grads:
+            torch._foreach_mul_(grads, factor)
+        loss = window.loss if factor is None else window.loss * factor
+        closed = Window(
+            loss=window.loss,
+            count=window.count,
+            ref_count=window.ref_count,
+            closed=True,
+            found_inf=found_inf,
+        )
+        return state._advance(self, {"window": closed, "metrics": {"train/loss": loss}})
+
+    def __repr__(self) -> str:
+        return f"accumulate({self.k})"
+
+
+@dataclass(frozen=True, slots=True)
+class _Clip:
+    max_norm: float
+    norm_type: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_norm", "norm_type"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"clip({name}={value!r}): expected a float, e.g. clip(1.0).")
+        if not (math.isfinite(self.max_norm) and self.max_norm > 0):
+            raise ValueError(
+                f"clip(max_norm={self.max_norm!r}): max_norm must be a positive, finite "
+                "float, e.g. clip(1.0). Leave clip out of the chain to disable clipping."
+            )
+        if not (self.norm_type > 0):
+            raise ValueError(
+                f"clip(norm_type={self.norm_type!r}): must be > 0 (2.0, 1.0 or inf)."
+            )
+
+    def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
+        state.check_fresh()
+        if not state.window.closed:  # clipping acts on whole windows only
+            return state
+        norm = state.strategy.clip_grad_norm_(state.params, self.max_norm, self.norm_type)
+        return state._advance(self, {"metrics": {**state.metrics, "train/grad_norm": norm}})
+
+    def __repr__(self) -> str:
+        if self.norm_type == 2.0:
+            return f"clip({self.max_norm})"
+        return f"clip({self.max_norm}, norm_type={self.norm_type})"
+
+
+@dataclass(frozen=True, slots=True)
+class _OptimizerStep:
+    def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
+        state.check_fresh()
+        window = state.window
+        if not window.closed:
+            return state
+        optimizer, schedule = state.optimizer, state.schedule
+        if isinstance(schedule, LRScheduler):
+            lr = optimizer.param_groups[0]["lr"]
+        else:
+            factor = schedule(state.step)
+            for group, base_lr in zip(optimizer.param_groups, state.base_lrs):
+                group["lr"] = base_lr * factor
+            lr = state.base_lrs[0] * factor
+        skipped = 0
+        if window.found_inf is not None:
+            # host sync: an fp16 step must know whether the window overflowed to skip it.
+            skipped = int(window.found_inf.item())
+            if not skipped:
+                optimizer.step()
+            precision = state.precision
+            torch._amp_update_scale_(
+                state.loss_scale,
+                state.growth_tracker,
+                window.found_inf,
+                precision.growth_factor,
+                precision.backoff_factor,
+                precision.growth_interval,
+            )
+        else:
+            optimizer.step()
+        if isinstance(schedule, LRScheduler):
+            schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        return state._advance(
+            self,
+            {
+                "step": state.step + 1,
+                "micro_step": 0,
+                "skipped_steps": state.skipped_steps + skipped,
+                "window": _EMPTY_WINDOW,
+                "metrics": {**state.metrics, "train/lr": lr},
+            },
+        )
+
+    def __repr__(self) -> str:
+        return "optimizer_step()"
+
+
+def forward(loss_fn: LossFn) -> _Forward:
+    """Run forward and backward of one micro-batch and add it to the open gradient window.
+
+    The forward runs under the state's autocast policy; randomness (dropout) is seeded from
+    (seed, step, micro_step, rank), so a run is reproducible whatever ran before it.
+
+    Args:
+        loss_fn: `loss_fn(model, batch)` returning `Loss(sum, count)` or a scalar mean
+            (whose count is then the batch's leading dimension).
+
+    Raises:
+        TypeError: loss_fn is not callable (when built), or returns something other than a
+            scalar tensor or Loss (when called).
+        ValueError: an empty batch, a non-scalar loss, or an item count that is not > 0.
+
+    Example:
+        >>> step = forward(lambda model, batch: model(batch[0]).pow(2).mean())
+    """
+    return _Forward(loss_fn)
+
+
+def accumulate(k: int) -> _Accumulate:
+    """Close the gradient window every k micro-batches, normalising it by its item count.
+
+    After closing, gradients are those of the mean loss over every item of the k
+    micro-batches, and `metrics["train/loss"]` is that mean (on device). With fp16 it also
+    unscales the gradients and records whether they overflowed.
+
+    Raises:
+        ValueError: k is not an int >= 1.
+    """
+    return _Accumulate(k)
+
+
+def clip(max_norm: float, norm_type: float = 2.0) -> _Clip:
+    """Clip the closed window's gradients to a global norm of at most `max_norm`.
+
+    Records the norm before clipping as `metrics["train/grad_norm"]` (on device). Open
+    windows pass through untouched.
+
+    Raises:
+        ValueError: max_norm is not a positive finite float, or norm_type <= 0.
+    """
+    return _Clip(max_norm, norm_type)
+
+
+def optimizer_step() -> _OptimizerStep:
+    """Apply a closed window: set the lr from the schedule, step, zero the gradients.
+
+    `step` counts closed windows, including fp16 windows skipped on overflow (those are
+    counted in `skipped_steps` and shrink the loss scale instead). Open windows pass through.
+    """
+    return _OptimizerStep()
