@@ -8,15 +8,37 @@ from ._types import LossFn as LossFn
 from ._types import OptimizerFactory as OptimizerFactory
 from ._types import Schedule as Schedule
 from ._types import Transform as Transform
+from .callbacks import BestModel as BestModel
+from .callbacks import Callback as Callback
+from .callbacks import EarlyStopping as EarlyStopping
+from .callbacks import LRMonitor as LRMonitor
+from .callbacks import Stop as Stop
+from .callbacks import ThroughputMonitor as ThroughputMonitor
+from .checkpoint import CheckpointError as CheckpointError
+from .checkpoint import load_checkpoint as load_checkpoint
+from .checkpoint import save_checkpoint as save_checkpoint
+from .checkpoint import save_model as save_model
 from .compose import chain as chain
 from .compose import every as every
 from .compose import identity as identity
 from .compose import when as when
+from .config import FitConfig as FitConfig
+from .evaluate import evaluate as evaluate
+from .fit import FitResult as FitResult
+from .fit import fit as fit
+from .logging import CSVLogger as CSVLogger
+from .logging import JSONLLogger as JSONLLogger
+from .logging import ProgressBar as ProgressBar
+from .logging import TensorBoardLogger as TensorBoardLogger
 from .loss import Loss as Loss
 from .loss import cross_entropy as cross_entropy
 from .loss import mse as mse
-from .params import param_groups as param_groups
+from .metrics import Accuracy as Accuracy
+from .metrics import Mean as Mean
+from .metrics import Metric as Metric
+from .metrics import TopKAccuracy as TopKAccuracy
 from .params import freeze as freeze
+from .params import param_groups as param_groups
 from .precision import Precision as Precision
 from .precision import set_tf32 as set_tf32
 from .state import StaleStateError as StaleStateError
@@ -32,15 +54,32 @@ from .transforms import optimizer_step as optimizer_step
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accuracy",
     "Batch",
+    "BestModel",
+    "CSVLogger",
+    "Callback",
+    "CheckpointError",
+    "EarlyStopping",
+    "FitConfig",
+    "FitResult",
+    "JSONLLogger",
+    "LRMonitor",
     "Loss",
     "LossFn",
+    "Mean",
+    "Metric",
     "OptimizerFactory",
     "Precision",
+    "ProgressBar",
     "Schedule",
     "SingleDevice",
     "StaleStateError",
+    "Stop",
     "Strategy",
+    "TensorBoardLogger",
+    "ThroughputMonitor",
+    "TopKAccuracy",
     "TrainState",
     "Transform",
     "Window",
@@ -48,13 +87,18 @@ __all__ = [
     "chain",
     "clip",
     "cross_entropy",
+    "evaluate",
     "every",
+    "fit",
     "forward",
     "freeze",
     "identity",
+    "load_checkpoint",
     "mse",
     "optimizer_step",
     "param_groups",
+    "save_checkpoint",
+    "save_model",
     "schedules",
     "set_tf32",
     "when",

@@ -27,8 +27,9 @@ def _check_steps(call: str, **values: int) -> None:
 
 
 def _check_factor(call: str, name: str, value: float) -> None:
-    if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{call}({name}={value!r}): must be a finite float >= 0.")
+    # a floor above the peak (1.0) would turn the decay into a rise
+    if not (isinstance(value, numbers.Real) and 0 <= value <= 1):
+        raise ValueError(f"{call}({name}={value!r}): must be a float in [0, 1].")
 
 
 def _warmup(step: int, warmup_steps: int) -> float:
@@ -75,7 +76,9 @@ class linear(_Decay):  # noqa: N801
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return _warmup(step, self.warmup_steps)
-        decay = max(0.0, 1.0 - self._progress(step))
+        # HF's (total - step) / (total - warmup): 0 from total_steps on, also when
+        # total_steps == warmup_steps (1 - progress would give 1.0 at that step).
+        decay = max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))
         return self.min_factor + (1.0 - self.min_factor) * decay
 
 
@@ -127,7 +130,9 @@ class polynomial(_Decay):  # noqa: N801
             return _warmup(step, self.warmup_steps)
         if step > self.total_steps:
             return self.min_factor
-        remaining = 1.0 - self._progress(step)
+        # (total - step) / (total - warmup), as linear: 0 at total_steps, also when
+        # total_steps == warmup_steps, so power=1.0 is exactly linear.
+        remaining = (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps)
         return (1.0 - self.min_factor) * remaining**self.power + self.min_factor
 
 
@@ -146,6 +151,8 @@ class inverse_sqrt:  # noqa: N801
         _check_steps("inverse_sqrt", warmup_steps=self.warmup_steps)
         if self.timescale is not None:
             _check_steps("inverse_sqrt", timescale=self.timescale)
+            if self.timescale == 0:  # `timescale or ...` below would silently replace it
+                raise ValueError("inverse_sqrt(timescale=0): must be an int >= 1, or None.")
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:

@@ -52,15 +52,19 @@ class Window:
     found_inf: torch.Tensor | None = None
 
 
-class _Lineage:
-    """Shared by a record and every record derived from it: which version is current."""
+class _Consumption:
+    """Per record: whether it was consumed, by which transform (None: replace()), at which step.
 
-    __slots__ = ("version", "consumer", "consumed_at_step")
+    Kept per record, not per lineage, so a stale record names the call that consumed *it*,
+    not the latest call on its successors.
+    """
+
+    __slots__ = ("consumed", "consumer", "at_step")
 
     def __init__(self) -> None:
-        self.version = 0
+        self.consumed = False
         self.consumer: object = None
-        self.consumed_at_step = 0
+        self.at_step = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -115,8 +119,7 @@ class TrainState:
     growth_tracker: torch.Tensor | None = None
     window: Window = field(default_factory=Window)
     metrics: Mapping[str, Number] = field(default_factory=dict)
-    _lineage: _Lineage = field(default_factory=_Lineage, repr=False)
-    _version: int = field(default=0, repr=False)
+    _consumption: _Consumption = field(default_factory=_Consumption, repr=False)
 
     @classmethod
     def create(
@@ -204,13 +207,13 @@ class TrainState:
 
     def check_fresh(self) -> None:
         """Raise StaleStateError if a transform (or `replace`) already consumed this record."""
-        lineage = self._lineage
-        if self._version != lineage.version:
-            by = lineage.consumer
+        consumption = self._consumption
+        if consumption.consumed:
+            by = consumption.consumer
             by_text = f"by {by!r} " if by is not None else "by replace() "
             raise StaleStateError(
                 f"This TrainState (step={self.step}, micro_step={self.micro_step}) was "
-                f"consumed {by_text}at step {lineage.consumed_at_step}: its tensors have been "
+                f"consumed {by_text}at step {consumption.at_step}: its tensors have been "
                 "updated in place since. Use the record that call returned, or call "
                 "state.snapshot() before the call to keep an independent copy."
             )
@@ -229,12 +232,11 @@ class TrainState:
                     f"{', '.join(sorted(_PUBLIC_FIELDS))}."
                 )
             setattr_(new, name, value)
-        lineage = self._lineage
-        version = lineage.version + 1
-        setattr_(new, "_version", version)
-        lineage.version = version
-        lineage.consumer = by
-        lineage.consumed_at_step = self.step
+        setattr_(new, "_consumption", _Consumption())
+        consumption = self._consumption
+        consumption.consumed = True
+        consumption.consumer = by
+        consumption.at_step = self.step
         return new
 
     def __repr__(self) -> str:
@@ -285,8 +287,21 @@ def _check_optimizer(
                 "model.parameters(), or pass a factory such as "
                 "`lambda params: torch.optim.AdamW(params, lr=3e-4)`."
             )
+        trainable = any(p.requires_grad for g in optimizer.param_groups for p in g["params"])
+        name = type(optimizer).__name__
     elif not callable(optimizer):
         raise TypeError(
             f"TrainState.create(optimizer={optimizer!r}): expected a torch.optim.Optimizer or "
             "a factory such as `lambda params: torch.optim.AdamW(params, lr=3e-4)`."
+        )
+    else:
+        trainable = any(p.requires_grad for p in model.parameters())
+        name = getattr(optimizer, "__qualname__", None) or repr(optimizer)
+    # Checked before the factory runs: torch's own "empty parameter list" error names no
+    # argument, and a built optimizer over frozen parameters would only fail in backward.
+    if not trainable:
+        raise ValueError(
+            f"TrainState.create(optimizer={name}): the optimizer has no trainable parameters. "
+            "Are all parameters frozen (requires_grad=False)? Unfreeze some or check the "
+            "factory."
         )

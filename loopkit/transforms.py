@@ -106,6 +106,17 @@ def _check_count_once(count: torch.Tensor, where: object) -> None:
         )
 
 
+def _ratio(ref_count: object, count: object) -> object:
+    """`ref_count / count`, in float64 where the device has it.
+
+    Integer count tensors divide to float32 (the default dtype), e.g. 1/3 off by 3e-8:
+    float64 training would see gradients that depend on the micro-batch split.
+    """
+    if isinstance(count, torch.Tensor) and count.device.type != "mps":
+        return torch.as_tensor(ref_count, device=count.device).double() / count
+    return ref_count / count  # type: ignore[operator]
+
+
 @dataclass(frozen=True, slots=True)
 class _Accumulate:
     k: int
@@ -129,16 +140,22 @@ class _Accumulate:
             )
         # count and ref_count are the same object only for a one-micro-batch window, whose
         # gradients are already sum / count.
-        factor = None if window.count is window.ref_count else window.ref_count / window.count
-        grads = [p.grad for p in state.params if p.grad is not None]
+        factor = (
+            None if window.count is window.ref_count else _ratio(window.ref_count, window.count)
+        )
         found_inf = None
+        # The gradient list is built only where it is used: a one-micro-batch fp32/bf16
+        # window (factor None) skips the walk over every parameter.
         if state.loss_scale is not None:
+            grads = [p.grad for p in state.params if p.grad is not None]
             found_inf = torch.zeros((), device=state.loss_scale.device)
             inv_scale = ((1.0 if factor is None else factor) / state.loss_scale.double()).float()
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
-        elif factor is not None and grads:
-            torch._foreach_mul_(grads, factor)
-        loss = window.loss if factor is None else window.loss * factor
+        elif factor is not None:
+            grads = [p.grad for p in state.params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, factor)
+        loss = window.loss if factor is None else (window.loss * factor).to(window.loss.dtype)
         closed = Window(
             loss=window.loss,
             count=window.count,
@@ -197,6 +214,12 @@ class _OptimizerStep:
             lr = optimizer.param_groups[0]["lr"]
         else:
             factor = schedule(state.step)
+            # A host float, so this check costs no sync; a NaN lr would silently ruin weights.
+            if not (isinstance(factor, numbers.Real) and math.isfinite(factor) and factor >= 0):
+                raise ValueError(
+                    f"{self!r}: schedule={_name(schedule)} returned {factor!r} at step "
+                    f"{state.step}; a schedule must return an lr factor, a finite float >= 0."
+                )
             for group, base_lr in zip(optimizer.param_groups, state.base_lrs):
                 group["lr"] = base_lr * factor
             lr = state.base_lrs[0] * factor

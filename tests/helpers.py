@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -92,3 +93,107 @@ def window_cross_entropy(model: torch.nn.Module, window: Sequence[tuple[torch.Te
     x = torch.cat([b[0] for b in window])
     y = torch.cat([b[1] for b in window])
     return F.cross_entropy(model(x), y)
+
+
+# --- property-test helpers: observe a run without consuming it, trace a reference run ---
+
+
+def clone_all(tensors: Iterable[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Detached copies of `tensors` (None stays None)."""
+    return [None if t is None else t.detach().clone() for t in tensors]
+
+
+class WindowProbe:
+    """A test transform: at a closed window, record its gradients and metrics.
+
+    It returns the record it receives without consuming it (like `identity()`), so it can
+    sit anywhere in a chain, e.g. `chain(forward(f), accumulate(k), WindowProbe(), ...)`.
+    """
+
+    def __init__(self) -> None:
+        self.grads: list[list[torch.Tensor | None]] = []
+        self.metrics: list[dict[str, object]] = []
+
+    def __call__(self, state: lk.TrainState, batch: object, /) -> lk.TrainState:
+        if state.window.closed:
+            self.grads.append(clone_all(p.grad for p in state.params))
+            self.metrics.append(
+                {
+                    k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                    for k, v in state.metrics.items()
+                }
+            )
+        return state
+
+    def __repr__(self) -> str:
+        return "WindowProbe()"
+
+
+def run_windows(
+    state: lk.TrainState, step: lk.Transform, windows: Sequence[Sequence[object]]
+) -> tuple[lk.TrainState, list[list[torch.Tensor]]]:
+    """Apply `step` to every micro-batch; return the last record and params after each window."""
+    params_after: list[list[torch.Tensor]] = []
+    for window in windows:
+        for micro_batch in window:
+            state = step(state, micro_batch)
+        params_after.append(clone_all(state.params))  # type: ignore[arg-type]
+    return state, params_after
+
+
+@dataclass
+class ReferenceTrace:
+    """What a hand-written loop saw at each optimizer step."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    grad_norms: list[torch.Tensor] = field(default_factory=list)  # before clipping
+    grads: list[list[torch.Tensor | None]] = field(default_factory=list)  # as opt.step saw them
+    lrs: list[float] = field(default_factory=list)
+    params: list[list[torch.Tensor]] = field(default_factory=list)  # after the step
+
+
+def reference_trace(
+    model: torch.nn.Module,
+    windows: Sequence[object],
+    mean_loss: Callable[[torch.nn.Module, object], torch.Tensor],
+    *,
+    make_optimizer: Callable[..., torch.optim.Optimizer],
+    lr_factor: Callable[[int], float] = lambda step: 1.0,
+    max_norm: float | None = None,
+) -> ReferenceTrace:
+    """The hand-written loop (zero_grad, backward of the window's mean loss, clip, step), traced."""
+    opt = make_optimizer(list(model.parameters()))
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    trace = ReferenceTrace()
+    for step, window in enumerate(windows):
+        for group, base in zip(opt.param_groups, base_lrs, strict=True):
+            group["lr"] = base * lr_factor(step)
+        opt.zero_grad()
+        loss = mean_loss(model, window)
+        loss.backward()
+        if max_norm is not None:
+            trace.grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        opt.step()
+        trace.losses.append(loss.detach())
+        trace.grads.append(clone_all(p.grad for p in model.parameters()))
+        trace.lrs.append(opt.param_groups[0]["lr"])
+        trace.params.append(clone_all(model.parameters()))  # type: ignore[arg-type]
+    return trace
+
+
+def assert_tensors_close(
+    actual: Sequence[torch.Tensor | None],
+    expected: Sequence[torch.Tensor | None],
+    *,
+    rtol: float,
+    atol: float,
+    what: str = "tensor",
+) -> None:
+    """Compare two lists of tensors; the message names the first index that differs."""
+    assert len(actual) == len(expected), f"{what}: {len(actual)} tensors, expected {len(expected)}"
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        if a is None or e is None:
+            assert a is None and e is None, f"{what}[{i}]: {a} vs {e}"
+            continue
+        where = f"{what}[{i}]"
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m, w=where: f"{w}: {m}")

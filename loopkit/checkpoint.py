@@ -1,0 +1,442 @@
+"""Checkpoints: atomic, validated, rotated; safetensors + JSON, nothing ever unpickled.
+
+Layout of one checkpoint, `<dir>/step-00001200/`:
+
+    model.safetensors   the model's state_dict (parameters and buffers)
+    state.safetensors   every other tensor: optimizer state, loss scale, data-loader RNG, ...
+    state.json          counters, seed, schedule position and the skeleton that places each
+                        tensor of state.safetensors back into its nested structure
+    manifest.json       size and sha256 of every file above, written last
+
+A checkpoint is written under a hidden temporary name, fsynced, then renamed into place,
+and `<dir>/latest` is replaced the same way: a crash at any instant leaves every complete
+checkpoint valid and no half-written one visible under a `step-*` name.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+
+from . import _tree
+from .state import TrainState, Window
+
+FORMAT = "loopkit-checkpoint/1"
+MODEL_FORMAT = "loopkit-model/1"
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_FILES = ("model.safetensors", "state.safetensors", "state.json")
+# Test hook: seconds to pause between the files of a save, so a kill can land inside it.
+_PAUSE_ENV = "LOOPKIT_TEST_SAVE_PAUSE_S"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the training state."""
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside DDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def _tensors_for_file(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage (tied weights): give each its own copy,
+    # so the file loads with plain load_file + load_state_dict(strict=True).
+    seen: set[int] = set()
+    out = {}
+    for key, value in state_dict.items():
+        value = value.detach().cpu().contiguous()
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in seen and value.numel():
+            value = value.clone()
+        seen.add(ptr)
+        out[key] = value
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _pause() -> None:
+    seconds = float(os.environ.get(_PAUSE_ENV, "0") or 0)
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def save_checkpoint(
+    state: TrainState, directory: str | os.PathLike[str], *, extra: Mapping[str, Any] | None = None
+) -> Path:
+    """Write `state` as `<directory>/step-<step>/`, atomically, and point `latest` at it.
+
+    Save at a window boundary (right after `optimizer_step`); an open window's gradients
+    are not saved.
+
+    Args:
+        state: the record to save; it stays fresh (saving reads it only).
+        directory: the run's checkpoint directory (created if missing).
+        extra: JSON-able values and tensors stored with it (data-loader state, callbacks,
+            config); read back with `read_extra`.
+
+    Returns:
+        The checkpoint's path.
+
+    Raises:
+        ValueError: the window is open (micro_step > 0).
+        OSError: the disk is full or unwritable; earlier checkpoints are untouched.
+    """
+    state.check_fresh()
+    if state.micro_step != 0:
+        raise ValueError(
+            f"save_checkpoint(state at step {state.step}, micro_step {state.micro_step}): the "
+            "gradient window is open. Save right after optimizer_step (micro_step == 0)."
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / step_dir_name(state.step)
+    tmp = directory / f".{final.name}.tmp-{os.getpid()}"
+    meta, tensors = _state_payload(state, extra)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        model_sd = _tensors_for_file(unwrap(state.model).state_dict())
+        safetensors.torch.save_file(model_sd, str(tmp / "model.safetensors"))
+        _fsync_path(tmp / "model.safetensors")
+        _pause()
+        safetensors.torch.save_file(tensors, str(tmp / "state.safetensors"))
+        _fsync_path(tmp / "state.safetensors")
+        _pause()
+        _write_bytes(tmp / "state.json", json.dumps(meta, indent=1).encode())
+        manifest = {
+            "format": FORMAT,
+            "files": {
+                name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                for name in _FILES
+            },
+        }
+        _write_bytes(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+        _fsync_path(tmp)
+        _pause()
+        _replace_dir(tmp, final)
+        _fsync_path(directory)
+        _write_pointer(directory, final.name)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "the disk is full" if error.errno == errno.ENOSPC else str(error)
+        raise OSError(
+            error.errno,
+            f"save_checkpoint(directory={str(directory)!r}): could not write step "
+            f"{state.step} ({reason}); earlier checkpoints are untouched.",
+        ) from error
+    return final
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.rename(tmp, final)
+        return
+    # Re-saving a step (e.g. after a resume): move the old one aside, then swap.
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_pointer(directory: Path, name: str) -> None:
+    tmp = directory / f".latest.tmp-{os.getpid()}"
+    _write_bytes(tmp, name.encode())
+    os.replace(tmp, directory / "latest")
+    _fsync_path(directory)
+
+
+def _state_payload(
+    state: TrainState, extra: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    tree: dict[str, Any] = {"optimizer": state.optimizer.state_dict()}
+    schedule = state.schedule
+    if isinstance(schedule, torch.optim.lr_scheduler.LRScheduler):
+        tree["lr_scheduler"] = schedule.state_dict()
+    if state.loss_scale is not None:
+        tree["loss_scale"] = state.loss_scale
+        tree["growth_tracker"] = state.growth_tracker
+    tree["tokens_seen"] = state.tokens_seen
+    tree["extra"] = dict(extra or {})
+    skeleton, tensors = _tree.split(tree, prefix="t")
+    meta = {
+        "format": FORMAT,
+        "step": state.step,
+        "epoch": state.epoch,
+        "samples_seen": state.samples_seen,
+        "skipped_steps": state.skipped_steps,
+        "seed": state.seed,
+        "precision": state.precision.name,
+        "base_lrs": list(state.base_lrs),
+        "schedule": repr(state.schedule),
+        "versions": {"torch": torch.__version__, "loopkit": _loopkit_version()},
+        "tree": skeleton,
+    }
+    return meta, tensors
+
+
+def _loopkit_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable JSON ({error}).") from error
+
+
+def validate_checkpoint(path: str | os.PathLike[str], *, deep: bool = True) -> None:
+    """Check that a checkpoint is complete: manifest, files, sizes and (deep) checksums.
+
+    Raises:
+        CheckpointError: naming the first problem found.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory.")
+    manifest_path = path / "manifest.json"
+    if not manifest_path.exists():
+        raise CheckpointError(f"{path}: manifest.json is missing (an incomplete save?).")
+    manifest = _read_json(manifest_path)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: manifest.json is not a {FORMAT} manifest.")
+    for name in _FILES:
+        if name not in files:
+            raise CheckpointError(f"{path}: the manifest does not list {name}.")
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing.")
+        size = file.stat().st_size
+        if size != expected.get("bytes"):
+            raise CheckpointError(
+                f"{path}: {name} has {size} bytes, the manifest says {expected.get('bytes')} "
+                "(truncated or overwritten)."
+            )
+        if deep and _sha256(file) != expected.get("sha256"):
+            raise CheckpointError(f"{path}: {name} fails its sha256 checksum (corrupted).")
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(str(path))
+    except (safetensors.SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error}).") from error
+
+
+def _check_model(path: Path, model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(tensors[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(tensors))
+        if tensors[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {missing[:10]}")
+        if unexpected:
+            parts.append(f"unexpected in the checkpoint: {unexpected[:10]}")
+        if shapes:
+            parts.append(f"shape mismatches: {shapes[:10]}")
+        raise CheckpointError(
+            f"{path}: the checkpoint does not fit this model; " + "; ".join(parts) + "."
+        )
+
+
+def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainState:
+    """Load a checkpoint into `state`'s model and optimizer; return the resumed record.
+
+    `state` must be built like the one that was saved (same model, optimizer, precision,
+    schedule kind); it is consumed. Nothing is unpickled: tensors come from safetensors,
+    everything else from JSON.
+
+    Raises:
+        CheckpointError: the checkpoint is invalid or does not fit `state`.
+    """
+    path = Path(path)
+    state.check_fresh()
+    validate_checkpoint(path)
+    meta = _read_json(path / "state.json")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: state.json is not a {FORMAT} file.")
+    model_tensors = _load_tensors(path / "model.safetensors")
+    model = unwrap(state.model)
+    _check_model(path, model, model_tensors)
+    tree = _tree.join(meta["tree"], _load_tensors(path / "state.safetensors"))
+    if meta["precision"] != state.precision.name:
+        raise CheckpointError(
+            f"{path}: saved with precision {meta['precision']!r}, loading into "
+            f"{state.precision.name!r}; build the state with the same precision."
+        )
+    saved_groups = len(tree["optimizer"]["param_groups"])
+    if saved_groups != len(state.optimizer.param_groups):
+        raise CheckpointError(
+            f"{path}: the optimizer had {saved_groups} param groups, this one has "
+            f"{len(state.optimizer.param_groups)}."
+        )
+    scheduler = state.schedule
+    is_scheduler = isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+    if is_scheduler != ("lr_scheduler" in tree):
+        raise CheckpointError(
+            f"{path}: saved with schedule {meta['schedule']}, loading into {scheduler!r}; "
+            "use the same kind of schedule (a function of the step or an LRScheduler)."
+        )
+    with torch.no_grad():
+        model.load_state_dict(model_tensors, strict=True)
+    state.optimizer.load_state_dict(tree["optimizer"])
+    if is_scheduler:
+        scheduler.load_state_dict(tree["lr_scheduler"])
+    if state.loss_scale is not None:
+        state.loss_scale.copy_(tree["loss_scale"])
+        state.growth_tracker.copy_(tree["growth_tracker"])  # type: ignore[union-attr]
+    state.optimizer.zero_grad(set_to_none=True)
+    return state.replace(
+        step=meta["step"],
+        micro_step=0,
+        epoch=meta["epoch"],
+        samples_seen=meta["samples_seen"],
+        tokens_seen=tree["tokens_seen"],
+        skipped_steps=meta["skipped_steps"],
+        seed=meta["seed"],
+        window=Window(),
+        metrics={},
+    )
+
+
+def read_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The `extra` values saved with a checkpoint (data-loader state, callbacks, config)."""
+    path = Path(path)
+    meta = _read_json(path / "state.json")
+    tree = _tree.join(meta["tree"], _load_tensors(path / "state.safetensors"))
+    return dict(tree["extra"])
+
+
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
+    """Checkpoint directories under `directory`, newest step first (validity not checked)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+
+
+def latest_checkpoint(
+    directory: str | os.PathLike[str], *, report: Callable[[str], None] = print
+) -> Path | None:
+    """The newest valid checkpoint under `directory`, or None; reports each one skipped."""
+    for path in list_checkpoints(directory):
+        try:
+            validate_checkpoint(path)
+        except CheckpointError as error:
+            report(f"loopkit: skipping checkpoint {path.name}: {error}")
+            continue
+        return path
+    return None
+
+
+def rotate_checkpoints(
+    directory: str | os.PathLike[str], keep_last: int, *, keep: Iterable[Path] = ()
+) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints and those in `keep`.
+
+    Incomplete checkpoints never count towards `keep_last`, so the newest valid one is never
+    deleted. Returns the deleted paths.
+    """
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise ValueError(f"rotate_checkpoints(keep_last={keep_last!r}): must be an int >= 1.")
+    protected = {Path(p).resolve() for p in keep}
+    kept = 0
+    deleted = []
+    for path in list_checkpoints(directory):
+        try:
+            validate_checkpoint(path, deep=False)
+            valid = True
+        except CheckpointError:
+            valid = False
+        if valid and kept < keep_last:
+            kept += 1
+            continue
+        if path.resolve() in protected or not valid:
+            continue  # an invalid one is left for inspection; resume skips it
+        shutil.rmtree(path)
+        deleted.append(path)
+    return deleted
+
+
+def save_model(
+    model: TrainState | torch.nn.Module, directory: str | os.PathLike[str]
+) -> Path:
+    """Save weights only, as `<directory>/model.safetensors` plus `config.json`.
+
+    The file loads without loopkit:
+    `model.load_state_dict(safetensors.torch.load_file(".../model.safetensors"))`.
+    """
+    step = model.step if isinstance(model, TrainState) else None
+    module = unwrap(model.model if isinstance(model, TrainState) else model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = _tensors_for_file(module.state_dict())
+    tmp = directory / f".model.safetensors.tmp-{os.getpid()}"
+    safetensors.torch.save_file(tensors, str(tmp))
+    _fsync_path(tmp)
+    os.replace(tmp, directory / "model.safetensors")
+    config = {
+        "format": MODEL_FORMAT,
+        "class": f"{type(module).__module__}.{type(module).__qualname__}",
+        "step": step,
+        "parameters": sum(p.numel() for p in module.parameters()),
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()},
+    }
+    _write_bytes(directory / "config.json", json.dumps(config, indent=1).encode())
+    return directory / "model.safetensors"

@@ -1,0 +1,285 @@
+"""evaluate: the loss and metrics of a model over a dataset, without touching the record."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from ._batch import batch_size
+from ._types import LossFn
+from .loss import as_loss
+from .metrics import Metric, accumulator_dtype, as_metric, to_host
+
+Predict = Callable[[torch.nn.Module, Any], Any]
+
+_WHERE = "evaluate"
+
+
+def evaluate(
+    state: Any,
+    data: Iterable[Any],
+    metrics: Mapping[str, Any] | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    predict: Predict | None = None,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Compute the eval loss and metrics of `state.model` over `data`.
+
+    Runs in eval mode under `torch.no_grad()` and the state's autocast policy (the model's
+    previous train/eval mode is restored afterwards), moves each batch with
+    `state.strategy.to_device`, and accumulates everything on device: the host syncs once,
+    at the end. With several processes (`strategy.world_size > 1` and torch.distributed
+    initialised) the loss sums and counts and every metric's `state_tensors()` are summed
+    across ranks (one all_reduce) before computing, so each rank returns the global result.
+    The record is only read: it is not consumed and stays usable.
+
+    Results:
+        "eval/loss": with `loss_fn`, the mean over every item: sum of `Loss.sum` over
+            batches divided by the sum of `Loss.count` (a scalar mean counts as
+            mean * batch size over batch size items).
+        "eval/perplexity": exp("eval/loss"), with `loss_fn`.
+        "eval/<name>": each metric's `compute()` (a name that already starts with "eval/"
+            is kept as is).
+
+    Metric inputs: `metric.update(outputs, batch)`. `outputs` is `predict(model, batch)`
+    when given; else, with a `loss_fn`, the output of the last call of the top-level model
+    inside `loss_fn` (captured by a forward hook, so each batch runs one forward); else
+    `model(batch[0])` for tuple/list batches.
+
+    Args:
+        state: the TrainState (read only).
+        data: an iterable of batches (a DataLoader, a list, ...), iterated once.
+        metrics: {name: metric}; a metric is a `loopkit.metrics.Metric` (e.g. `Accuracy()`)
+            or a function (outputs, batch) returning a scalar mean or `Loss(sum, count)`.
+            Metric objects are reset at the start.
+        loss_fn: `loss_fn(model, batch)` as for training, or None for no loss.
+        predict: `predict(model, batch) -> outputs` for the metrics.
+        max_batches: stop after this many batches (None: all of `data`).
+
+    Returns:
+        {key: host float}.
+
+    Raises:
+        StaleStateError: `state` was already consumed.
+        TypeError: a metric name is not a str, a metric is not a metric, loss_fn/predict not
+            callable, data not iterable.
+        ValueError: nothing to compute, a name collision, max_batches < 1, `data` yields no
+            batch, or the loss counted no item.
+
+    Example:
+        >>> import loopkit as lk
+        >>> from loopkit.metrics import Accuracy
+        >>> state = lk.TrainState.create(torch.nn.Linear(4, 3),
+        ...     optimizer=lambda p: torch.optim.SGD(p, lr=0.1), strategy=lk.SingleDevice("cpu"))
+        >>> data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
+        >>> loss = lambda model, batch: lk.cross_entropy(model(batch[0]), batch[1])
+        >>> sorted(evaluate(state, data, {"accuracy": Accuracy()}, loss_fn=loss))
+        ['eval/accuracy', 'eval/loss', 'eval/perplexity']
+    """
+    state.check_fresh()
+    named = _check_metrics(metrics, has_loss=loss_fn is not None)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(
+            f"{_WHERE}(loss_fn={loss_fn!r}): expected a callable loss_fn(model, batch) "
+            "returning a scalar mean or loopkit.Loss(sum, count), or None."
+        )
+    if predict is not None and not callable(predict):
+        raise TypeError(
+            f"{_WHERE}(predict={predict!r}): expected a callable predict(model, batch) "
+            "returning the outputs the metrics read, or None."
+        )
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise ValueError(f"{_WHERE}(max_batches={max_batches!r}): an int >= 1, or None for all.")
+    if loss_fn is None and not named:
+        raise ValueError(
+            f"{_WHERE}(metrics={metrics!r}, loss_fn=None): nothing to compute. Pass "
+            "loss_fn=... and/or metrics={'accuracy': Accuracy()}."
+        )
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            f"{_WHERE}(data={type(data).__name__}): expected an iterable of batches, such as "
+            "a DataLoader or a list."
+        )
+
+    model, strategy = state.model, state.strategy
+    device = torch.device(strategy.device)
+    acc = accumulator_dtype(device)
+    for _, metric in named:
+        metric.reset()
+    loss_sum = torch.zeros((), dtype=acc, device=device)
+    loss_count = torch.zeros((), dtype=acc, device=device)
+    host_count = 0.0  # int counts add up on the host: no host-to-device copy per batch
+    n_batches = 0
+    captured: list[Any] = []
+    hook = None
+    if named and predict is None and loss_fn is not None:
+        # One forward per batch: the metrics read what the model returned inside loss_fn.
+        hook = model.register_forward_hook(lambda module, args, output: captured.append(output))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in data:
+                if max_batches is not None and n_batches >= max_batches:
+                    break
+                batch = strategy.to_device(batch)
+                n_samples = batch_size(batch, _WHERE)
+                captured.clear()
+                with state.precision.autocast(device):
+                    if loss_fn is not None:
+                        value, count, is_mean = as_loss(loss_fn(model, batch), n_samples, _WHERE)
+                        value = value.detach().to(acc)
+                        loss_sum += value * count if is_mean else value
+                        if isinstance(count, torch.Tensor):
+                            loss_count += count
+                        else:
+                            host_count += count
+                    outputs = _outputs(model, batch, loss_fn, predict, captured) if named else None
+                for _, metric in named:
+                    metric.update(outputs, batch)
+                n_batches += 1
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.train(was_training)
+
+    loss_count += host_count
+    counters = torch.tensor([float(n_batches)], dtype=acc, device=device)
+    if strategy.world_size > 1 and _distributed():
+        _all_reduce_sum([loss_sum, loss_count, counters, *_state_tensors(named)], device)
+
+    values: dict[str, Any] = {"batches": counters[0]}
+    if loss_fn is not None:
+        values["eval/loss"] = loss_sum / loss_count
+        values["items"] = loss_count
+    for key, metric in named:
+        values[key] = _computed(metric, key)
+    host = to_host(values)  # host sync: once per evaluation
+    if host.pop("batches") == 0:
+        raise ValueError(
+            f"{_WHERE}(data=...): the data yielded no batch. Check the eval dataset is not "
+            "empty (and, with drop_last=True, holds at least one full batch)."
+        )
+    result: dict[str, float] = {}
+    if loss_fn is not None:
+        items = host.pop("items")
+        if not items > 0:
+            raise ValueError(
+                f"{_WHERE}(loss_fn=...): the loss counted {items} items over the whole eval "
+                "data (every target masked?), so the mean loss is undefined."
+            )
+        loss = host.pop("eval/loss")
+        result["eval/loss"] = loss
+        result["eval/perplexity"] = math.exp(loss) if loss < 709.0 else math.inf
+    result.update(host)
+    return result
+
+
+def _check_metrics(metrics: object, has_loss: bool) -> list[tuple[str, Metric]]:
+    if metrics is None:
+        return []
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"{_WHERE}(metrics={metrics!r}): expected a dict of name -> metric, e.g. "
+            "{'accuracy': Accuracy(), 'top5': TopKAccuracy(5)}."
+        )
+    named: list[tuple[str, Metric]] = []
+    taken = {"eval/loss", "eval/perplexity"} if has_loss else set()
+    for name, metric in metrics.items():
+        if not isinstance(name, str) or not name or name == "eval/":
+            raise TypeError(
+                f"{_WHERE}(metrics={{{name!r}: ...}}): metric names must be non-empty str, "
+                "e.g. 'accuracy' (reported as 'eval/accuracy')."
+            )
+        key = name if name.startswith("eval/") else f"eval/{name}"
+        if key in taken:
+            why = (
+                "is computed from loss_fn"
+                if key in ("eval/loss", "eval/perplexity")
+                else ("is given twice")
+            )
+            raise ValueError(
+                f"{_WHERE}(metrics={{{name!r}: ...}}): {key!r} {why}. Rename the metric."
+            )
+        taken.add(key)
+        named.append((key, as_metric(metric, name)))
+    return named
+
+
+def _outputs(
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None,
+    predict: Predict | None,
+    captured: list[Any],
+) -> Any:
+    if predict is not None:
+        return predict(model, batch)
+    if loss_fn is not None:
+        if not captured:
+            raise RuntimeError(
+                f"{_WHERE}: the metrics read the model's outputs, but loss_fn did not call the "
+                f"model ({type(model).__name__}) itself, so there is nothing to read. Pass "
+                "predict=lambda model, batch: ... returning the outputs the metrics need."
+            )
+        return captured[-1]
+    if isinstance(batch, (tuple, list)) and batch:
+        return model(batch[0])
+    raise ValueError(
+        f"{_WHERE}: without loss_fn or predict, metrics read model(batch[0]) of tuple/list "
+        f"batches, but this batch is a {type(batch).__name__}. Pass "
+        "predict=lambda model, batch: model(...)."
+    )
+
+
+def _state_tensors(named: list[tuple[str, Metric]]) -> list[torch.Tensor]:
+    tensors: list[torch.Tensor] = []
+    for key, metric in named:
+        for tensor in metric.state_tensors():
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(
+                    f"{key}: {type(metric).__name__}.state_tensors() must return tensors, got "
+                    f"{type(tensor).__name__}."
+                )
+            tensors.append(tensor)
+    return tensors
+
+
+def _computed(metric: Metric, key: str) -> Any:
+    value = metric.compute()
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    raise TypeError(
+        f"{key}: {type(metric).__name__}.compute() returned {type(value).__name__}; expected a "
+        "scalar tensor."
+    )
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_reduce_sum(tensors: list[torch.Tensor], device: torch.device) -> None:
+    """Sum `tensors` across ranks in place, with one all_reduce over a packed float64 buffer.
+
+    Every rank must pass the same shapes in the same order (same metrics, same loss_fn).
+    """
+    dtype = accumulator_dtype(device)
+    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in tensors])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    offset = 0
+    for tensor in tensors:
+        n = tensor.numel()
+        tensor.copy_(flat[offset : offset + n].view(tensor.shape))
+        offset += n
+
+
+__all__ = ["evaluate"]

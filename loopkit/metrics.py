@@ -1,0 +1,340 @@
+"""Device-side metric accumulators: update on device, sync to the host once at the end.
+
+A metric is any object with four methods (the `Metric` protocol):
+
+- `update(outputs, batch)`: add one batch; device ops only, never a host sync;
+- `compute()`: the value over everything added since `reset()`, a scalar tensor;
+- `reset()`: forget everything;
+- `state_tensors()`: the live sum/count tensors behind the value. Summing them across
+  ranks (`all_reduce(SUM)`, in place) and then calling `compute()` gives the metric over
+  every rank's data; `evaluate` does this.
+
+A plain function `fn(outputs, batch)` returning a scalar mean or `Loss(sum, count)` is a
+metric too: `as_metric` wraps it in `Mean`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ._batch import batch_size
+from .loss import as_loss
+
+Target = Callable[[Any], torch.Tensor]
+
+
+@runtime_checkable
+class Metric(Protocol):
+    """An on-device accumulator of one evaluation metric."""
+
+    def update(self, outputs: Any, batch: Any) -> None:
+        """Add one batch (device ops only; no host sync)."""
+        ...
+
+    def compute(self) -> torch.Tensor:
+        """The metric over every batch since the last reset, as a scalar tensor."""
+        ...
+
+    def reset(self) -> None:
+        """Forget every batch added so far."""
+        ...
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The live tensors whose element-wise sum across ranks is the global state."""
+        ...
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 for exact sums of many batches; float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _zeros(device: torch.device | str = "cpu") -> torch.Tensor:
+    device = torch.device(device)
+    return torch.zeros((), dtype=accumulator_dtype(device), device=device)
+
+
+def _follow(state: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`state` moved to `like`'s device (once, on the first update)."""
+    if state.device == like.device:
+        return state
+    return state.to(device=like.device, dtype=accumulator_dtype(like.device))
+
+
+def default_target(batch: Any) -> torch.Tensor:
+    """The targets of a batch: `batch[1]` of a tuple/list, `batch["labels"]` or
+    `batch["targets"]` of a dict.
+
+    Raises:
+        ValueError: the batch has none of these; pass `target=` to the metric.
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    if isinstance(batch, Mapping):
+        for key in ("labels", "targets"):
+            if key in batch:
+                return batch[key]
+        found = f"a dict with keys {sorted(map(str, batch))}"
+    else:
+        found = type(batch).__name__
+    raise ValueError(
+        f"cannot find the targets in the batch ({found}): the default target is batch[1] for "
+        'a tuple/list and batch["labels"] or batch["targets"] for a dict. Pass '
+        'target=lambda batch: ... to the metric, e.g. Accuracy(target=lambda b: b["y"]).'
+    )
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The prediction tensor in a model's outputs: the tensor itself, `outputs["logits"]`,
+    `outputs.logits`, or the first element of a tuple/list.
+
+    Raises:
+        TypeError: none of these is a tensor.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
+        return outputs["logits"]
+    if isinstance(getattr(outputs, "logits", None), torch.Tensor):
+        return outputs.logits
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise TypeError(
+        f"metric: the model outputs are {type(outputs).__name__}; expected a logits tensor, a "
+        'dict with "logits", an object with .logits, or a tuple whose first element is the '
+        "logits. Pass predict=... to evaluate to return the logits."
+    )
+
+
+def _check_target_fn(target: object, where: str) -> Target:
+    if target is None:
+        return default_target
+    if not callable(target):
+        raise TypeError(
+            f"{where}(target={target!r}): expected None or a function batch -> targets, "
+            'e.g. target=lambda batch: batch["labels"].'
+        )
+    return target  # type: ignore[return-value]
+
+
+def _check_index(value: object, where: str, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}({name}={value!r}): expected an int.")
+    return value
+
+
+class Mean:
+    """The mean over every item of a per-batch function of (outputs, batch).
+
+    `fn(outputs, batch)` returns `Loss(sum, count)` (exact mean over items: the sums
+    are added and divided by the total count) or a scalar mean (weighted by the batch's
+    leading dimension).
+
+    Example:
+        >>> metric = Mean(lambda outputs, batch: (outputs - batch[1]).abs().mean())
+        >>> metric.update(torch.tensor([1.0, 2.0]), (None, torch.tensor([0.0, 0.0])))
+        >>> metric.update(torch.tensor([4.0]), (None, torch.tensor([0.0])))
+        >>> float(metric.compute())
+        2.3333333333333335
+    """
+
+    def __init__(self, fn: Callable[[Any, Any], Any]) -> None:
+        if not callable(fn):
+            raise TypeError(
+                f"Mean(fn={fn!r}): expected a function (outputs, batch) returning a scalar "
+                "mean or loopkit.Loss(sum, count)."
+            )
+        self.fn = fn
+        self.reset()
+
+    def reset(self) -> None:
+        self._sum = _zeros()
+        self._count = _zeros()
+
+    def update(self, outputs: Any, batch: Any) -> None:
+        value, count, is_mean = as_loss(self.fn(outputs, batch), batch_size(batch, self), self)
+        self._sum = _follow(self._sum, value)
+        self._count = _follow(self._count, value)
+        value = value.detach().to(self._sum.dtype)  # sum in float64: many batches, exactly
+        self._sum += value * count if is_mean else value
+        self._count += count
+
+    def compute(self) -> torch.Tensor:
+        return self._sum / self._count
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [self._sum, self._count]
+
+    def __repr__(self) -> str:
+        return f"Mean({getattr(self.fn, '__qualname__', None) or self.fn!r})"
+
+
+class _Counting:
+    """Shared state of the accuracy metrics: correct items and counted items."""
+
+    def __init__(self) -> None:
+        self._correct = _zeros()
+        self._total = _zeros()
+
+    def reset(self) -> None:
+        self._correct = _zeros()
+        self._total = _zeros()
+
+    def compute(self) -> torch.Tensor:
+        return self._correct / self._total
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [self._correct, self._total]
+
+    def _add(self, hits: torch.Tensor, mask: torch.Tensor) -> None:
+        self._correct = _follow(self._correct, hits)
+        self._total = _follow(self._total, hits)
+        self._correct += (hits & mask).sum()
+        self._total += mask.sum()
+
+
+def _targets_and_logits(
+    metric: Any, outputs: Any, batch: Any, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits_of(outputs)
+    targets = metric.target(batch)
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{where}: targets must be a tensor, got {type(targets).__name__}.")
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"{where}: outputs of shape {tuple(logits.shape)} do not fit targets of shape "
+            f"{tuple(targets.shape)}; expected outputs = targets' shape plus a class "
+            "dimension (logits or scores)."
+        )
+    return logits, targets.to(logits.device)
+
+
+class Accuracy(_Counting):
+    """Fraction of items whose highest-scoring class is the target.
+
+    Items whose target is `ignore_index` (padding) are left out.
+
+    Args:
+        target: function batch -> class indices; default `default_target`.
+        ignore_index: target value that marks items to skip.
+    """
+
+    def __init__(self, target: Target | None = None, ignore_index: int = -100) -> None:
+        self.target = _check_target_fn(target, "Accuracy")
+        self.ignore_index = _check_index(ignore_index, "Accuracy", "ignore_index")
+        super().__init__()
+
+    def update(self, outputs: Any, batch: Any) -> None:
+        logits, targets = _targets_and_logits(self, outputs, batch, repr(self))
+        hits = logits.argmax(dim=-1) == targets
+        self._add(hits, targets != self.ignore_index)
+
+    def __repr__(self) -> str:
+        return f"Accuracy(ignore_index={self.ignore_index})"
+
+
+class TopKAccuracy(_Counting):
+    """Fraction of items whose target is among the k highest-scoring classes.
+
+    Args:
+        k: how many top classes count as a hit, an int >= 1.
+        target: function batch -> class indices; default `default_target`.
+        ignore_index: target value that marks items to skip.
+    """
+
+    def __init__(self, k: int, target: Target | None = None, ignore_index: int = -100) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"TopKAccuracy(k={k!r}): an int >= 1, e.g. TopKAccuracy(5).")
+        self.k = k
+        self.target = _check_target_fn(target, "TopKAccuracy")
+        self.ignore_index = _check_index(ignore_index, "TopKAccuracy", "ignore_index")
+        super().__init__()
+
+    def update(self, outputs: Any, batch: Any) -> None:
+        logits, targets = _targets_and_logits(self, outputs, batch, repr(self))
+        if logits.shape[-1] < self.k:
+            raise ValueError(
+                f"{self!r}: the outputs have {logits.shape[-1]} classes, fewer than k={self.k}."
+            )
+        top = logits.topk(self.k, dim=-1).indices
+        hits = (top == targets.unsqueeze(-1)).any(dim=-1)
+        self._add(hits, targets != self.ignore_index)
+
+    def __repr__(self) -> str:
+        return f"TopKAccuracy(k={self.k}, ignore_index={self.ignore_index})"
+
+
+MetricLike = Metric | Callable[[Any, Any], Any]
+
+
+def as_metric(value: object, name: str = "metric") -> Metric:
+    """Return `value` if it is a Metric; wrap a function of (outputs, batch) in `Mean`.
+
+    Raises:
+        TypeError: neither, naming the metric.
+    """
+    if isinstance(value, type):
+        raise TypeError(
+            f"metrics[{name!r}]={value.__name__}: pass an instance, e.g. {value.__name__}()."
+        )
+    if isinstance(value, Metric):
+        return value
+    if callable(value):
+        return Mean(value)
+    raise TypeError(
+        f"metrics[{name!r}]={value!r}: expected a metric (an object with update, compute, "
+        "reset, state_tensors, e.g. loopkit.Accuracy()) or a function (outputs, batch) "
+        "returning a scalar mean or loopkit.Loss(sum, count)."
+    )
+
+
+def to_host(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Convert a dict of host numbers and scalar tensors to host floats with one sync per
+    device.
+
+    Raises:
+        ValueError: a tensor value has more than one element.
+        TypeError: a value is neither a number nor a tensor.
+
+    Example:
+        >>> to_host({"train/loss": torch.tensor(2.5), "train/lr": 0.1})
+        {'train/loss': 2.5, 'train/lr': 0.1}
+    """
+    result: dict[str, float] = {}
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"metric {key!r}: a tensor of shape {tuple(value.shape)}; metrics must be "
+                    "scalars."
+                )
+            by_device.setdefault(value.device, []).append((key, value))
+            result[key] = 0.0  # placeholder keeps the caller's key order
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            result[key] = float(value)
+        else:
+            raise TypeError(f"metric {key!r}={value!r}: expected a number or a scalar tensor.")
+    for device, items in by_device.items():
+        dtype = accumulator_dtype(device)
+        stacked = torch.stack([t.detach().reshape(()).to(dtype) for _, t in items])
+        # host sync: one per device per call (fit calls this at log steps only).
+        for (key, _), value in zip(items, stacked.tolist(), strict=True):
+            result[key] = value
+    return result
+
+
+__all__ = [
+    "Accuracy",
+    "Mean",
+    "Metric",
+    "TopKAccuracy",
+    "as_metric",
+    "default_target",
+    "logits_of",
+    "to_host",
+]

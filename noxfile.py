@@ -1,0 +1,45 @@
+"""Development sessions: nox -s tests | lint | typecheck | docs | bench."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+CONSTRAINTS = ("-c", "constraints.txt")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite against the installed package (LOOPKIT_HYPOTHESIS=heavy for more)."""
+    session.install(*CONSTRAINTS, ".[dev]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check formatting and lint with ruff."""
+    session.install("ruff")
+    session.run("ruff", "format", "--check", "loopkit", *session.posargs)
+    session.run("ruff", "check", "loopkit", *session.posargs)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Type-check the package with mypy."""
+    session.install(*CONSTRAINTS, ".[dev]")
+    session.run("mypy", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Run the doctests in loopkit's docstrings and every example."""
+    session.install(*CONSTRAINTS, ".[dev]")
+    session.run("pytest", "--doctest-modules", "loopkit", "tests/test_examples.py", *session.posargs)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmark loopkit's step against a hand-written loop (not part of the default set)."""
+    session.install(*CONSTRAINTS, ".[dev]")
+    session.run("python", "benchmarks/bench_step.py", *session.posargs)
