@@ -40,7 +40,9 @@ class Window:
     Attributes:
         loss: sum of the micro-batch loss sums divided by `ref_count` (detached).
         count: items in the window so far (int or device tensor).
-        ref_count: the first micro-batch's item count; None while the window is empty.
+        ref_count: the first micro-batch's item count (summed over ranks); None while the
+            window is empty.
+        size: micro-batches per window as set by `accumulate(k)`; None until it is known.
         closed: True once `accumulate` has normalised the gradients.
         found_inf: fp16 only: device flag set when the closed window's gradients overflowed.
     """
@@ -48,6 +50,7 @@ class Window:
     loss: Number = 0.0
     count: Number = 0
     ref_count: Number | None = None
+    size: int | None = None
     closed: bool = False
     found_inf: torch.Tensor | None = None
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,7 +28,6 @@ from ._types import Batch, LossFn
 from .loss import as_loss
 from .state import TrainState, Window
 
-_EMPTY_WINDOW = Window()
 LRScheduler = torch.optim.lr_scheduler.LRScheduler
 
 
@@ -66,18 +65,24 @@ class _Forward:
             value, count, is_mean = as_loss(self.loss_fn(state.model, batch), n_samples, self)
         if state.step == 0 and state.micro_step == 0 and isinstance(count, torch.Tensor):
             _check_count_once(count, self)
-        ref = window.ref_count
-        if ref is None:  # first micro-batch of the window: its count is the reference
-            ref = count
-            scaled = value if is_mean else value / count
-        else:
-            scaled = value * (count / ref) if is_mean else value / ref
-        if state.loss_scale is not None:
-            strategy.backward(state.model, scaled * state.loss_scale)
-        else:
-            strategy.backward(state.model, scaled)
-        scaled = scaled.detach()
         first = window.ref_count is None
+        # The reference count is global (summed over ranks), so every rank scales alike and
+        # a data-parallel gradient average stays exact; on one device it is `count` itself.
+        ref = strategy.reduce_count(count) if first else window.ref_count
+        if is_mean:
+            scaled = value if ref is count else value * (count / ref)
+        else:
+            scaled = value / ref
+        if state.loss_scale is not None:
+            scaled_for_backward = scaled * state.loss_scale
+        else:
+            scaled_for_backward = scaled
+        # Sync gradients across ranks only on the window's last micro-batch (and whenever
+        # the window's size is not known yet: syncing more often is redundant, not wrong).
+        size = window.size
+        sync = size is None or state.micro_step + 1 >= size
+        strategy.backward(state.model, scaled_for_backward, sync=sync)
+        scaled = scaled.detach()
         return state._advance(
             self,
             {
@@ -88,6 +93,7 @@ class _Forward:
                     loss=scaled if first else window.loss + scaled,
                     count=count if first else window.count + count,
                     ref_count=ref,
+                    size=size,
                 ),
             },
         )
@@ -131,18 +137,22 @@ class _Accumulate:
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
         state.check_fresh()
         window = state.window
-        if window.closed or state.micro_step < self.k:
+        if window.closed:
             return state
+        if state.micro_step < self.k:
+            if window.size == self.k:
+                return state
+            # Tell forward how long windows are, so it syncs gradients only on the last.
+            return state._advance(self, {"window": replace(window, size=self.k)})
         if state.micro_step > self.k:
             raise RuntimeError(
                 f"{self!r}: the open window already holds {state.micro_step} micro-batches. "
                 "Use a single accumulate(k) per chain, before clip and optimizer_step."
             )
-        # count and ref_count are the same object only for a one-micro-batch window, whose
-        # gradients are already sum / count.
-        factor = (
-            None if window.count is window.ref_count else _ratio(window.ref_count, window.count)
-        )
+        # total and ref_count are the same object only for a one-micro-batch window on one
+        # device, whose gradients are already sum / count.
+        total = state.strategy.reduce_count(window.count)
+        factor = None if total is window.ref_count else _ratio(window.ref_count, total)
         found_inf = None
         # The gradient list is built only where it is used: a one-micro-batch fp32/bf16
         # window (factor None) skips the walk over every parameter.
@@ -160,6 +170,7 @@ class _Accumulate:
             loss=window.loss,
             count=window.count,
             ref_count=window.ref_count,
+            size=self.k,
             closed=True,
             found_inf=found_inf,
         )
@@ -249,7 +260,7 @@ class _OptimizerStep:
                 "step": state.step + 1,
                 "micro_step": 0,
                 "skipped_steps": state.skipped_steps + skipped,
-                "window": _EMPTY_WINDOW,
+                "window": Window(size=window.size),
                 "metrics": {**state.metrics, "train/lr": lr},
             },
         )

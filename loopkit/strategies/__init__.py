@@ -39,8 +39,16 @@ class Strategy(Protocol):
         """Move a micro-batch to this process's device."""
         ...
 
-    def backward(self, model: torch.nn.Module, loss: torch.Tensor) -> None:
-        """Backpropagate one micro-batch's (scaled) loss."""
+    def backward(self, model: torch.nn.Module, loss: torch.Tensor, *, sync: bool) -> None:
+        """Backpropagate one micro-batch's loss; reduce gradients across ranks if `sync`.
+
+        Data-parallel strategies also undo their gradient averaging (multiply by the world
+        size): loopkit normalises by the global item count itself.
+        """
+        ...
+
+    def reduce_count(self, count: Union[int, float, torch.Tensor]) -> Union[int, float, torch.Tensor]:
+        """Sum an item count over all ranks (return `count` itself on a single process)."""
         ...
 
     def clip_grad_norm_(

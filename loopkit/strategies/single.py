@@ -10,6 +10,8 @@ import torch
 from .._batch import move
 from .._types import Batch, OptimizerFactory
 from ..precision import Precision
+
+Count = Union[int, float, torch.Tensor]
 from ._common import build_optimizer
 
 
@@ -56,8 +58,11 @@ class SingleDevice:
         # non_blocking from pinned host memory overlaps the copy with compute on CUDA.
         return move(batch, self.device, self._non_blocking)
 
-    def backward(self, model: torch.nn.Module, loss: torch.Tensor) -> None:
+    def backward(self, model: torch.nn.Module, loss: torch.Tensor, *, sync: bool = True) -> None:
         loss.backward()
+
+    def reduce_count(self, count: Count) -> Count:
+        return count  # one process: the local count is the global count
 
     def clip_grad_norm_(
         self, params: Sequence[torch.nn.Parameter], max_norm: float, norm_type: float
