@@ -50,6 +50,7 @@ from .transforms import accumulate as accumulate
 from .transforms import clip as clip
 from .transforms import forward as forward
 from .transforms import optimizer_step as optimizer_step
+from .transforms import skip_nonfinite as skip_nonfinite
 
 __version__ = "0.1.0"
 
@@ -101,5 +102,6 @@ __all__ = [
     "save_model",
     "schedules",
     "set_tf32",
+    "skip_nonfinite",
     "when",
 ]

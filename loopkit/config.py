@@ -59,6 +59,17 @@ _CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
     "pin_memory": (lambda v: isinstance(v, bool), "True or False"),
     "monitor": (lambda v: isinstance(v, str) and "/" in v, "a metric key such as 'eval/loss'"),
     "mode": (lambda v: v in (None, "min", "max"), "None (inferred from monitor), 'min' or 'max'"),
+    "checkpoint_dir": (_optional(lambda v: isinstance(v, (str, Path))), "None or a path"),
+    "save_every": (_optional(_positive_int), "None or an int >= 1 (optimizer steps)"),
+    "save_on_epoch_end": (lambda v: isinstance(v, bool), "True or False"),
+    "keep_last": (_optional(_positive_int), "None (keep all) or an int >= 1"),
+    "keep_best": (lambda v: isinstance(v, bool), "True or False"),
+    "resume": (
+        lambda v: isinstance(v, (bool, str, Path)),
+        "False, True (the newest valid checkpoint in checkpoint_dir) or a checkpoint path",
+    ),
+    "nonfinite": (lambda v: v in ("raise", "skip"), "'raise' or 'skip'"),
+    "max_nonfinite_skips": (_positive_int, "an int >= 1"),
     "loss_fn": (_optional(callable), "a callable loss_fn(model, batch)"),
     "optimizer": (
         _optional(
@@ -123,6 +134,14 @@ class FitConfig(Mapping[str, Any]):
     seed: int = 0
     compile: bool = False
     step: Any = None
+    checkpoint_dir: str | Path | None = None
+    save_every: int | None = None
+    save_on_epoch_end: bool = False
+    keep_last: int | None = None
+    keep_best: bool = False
+    resume: bool | str | Path = False
+    nonfinite: str = "raise"
+    max_nonfinite_skips: int = 10
     shuffle: bool = True
     drop_last: bool = False
     num_workers: int = 0
@@ -145,6 +164,16 @@ class FitConfig(Mapping[str, Any]):
             raise ValueError(
                 f"FitConfig(eval_every={self.eval_every}): needs eval_data=...; pass the "
                 "evaluation data or drop eval_every."
+            )
+        needs_dir = [
+            n for n in ("save_every", "keep_last") if getattr(self, n) is not None
+        ] + [n for n in ("save_on_epoch_end", "keep_best") if getattr(self, n)]
+        if self.resume is True:
+            needs_dir.append("resume")
+        if needs_dir and self.checkpoint_dir is None:
+            raise ValueError(
+                f"FitConfig({needs_dir[0]}={getattr(self, needs_dir[0])!r}): needs "
+                "checkpoint_dir=...; pass the directory for checkpoints."
             )
         if self.step is not None and (
             self.accumulate != 1 or self.clip is not None or by_target

@@ -7,8 +7,7 @@ from typing import Any
 
 import warnings
 
-import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 # torchdata 0.11 calls the deprecated torch.set_vital on every iterator it creates.
@@ -32,12 +31,16 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
     where: str = "fit(train_data=...)",
 ) -> Iterable[Any]:
     """Return `data` if it already yields batches, else a StatefulDataLoader over it.
 
-    The shuffle order comes from a generator seeded with `seed`, so it is reproducible and,
-    through the loader's `state_dict()`, resumable mid-epoch.
+    A map-style dataset is read through torch's DistributedSampler (also with one rank):
+    each rank gets its own share, and epoch e's order is a pure function of (seed, e), so
+    with `sampler.set_epoch(e)` per epoch and the loader's `state_dict()` a run resumes
+    mid-epoch on exactly the next batch.
 
     Raises:
         ValueError: a Dataset without batch_size, or an empty map-style Dataset.
@@ -57,16 +60,18 @@ def make_loader(
         )
     if not isinstance(data, IterableDataset) and len(data) == 0:  # type: ignore[arg-type]
         raise ValueError(f"{where}: the dataset is empty (len 0).")
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    iterable = isinstance(data, IterableDataset)
+    sampler = None
+    if not isinstance(data, IterableDataset):
+        sampler = DistributedSampler(
+            data, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+            drop_last=drop_last,
+        )
     return StatefulDataLoader(
         data,
         batch_size=batch_size,
-        shuffle=shuffle and not iterable,
+        sampler=sampler,
         drop_last=drop_last,
         num_workers=num_workers,
         pin_memory=pin_memory,
         collate_fn=collate_fn,
-        generator=generator,
     )

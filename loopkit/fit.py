@@ -11,6 +11,15 @@ from typing import Any
 
 import torch
 
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_extra,
+    rotate_checkpoints,
+    save_checkpoint,
+    step_dir_name,
+    validate_checkpoint,
+)
 from .callbacks import Stop, check_callbacks, collect_log_metrics, dispatch, infer_mode
 from .compose import chain, identity
 from .config import FitConfig, resolve_named
@@ -19,7 +28,7 @@ from .evaluate import evaluate
 from .logging import CSVLogger, JSONLLogger, ProgressBar, TensorBoardLogger
 from .metrics import Accuracy, TopKAccuracy, as_metric, to_host
 from .state import TrainState
-from .transforms import accumulate, clip, forward, optimizer_step
+from .transforms import accumulate, clip, forward, optimizer_step, skip_nonfinite
 
 
 @dataclass
@@ -171,26 +180,6 @@ def fit(
     metrics = _resolve_metrics(cfg.metrics)
     user_callbacks = check_callbacks(cfg.callbacks)
     _check_monitors(user_callbacks, metrics, has_eval=cfg.eval_data is not None)
-    loader = make_loader(
-        train_data,
-        batch_size=cfg.batch_size,
-        shuffle=cfg.shuffle,
-        seed=cfg.seed,
-        drop_last=cfg.drop_last,
-        num_workers=cfg.num_workers,
-        pin_memory=cfg.pin_memory,
-        collate_fn=cfg.collate_fn,
-    )
-    eval_loader = None
-    if cfg.eval_data is not None:
-        eval_loader = make_loader(
-            cfg.eval_data,
-            batch_size=cfg.eval_batch_size or cfg.batch_size,
-            shuffle=False,
-            seed=cfg.seed,
-            collate_fn=cfg.collate_fn,
-            where="fit(eval_data=...)",
-        )
     if cfg.compile:
         model.compile()  # in place: parameter names (and checkpoints) stay unprefixed
     state = TrainState.create(
@@ -201,11 +190,36 @@ def fit(
         strategy=cfg.strategy,
         seed=cfg.seed,
     )
+    loader = make_loader(
+        train_data,
+        batch_size=cfg.batch_size,
+        shuffle=cfg.shuffle,
+        seed=cfg.seed,
+        drop_last=cfg.drop_last,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory,
+        collate_fn=cfg.collate_fn,
+        rank=state.strategy.rank,
+        world_size=state.strategy.world_size,
+    )
+    eval_loader = None
+    if cfg.eval_data is not None:
+        eval_loader = make_loader(
+            cfg.eval_data,
+            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            shuffle=False,
+            seed=cfg.seed,
+            collate_fn=cfg.collate_fn,
+            rank=state.strategy.rank,
+            world_size=state.strategy.world_size,
+            where="fit(eval_data=...)",
+        )
     k = _window_size(cfg, loader, state.strategy.world_size)
     train_step = cfg.step or chain(
         forward(cfg.loss_fn),
         accumulate(k),
         clip(cfg.clip) if cfg.clip is not None else identity(),
+        skip_nonfinite() if cfg.nonfinite == "skip" else identity(),
         optimizer_step(),
     )
     mode = cfg.mode or (infer_mode(cfg.monitor) if eval_loader is not None else "min")
@@ -250,35 +264,70 @@ def _run(
 ) -> FitResult:
     start = time.perf_counter()
     result = FitResult(state)
-    stop: Stop | None = dispatch(callbacks, "on_fit_start", state, hparams)
     evaluated_at = -1
+    resumed_mid_epoch = False
+    if cfg.resume is not False:
+        state, resumed_mid_epoch, evaluated_at = _resume(state, loader, callbacks, result, cfg)
+    stop: Stop | None = dispatch(callbacks, "on_fit_start", state, hparams)
+    skips_in_a_row = 0
+    # Device-side record of the first step whose loss was not finite: no per-step sync.
+    first_nonfinite = torch.full((), -1, dtype=torch.int64, device=state.strategy.device)
 
     def row(values: Mapping[str, float]) -> dict[str, float]:
         return {"step": state.step, "epoch": state.epoch,
                 "time_s": time.perf_counter() - start, **values}
 
-    def run_eval() -> Stop | None:
+    def check_finite() -> None:
+        # host sync: at log and save steps only.
+        bad = int(first_nonfinite)
+        if bad >= 0:
+            raise FloatingPointError(
+                f"fit: the training loss became NaN or infinite at step {bad}. Checkpoints "
+                "written before it are intact. Lower the lr, clip gradients, or pass "
+                "nonfinite='skip' to drop such updates."
+            )
+
+    def run_eval() -> tuple[Stop | None, bool]:
         nonlocal evaluated_at
         assert eval_loader is not None
         values = evaluate(state, eval_loader, metrics, loss_fn=cfg.loss_fn,
                           predict=cfg.predict, max_batches=cfg.eval_batches)
         evaluated_at = state.step
         result.history.append(row(values))
+        improved = False
         if cfg.monitor in values:
             value, best = values[cfg.monitor], result.best
-            better = best is None or (value < best[cfg.monitor] if mode == "min"
-                                      else value > best[cfg.monitor])
-            if better and not math.isnan(value):
+            improved = not math.isnan(value) and (
+                best is None
+                or (value < best[cfg.monitor] if mode == "min" else value > best[cfg.monitor])
+            )
+            if improved:
                 result.best = {"step": state.step, **values}
-        return dispatch(callbacks, "on_eval_end", state, values)
+        return dispatch(callbacks, "on_eval_end", state, values), improved
 
-    epoch = 0
+    def save() -> Stop | None:
+        assert cfg.checkpoint_dir is not None
+        if cfg.nonfinite == "raise":
+            check_finite()
+        path = save_checkpoint(state, cfg.checkpoint_dir, extra=_extra(loader, callbacks, result, evaluated_at, hparams))
+        if cfg.keep_last is not None:
+            keep = []
+            if cfg.keep_best and result.best is not None:
+                keep.append(Path(cfg.checkpoint_dir) / step_dir_name(int(result.best["step"])))
+            rotate_checkpoints(cfg.checkpoint_dir, cfg.keep_last, keep=keep)
+        return dispatch(callbacks, "on_checkpoint_saved", state, str(path))
+
+    epoch = state.epoch
     while stop is None and (max_epochs is None or epoch < max_epochs):
+        if cfg.max_steps is not None and state.step >= cfg.max_steps:
+            result.stopped_by = "max_steps"
+            break
         stop = dispatch(callbacks, "on_epoch_start", state)
+        _set_epoch(loader, epoch)
         batches = 0
         for batch in loader:
             batches += 1
-            previous_step = state.step
+            previous_step, previous_skips = state.step, state.skipped_steps
             try:
                 state = train_step(state, batch)
             except (ValueError, TypeError):
@@ -292,37 +341,131 @@ def _run(
                 raise
             if state.step == previous_step:
                 continue  # a micro-batch inside an open window
+            loss = state.metrics.get("train/loss")
+            if cfg.nonfinite == "raise" and isinstance(loss, torch.Tensor):
+                first_nonfinite = torch.where(
+                    (first_nonfinite < 0) & ~torch.isfinite(loss), previous_step, first_nonfinite
+                )
+            elif cfg.nonfinite == "skip":
+                skips_in_a_row = skips_in_a_row + 1 if state.skipped_steps > previous_skips else 0
+                if skips_in_a_row >= cfg.max_nonfinite_skips:
+                    raise FloatingPointError(
+                        f"fit: {skips_in_a_row} optimizer steps in a row were skipped for a "
+                        f"non-finite loss or gradient (last at step {previous_step}); "
+                        f"max_nonfinite_skips={cfg.max_nonfinite_skips}."
+                    )
             stop = dispatch(callbacks, "on_step_end", state) or stop
             if state.step % cfg.log_every == 0:
                 # host sync: the one place train metrics leave the device, at log steps only.
                 values = to_host({**state.metrics, **collect_log_metrics(callbacks, state)})
+                if cfg.nonfinite == "raise":
+                    check_finite()
                 result.history.append(row(values))
                 stop = dispatch(callbacks, "on_log", state, values) or stop
+            improved = False
             if cfg.eval_every and state.step % cfg.eval_every == 0:
-                stop = run_eval() or stop
+                eval_stop, improved = run_eval()
+                stop = eval_stop or stop
+            if cfg.checkpoint_dir is not None and (
+                (cfg.save_every and state.step % cfg.save_every == 0)
+                or (cfg.keep_best and improved)
+            ):
+                stop = save() or stop
             if cfg.max_steps is not None and state.step >= cfg.max_steps:
                 result.stopped_by = "max_steps"
                 break
             if stop is not None:
                 break
-        if batches == 0:
+        if batches == 0 and not resumed_mid_epoch:
             raise ValueError(
                 "fit(train_data=...): the data yielded no batches"
                 + (" in the first epoch." if epoch == 0 else f" in epoch {epoch}.")
             )
+        resumed_mid_epoch = False
         if result.stopped_by or stop is not None:
             break
         epoch += 1
         state = state.replace(epoch=epoch)
         stop = dispatch(callbacks, "on_epoch_end", state)
+        improved = False
         if eval_loader is not None and not cfg.eval_every:
-            stop = run_eval() or stop
+            eval_stop, improved = run_eval()
+            stop = eval_stop or stop
+        if cfg.checkpoint_dir is not None and state.micro_step == 0 and (
+            cfg.save_on_epoch_end or (cfg.keep_best and improved)
+        ):
+            stop = save() or stop
     if stop is not None:
         result.stopped_by = stop.reason
     elif not result.stopped_by:
         result.stopped_by = "epochs"
+    if cfg.nonfinite == "raise":
+        check_finite()
     if eval_loader is not None and evaluated_at != state.step:
         run_eval()
     dispatch(callbacks, "on_fit_end", state)
     result.state = state
     return result
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """Reshuffle a DistributedSampler per epoch, as torch requires."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+def _extra(
+    loader: Any, callbacks: Sequence[Any], result: FitResult, evaluated_at: int,
+    hparams: Mapping[str, Any],
+) -> dict[str, Any]:
+    """What a checkpoint needs besides the TrainState to resume fit() exactly."""
+    return {
+        "data": loader.state_dict() if hasattr(loader, "state_dict") else None,
+        "callbacks": [
+            cb.state_dict() if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict") else None
+            for cb in callbacks
+        ],
+        "history": result.history,
+        "best": result.best,
+        "evaluated_at": evaluated_at,
+        "config": dict(hparams),
+    }
+
+
+def _resume(
+    state: TrainState, loader: Any, callbacks: Sequence[Any], result: FitResult, cfg: FitConfig
+) -> tuple[TrainState, bool, int]:
+    """Load the checkpoint `cfg.resume` asks for; return (state, mid_epoch, evaluated_at)."""
+    if cfg.resume is True:
+        assert cfg.checkpoint_dir is not None
+        path = latest_checkpoint(cfg.checkpoint_dir)
+        if path is None:
+            print(f"loopkit: no valid checkpoint in {cfg.checkpoint_dir}; starting fresh.")
+            return state, False, -1
+    else:
+        path = Path(cfg.resume)  # type: ignore[arg-type]
+        validate_checkpoint(path)  # a bad explicit path raises; no fallback
+    state = load_checkpoint(path, state)
+    extra = read_extra(path)
+    if extra.get("data") is not None:
+        if not hasattr(loader, "load_state_dict"):
+            raise ValueError(
+                f"fit(resume={str(path)!r}): the checkpoint holds a data position but "
+                f"train_data ({type(loader).__name__}) cannot restore one; pass a Dataset or "
+                "a torchdata StatefulDataLoader for exact resume."
+            )
+        loader.load_state_dict(extra["data"])
+    saved = extra.get("callbacks") or []
+    if len(saved) != len(callbacks):
+        raise ValueError(
+            f"fit(resume={str(path)!r}): the checkpoint has state for {len(saved)} callbacks, "
+            f"this run has {len(callbacks)}; pass the same callbacks as the interrupted run."
+        )
+    for callback, callback_state in zip(callbacks, saved):
+        if callback_state is not None:
+            callback.load_state_dict(callback_state)
+    result.history = list(extra.get("history") or [])
+    result.best = extra.get("best")
+    print(f"loopkit: resumed from {path} (step {state.step}, epoch {state.epoch}).")
+    return state, True, int(extra.get("evaluated_at", -1))

@@ -236,19 +236,20 @@ class _OptimizerStep:
             lr = state.base_lrs[0] * factor
         skipped = 0
         if window.found_inf is not None:
-            # host sync: an fp16 step must know whether the window overflowed to skip it.
-            skipped = int(window.found_inf.item())
+            # host sync: fp16 and skip_nonfinite() must know whether to skip this update.
+            skipped = int(bool(window.found_inf.item()))
             if not skipped:
                 optimizer.step()
             precision = state.precision
-            torch._amp_update_scale_(
-                state.loss_scale,
-                state.growth_tracker,
-                window.found_inf,
-                precision.growth_factor,
-                precision.backoff_factor,
-                precision.growth_interval,
-            )
+            if state.loss_scale is not None:
+                torch._amp_update_scale_(
+                    state.loss_scale,
+                    state.growth_tracker,
+                    window.found_inf,
+                    precision.growth_factor,
+                    precision.backoff_factor,
+                    precision.growth_interval,
+                )
         else:
             optimizer.step()
         if isinstance(schedule, LRScheduler):
@@ -267,6 +268,37 @@ class _OptimizerStep:
 
     def __repr__(self) -> str:
         return "optimizer_step()"
+
+
+@dataclass(frozen=True, slots=True)
+class _SkipNonfinite:
+    def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
+        state.check_fresh()
+        window = state.window
+        loss = state.metrics.get("train/loss")
+        if not window.closed or not isinstance(loss, torch.Tensor):
+            return state
+        bad = ~torch.isfinite(loss)
+        norm = state.metrics.get("train/grad_norm")
+        if isinstance(norm, torch.Tensor):
+            bad = bad | ~torch.isfinite(norm)
+        found = bad.float()
+        if window.found_inf is not None:
+            found = torch.maximum(found, window.found_inf)
+        return state._advance(self, {"window": replace(window, found_inf=found)})
+
+    def __repr__(self) -> str:
+        return "skip_nonfinite()"
+
+
+def skip_nonfinite() -> _SkipNonfinite:
+    """Mark a closed window whose loss (or recorded grad norm) is NaN/inf to be skipped.
+
+    Put it after `accumulate` (and after `clip`, to check the gradient norm too).
+    `optimizer_step` then drops that update, zeroes the gradients and counts it in
+    `skipped_steps`. Deciding costs one host sync per optimizer step, as fp16 does.
+    """
+    return _SkipNonfinite()
 
 
 def forward(loss_fn: LossFn) -> _Forward:
