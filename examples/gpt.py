@@ -18,7 +18,7 @@ import sysconfig
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 from einops import rearrange
 from torch import nn
 
@@ -62,6 +62,7 @@ def load_stdlib_text(max_chars: int, seed: int = 0) -> str:
 
     Raises:
         ValueError: `max_chars` is not a positive int.
+        FileNotFoundError: the stdlib has no `.py` sources (some minimal installs).
     """
     if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars <= 0:
         raise ValueError(f"load_stdlib_text(max_chars={max_chars!r}): must be an int > 0.")
@@ -77,6 +78,11 @@ def load_stdlib_text(max_chars: int, seed: int = 0) -> str:
         total += len(parts[-1])
         if total >= max_chars:
             break
+    if not total:
+        raise FileNotFoundError(
+            f"load_stdlib_text: no ASCII .py files under {sysconfig.get_paths()['stdlib']!r}; "
+            "this Python ships its standard library without sources."
+        )
     return "".join(parts)
 
 
@@ -85,7 +91,7 @@ class CharTokenizer:
 
     def __init__(self, text: str) -> None:
         if not text:
-            raise ValueError("CharTokenizer(text=''): needs a non-empty text to build a vocabulary.")
+            raise ValueError("CharTokenizer(text=''): needs a non-empty text for the vocabulary.")
         self.chars: tuple[str, ...] = tuple(sorted(set(text)))
         self._ids = {c: i for i, c in enumerate(self.chars)}
 
@@ -244,8 +250,7 @@ class GPT(nn.Module):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(
-                f"GPT(d_model={d_model}, n_heads={n_heads}): d_model must be divisible by "
-                "n_heads."
+                f"GPT(d_model={d_model}, n_heads={n_heads}): d_model must be divisible by n_heads."
             )
         self.block_size = block_size
         self.tok_emb = nn.Embedding(vocab_size, d_model)

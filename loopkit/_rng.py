@@ -7,20 +7,17 @@ import torch
 _MASK = (1 << 64) - 1
 
 
-def _mix(value: int) -> int:
-    # splitmix64's finaliser: nearby inputs give unrelated 64-bit outputs.
-    value = (value + 0x9E3779B97F4A7C15) & _MASK
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK
-    return value ^ (value >> 31)
-
-
 def micro_step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
-    """A 63-bit seed that depends on every argument and on nothing else."""
-    value = _mix(seed & _MASK)
-    for part in (step, micro_step, rank):
-        value = _mix(value ^ part)
-    return value >> 1
+    """A 63-bit seed that depends on every argument and on nothing else.
+
+    Each part is folded in with a multiply by a large odd constant and an xor-shift (the
+    steps of splitmix64), so nearby (step, micro_step) pairs give unrelated seeds.
+    """
+    value = ((seed & _MASK) * 0x9E3779B97F4A7C15 + step) & _MASK
+    value = ((value ^ (value >> 29)) * 0xBF58476D1CE4E5B9 + micro_step) & _MASK
+    value = ((value ^ (value >> 31)) * 0x94D049BB133111EB + rank) & _MASK
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    return (value ^ (value >> 31)) >> 1
 
 
 def seed_devices_(seed: int, device: torch.device) -> None:

@@ -15,19 +15,43 @@ import torch
 _TENSOR, _TUPLE, _DICT, _FLOAT = "__tensor__", "__tuple__", "__dict__", "__float__"
 
 
-def split(tree: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+TENSOR = _TENSOR
+"""The skeleton key that marks a tensor reference: `{TENSOR: key}`."""
+
+
+def split(
+    tree: Any, prefix: str = "", *, by_path: bool = False
+) -> tuple[Any, dict[str, torch.Tensor]]:
     """Return (JSON-able skeleton, tensors by key) for a nested structure.
+
+    With `by_path`, each tensor is keyed by its path in the tree (e.g.
+    "optimizer.state.fc.weight.exp_avg") and kept as it is: live (D)Tensors for
+    torch.distributed.checkpoint, which writes each rank's shard and loads in place.
 
     Raises:
         TypeError: a leaf that is neither a tensor, a number, a string, a bool nor None
             (the message gives its path).
     """
     tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
 
     def walk(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor) and by_path:
+            key = f"{prefix}{path.lstrip('.')}"
+            if key in tensors:
+                raise ValueError(f"two tensors at the same path {key!r}; rename one.")
+            tensors[key] = node
+            return {_TENSOR: key}
         if isinstance(node, torch.Tensor):
             key = f"{prefix}{len(tensors)}"
-            tensors[key] = node.detach().cpu().contiguous()
+            value = node.detach().cpu().contiguous()
+            # safetensors refuses tensors that share storage (the same tensor twice, a view
+            # and its base): give each its own copy; join() returns them unshared.
+            ptr = value.untyped_storage().data_ptr()
+            if ptr and ptr in storages:
+                value = value.clone()
+            storages.add(ptr)
+            tensors[key] = value
             return {_TENSOR: key}
         if isinstance(node, bool) or node is None or isinstance(node, (str, int)):
             return node

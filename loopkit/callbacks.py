@@ -14,6 +14,8 @@ or registering. fit() calls them in this order (see docs/callbacks-and-logging.m
     on_fit_end(state)
 
 A hook returns None, or `Stop(reason)` to ask fit() to stop after the current step.
+`on_step_end` and `on_epoch_end` may also return `Request(log=..., evaluate=..., save=...,
+end_epoch=...)` to have fit() log, evaluate or save right then, besides its own schedule.
 Hooks read the TrainState; they never call `state.replace` or step it.
 """
 
@@ -49,6 +51,9 @@ HOOKS: tuple[str, ...] = (
 CONTRIBUTOR_HOOKS: tuple[str, ...] = ("log_metrics",)
 """Hooks that return values: `log_metrics(state) -> dict[str, float | Tensor]`."""
 
+REQUEST_HOOKS: tuple[str, ...] = ("on_step_end", "on_epoch_end")
+"""The hooks whose `Request(...)` fit() honours (each may also return Stop or None)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Stop:
@@ -72,11 +77,67 @@ class Stop:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A hook's request that fit() log, evaluate and/or save now, besides its own schedule.
+
+    Returned from `on_step_end` (acted on right after that optimizer step) or `on_epoch_end`
+    (acted on at that epoch end). fit() runs what was asked in its usual order, once each
+    even if several callbacks ask: log (`on_log`), evaluate (`on_eval_end`), save
+    (`on_checkpoint_saved`). Its own schedule (`log_every`, `eval_every`, `save_every`, ...)
+    still applies; a Request only adds work, it never cancels any.
+
+    Attributes:
+        log: write a log record of the last step's train metrics now.
+        evaluate: evaluate now (fit needs `eval_data`).
+        save: save a checkpoint now (fit needs `checkpoint_dir`).
+        end_epoch: (on_step_end only) end this epoch after the current step: fit runs the
+            epoch-end events and goes on with the next epoch. A checkpoint saved at such a
+            shortened epoch's end records the data position inside it, so a resume from it
+            finishes that epoch's remaining batches first.
+
+    To save and then stop, return `Request(save=True)` from `on_step_end` and
+    `Stop(reason)` from `on_checkpoint_saved`.
+
+    Example:
+        >>> class SaveAtStep100:
+        ...     def on_step_end(self, state):
+        ...         return Request(save=True) if state.step == 100 else None
+        >>> Request(save=True) | Request(evaluate=True)
+        Request(log=False, evaluate=True, save=True, end_epoch=False)
+    """
+
+    log: bool = False
+    evaluate: bool = False
+    save: bool = False
+    end_epoch: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("log", "evaluate", "save", "end_epoch"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(
+                    f"Request({name}={value!r}): expected True or False, e.g. Request(save=True)."
+                )
+
+    def __or__(self, other: Request) -> Request:
+        """Both requests together: each action asked by either."""
+        if not isinstance(other, Request):
+            return NotImplemented
+        return Request(
+            log=self.log or other.log,
+            evaluate=self.evaluate or other.evaluate,
+            save=self.save or other.save,
+            end_epoch=self.end_epoch or other.end_epoch,
+        )
+
+
 class Callback:
     """A callback that does nothing: subclass it and override only the hooks you need.
 
     Optional: any object with some of these methods is a callback too. Each hook may return
-    `Stop(reason)`; anything else but None is an error.
+    `Stop(reason)`, and `on_step_end` / `on_epoch_end` also `Request(...)`; anything else but
+    None is an error.
     """
 
     def on_fit_start(self, state: Any, hparams: dict[str, object]) -> Stop | None:
@@ -116,7 +177,12 @@ def _callback_name(callback: object) -> str:
     return type(callback).__name__
 
 
-def dispatch(callbacks: Iterable[object], hook_name: str, *args: Any) -> Stop | None:
+def dispatch(
+    callbacks: Iterable[object],
+    hook_name: str,
+    *args: Any,
+    requests: list[Request] | None = None,
+) -> Stop | None:
     """Call `hook_name(*args)` on each callback that defines it, in order.
 
     Every callback is called even after one returns Stop, so all of them observe the event.
@@ -125,13 +191,16 @@ def dispatch(callbacks: Iterable[object], hook_name: str, *args: Any) -> Stop | 
         callbacks: the callbacks, in call order.
         hook_name: one of HOOKS.
         *args: the hook's arguments (the state first).
+        requests: for the hooks in REQUEST_HOOKS, a list that collects every `Request` the
+            callbacks return (the caller acts on them); None if the caller takes none.
 
     Returns:
         The first Stop returned, or None.
 
     Raises:
         ValueError: hook_name is not one of HOOKS.
-        TypeError: a hook returned something other than None or Stop.
+        TypeError: a hook returned something other than None or Stop (or a Request where
+            `requests` collects them).
 
     Example:
         >>> class Halt:
@@ -156,9 +225,17 @@ def dispatch(callbacks: Iterable[object], hook_name: str, *args: Any) -> Stop | 
             if first is None:
                 first = result
             continue
+        if isinstance(result, Request) and requests is not None:
+            requests.append(result)
+            continue
         hint = ""
         if type(result).__name__ == "TrainState":
             hint = " Callbacks observe the TrainState; they never replace or step it."
+        elif isinstance(result, Request):
+            hint = (
+                f" A Request is honoured only from {' and '.join(REQUEST_HOOKS)}"
+                + (" as fit() calls them." if hook_name in REQUEST_HOOKS else ".")
+            )
         raise TypeError(
             f"{_callback_name(callback)}.{hook_name} returned {type(result).__name__} "
             f"({_short_repr(result)}); a hook must return None or loopkit.Stop(reason).{hint}"
@@ -762,11 +839,13 @@ def _default_peak_flops(device: torch.device) -> float:
 
 __all__ = [
     "HOOKS",
+    "REQUEST_HOOKS",
     "BestModel",
     "Callback",
     "EarlyStopping",
     "LRMonitor",
     "MetricNotFoundError",
+    "Request",
     "Stop",
     "ThroughputMonitor",
     "check_callbacks",

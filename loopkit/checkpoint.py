@@ -11,6 +11,22 @@ Layout of one checkpoint, `<dir>/step-00001200/`:
 A checkpoint is written under a hidden temporary name, fsynced, then renamed into place,
 and `<dir>/latest` is replaced the same way: a crash at any instant leaves every complete
 checkpoint valid and no half-written one visible under a `step-*` name.
+
+Several processes: every rank calls save_checkpoint. With a strategy whose ranks hold the
+whole model (DDP), rank 0 writes the checkpoint above while the others wait. With a
+sharded strategy (FSDP, `strategy.is_sharded`) the layout is "sharded":
+
+    shards/shard-0000<r>-model-00001-of-00001.safetensors
+                        rank r-1's part of the model and optimizer tensors, written by that
+                        rank with torch.distributed.checkpoint (safetensors, offsets in the
+                        JSON header; see loopkit._sharded), loadable at any world size
+    state.safetensors   as above, without the optimizer's tensors (they are in the shards)
+    state.json          as above, plus "layout": "sharded" and the shards' skeleton
+    manifest.json       as above, listing every shard file too
+
+Rank 0 creates the temporary directory, every rank writes its part, and rank 0 hashes,
+renames and points `latest` only after all of them have finished (the directory must be
+on a file system every rank sees). A failure on any rank raises on every rank.
 """
 
 from __future__ import annotations
@@ -30,13 +46,16 @@ import safetensors
 import safetensors.torch
 import torch
 
-from . import _tree
+from . import _sharded, _tree
 from .state import TrainState, Window
 
 FORMAT = "loopkit-checkpoint/1"
 MODEL_FORMAT = "loopkit-model/1"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _FILES = ("model.safetensors", "state.safetensors", "state.json")
+_SHARDED_FILES = ("state.safetensors", "state.json")
+SHARDS_DIR = "shards"
+_META_KEYS = ("step", "epoch", "samples_seen", "skipped_steps", "seed", "precision", "schedule")
 # Test hook: seconds to pause between the files of a save, so a kill can land inside it.
 _PAUSE_ENV = "LOOPKIT_TEST_SAVE_PAUSE_S"
 
@@ -131,28 +150,47 @@ def save_checkpoint(
             f"save_checkpoint(state at step {state.step}, micro_step {state.micro_step}): the "
             "gradient window is open. Save right after optimizer_step (micro_step == 0)."
         )
+    strategy = state.strategy
+    sharded, is_main = strategy.is_sharded, strategy.rank == 0
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / step_dir_name(state.step)
-    tmp = directory / f".{final.name}.tmp-{os.getpid()}"
+    # Every rank must name the same temporary directory, so with several it has no pid.
+    tag = os.getpid() if strategy.world_size == 1 else "ranks"
+    tmp = directory / f".{final.name}.tmp-{tag}"
     meta, tensors = _state_payload(state, extra)
-    try:
+
+    def make_tmp() -> None:
+        directory.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        model_sd = _tensors_for_file(unwrap(state.model).state_dict())
-        safetensors.torch.save_file(model_sd, str(tmp / "model.safetensors"))
-        _fsync_path(tmp / "model.safetensors")
-        _pause()
+
+    def write_shards() -> None:
+        meta["layout"] = "sharded"
+        meta["shards"] = _sharded.write_shards(
+            state.model, state.optimizer, tmp / SHARDS_DIR, collective=True
+        )
+
+    def finish() -> None:
+        if not sharded:
+            model_sd = _tensors_for_file(unwrap(state.model).state_dict())
+            safetensors.torch.save_file(model_sd, str(tmp / "model.safetensors"))
+            _fsync_path(tmp / "model.safetensors")
+            _pause()
         safetensors.torch.save_file(tensors, str(tmp / "state.safetensors"))
         _fsync_path(tmp / "state.safetensors")
         _pause()
         _write_bytes(tmp / "state.json", json.dumps(meta, indent=1).encode())
+        names = list(_SHARDED_FILES if sharded else _FILES)
+        if sharded:
+            names += sorted(f"{SHARDS_DIR}/{f.name}" for f in (tmp / SHARDS_DIR).iterdir())
+            _fsync_path(tmp / SHARDS_DIR)
         manifest = {
             "format": FORMAT,
+            "layout": "sharded" if sharded else "full",
             "files": {
                 name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                for name in _FILES
+                for name in names
             },
         }
         _write_bytes(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
@@ -161,15 +199,48 @@ def save_checkpoint(
         _replace_dir(tmp, final)
         _fsync_path(directory)
         _write_pointer(directory, final.name)
+
+    try:
+        _on_every_rank(strategy, make_tmp if is_main else None)
+        if sharded:
+            _on_every_rank(strategy, write_shards)  # each rank writes its own shards
+        _on_every_rank(strategy, finish if is_main else None)
     except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         reason = "the disk is full" if error.errno == errno.ENOSPC else str(error)
         raise OSError(
             error.errno,
             f"save_checkpoint(directory={str(directory)!r}): could not write step "
             f"{state.step} ({reason}); earlier checkpoints are untouched.",
         ) from error
+    except Exception:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
+
+
+def _on_every_rank(strategy: Any, part: Callable[[], object] | None) -> None:
+    """Run this rank's `part` of a save, then wait until every rank has run its part.
+
+    With several processes, reduce_count doubles as the barrier: it counts the ranks
+    whose part failed (host sync, at checkpoint time only), so a failure on one rank
+    raises on all of them instead of leaving the others waiting.
+    """
+    try:
+        if part is not None:
+            part()
+    except Exception:
+        if strategy.world_size > 1:
+            strategy.reduce_count(1)
+        raise
+    if strategy.world_size > 1:
+        failed = int(strategy.reduce_count(0))
+        if failed:
+            raise OSError(
+                errno.EIO, f"{failed} other rank(s) failed to write their part of the checkpoint"
+            )
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -193,7 +264,12 @@ def _write_pointer(directory: Path, name: str) -> None:
 def _state_payload(
     state: TrainState, extra: Mapping[str, Any] | None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    tree: dict[str, Any] = {"optimizer": state.optimizer.state_dict()}
+    optimizer_sd = state.optimizer.state_dict()
+    if state.strategy.is_sharded:
+        # Its tensors are rank-local shards: they go to the shard files, and only the
+        # param groups (hyperparameters) stay here.
+        optimizer_sd = {"state": {}, "param_groups": optimizer_sd["param_groups"]}
+    tree: dict[str, Any] = {"optimizer": optimizer_sd}
     schedule = state.schedule
     if isinstance(schedule, torch.optim.lr_scheduler.LRScheduler):
         tree["lr_scheduler"] = schedule.state_dict()
@@ -228,7 +304,7 @@ def _loopkit_version() -> str:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise CheckpointError(f"{path}: unreadable JSON ({error}).") from error
 
 
@@ -248,10 +324,35 @@ def validate_checkpoint(path: str | os.PathLike[str], *, deep: bool = True) -> N
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: manifest.json is not a {FORMAT} manifest.")
-    for name in _FILES:
+    layout = manifest.get("layout", "full")
+    if layout not in ("full", "sharded"):
+        raise CheckpointError(f"{path}: manifest.json has an unknown layout {layout!r}.")
+    sharded = layout == "sharded"
+    for name in _SHARDED_FILES if sharded else _FILES:
         if name not in files:
             raise CheckpointError(f"{path}: the manifest does not list {name}.")
+    if sharded:
+        # The shard reader reads every file in shards/: one the manifest does not list
+        # (left over, or planted) must not slip into the state.
+        listed = {n for n in files if n.startswith(f"{SHARDS_DIR}/")}
+        present = (
+            {f"{SHARDS_DIR}/{f.name}" for f in (path / SHARDS_DIR).iterdir()}
+            if (path / SHARDS_DIR).is_dir()
+            else set()
+        )
+        if not listed:
+            raise CheckpointError(f"{path}: the manifest lists no shard files.")
+        if present - listed:
+            raise CheckpointError(
+                f"{path}: {sorted(present - listed)} are not in the manifest (left over?)."
+            )
     for name, expected in files.items():
+        parts = Path(name).parts
+        well_formed = len(parts) == 1 or (
+            sharded and len(parts) == 2 and parts[0] == SHARDS_DIR and parts[1] not in ("..", ".")
+        )
+        if not isinstance(expected, dict) or not well_formed or Path(name).name != parts[-1]:
+            raise CheckpointError(f"{path}: manifest.json has a malformed entry for {name!r}.")
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path}: {name} is missing.")
@@ -307,23 +408,33 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
     path = Path(path)
     state.check_fresh()
     validate_checkpoint(path)
-    meta = _read_json(path / "state.json")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: state.json is not a {FORMAT} file.")
-    model_tensors = _load_tensors(path / "model.safetensors")
+    meta, tree = _read_state(path)
+    sharded = meta.get("layout", "full") == "sharded"
+    strategy = state.strategy
     model = unwrap(state.model)
-    _check_model(path, model, model_tensors)
-    tree = _tree.join(meta["tree"], _load_tensors(path / "state.safetensors"))
+    if not sharded:
+        if strategy.is_sharded:
+            raise CheckpointError(
+                f"{path}: saved unsharded (by SingleDevice or DDP), and {strategy!r} loads "
+                "sharded checkpoints only. Resume it with SingleDevice or DDP, or load just "
+                "the weights (model.safetensors) into the model before sharding it."
+            )
+        model_tensors = _load_tensors(path / "model.safetensors")
+        _check_model(path, model, model_tensors)
     if meta["precision"] != state.precision.name:
         raise CheckpointError(
             f"{path}: saved with precision {meta['precision']!r}, loading into "
             f"{state.precision.name!r}; build the state with the same precision."
         )
-    saved_groups = len(tree["optimizer"]["param_groups"])
-    if saved_groups != len(state.optimizer.param_groups):
+    try:
+        saved_sizes = [len(g["params"]) for g in tree["optimizer"]["param_groups"]]
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"{path}: malformed optimizer state ({error!r}).") from error
+    sizes = [len(g["params"]) for g in state.optimizer.param_groups]
+    if saved_sizes != sizes:
         raise CheckpointError(
-            f"{path}: the optimizer had {saved_groups} param groups, this one has "
-            f"{len(state.optimizer.param_groups)}."
+            f"{path}: the optimizer had param groups of sizes {saved_sizes}, this one has "
+            f"{sizes}; build the optimizer over the same parameter groups."
         )
     scheduler = state.schedule
     is_scheduler = isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
@@ -332,9 +443,21 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
             f"{path}: saved with schedule {meta['schedule']}, loading into {scheduler!r}; "
             "use the same kind of schedule (a function of the step or an LRScheduler)."
         )
-    with torch.no_grad():
-        model.load_state_dict(model_tensors, strict=True)
-    state.optimizer.load_state_dict(tree["optimizer"])
+    if sharded:
+        # A collective with several processes; any world size and any strategy (FSDP
+        # reshards, SingleDevice and DDP read whole tensors).
+        try:
+            _sharded.read_shards(
+                state.model, state.optimizer, path / SHARDS_DIR, meta.get("shards"),
+                # SingleDevice (or one DDP process) has no process group of its own.
+                collective=strategy.is_sharded or strategy.world_size > 1,
+            )
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from error
+    else:
+        with torch.no_grad():
+            model.load_state_dict(model_tensors, strict=True)
+        state.optimizer.load_state_dict(tree["optimizer"])
     if is_scheduler:
         scheduler.load_state_dict(tree["lr_scheduler"])
     if state.loss_scale is not None:
@@ -349,16 +472,43 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
         tokens_seen=tree["tokens_seen"],
         skipped_steps=meta["skipped_steps"],
         seed=meta["seed"],
-        window=Window(),
+        window=Window(size=state.window.size),  # keeps a window size fit() set in advance
         metrics={},
     )
 
 
-def read_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The `extra` values saved with a checkpoint (data-loader state, callbacks, config)."""
-    path = Path(path)
+def _read_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """state.json and the tree it describes; any structural problem is a CheckpointError."""
     meta = _read_json(path / "state.json")
-    tree = _tree.join(meta["tree"], _load_tensors(path / "state.safetensors"))
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: state.json is not a {FORMAT} file.")
+    tensors = _load_tensors(path / "state.safetensors")
+    missing = [k for k in _META_KEYS if k not in meta]
+    try:
+        tree = _tree.join(meta.get("tree"), tensors)
+        if not isinstance(tree, dict):
+            missing.append("tree")
+        else:
+            missing += [k for k in ("optimizer", "extra", "tokens_seen") if k not in tree]
+            if "param_groups" not in tree.get("optimizer", {}):
+                missing.append("optimizer.param_groups")
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as error:
+        raise CheckpointError(
+            f"{path}: state.json does not match state.safetensors "
+            f"({type(error).__name__}: {error})."
+        ) from error
+    if missing:
+        raise CheckpointError(f"{path}: state.json lacks {missing}; not a loopkit checkpoint.")
+    return meta, tree
+
+
+def read_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The `extra` values saved with a checkpoint (data-loader state, callbacks, config).
+
+    Raises:
+        CheckpointError: state.json or state.safetensors is unreadable or malformed.
+    """
+    _, tree = _read_state(Path(path))
     return dict(tree["extra"])
 
 
@@ -390,12 +540,17 @@ def rotate_checkpoints(
 ) -> list[Path]:
     """Delete all but the newest `keep_last` complete checkpoints and those in `keep`.
 
-    Incomplete checkpoints never count towards `keep_last`, so the newest valid one is never
-    deleted. Returns the deleted paths.
+    Incomplete checkpoints never count towards `keep_last`, and the newest checkpoint that
+    passes the full check (checksums included) is always kept, so the newest valid one is
+    never deleted, even when newer ones are corrupt. Cost: one sha256 pass over the newest
+    checkpoint (just written, usually still in the page cache). Returns the deleted paths.
     """
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
         raise ValueError(f"rotate_checkpoints(keep_last={keep_last!r}): must be an int >= 1.")
     protected = {Path(p).resolve() for p in keep}
+    newest_valid = latest_checkpoint(directory, report=lambda message: None)
+    if newest_valid is not None:
+        protected.add(newest_valid.resolve())
     kept = 0
     deleted = []
     for path in list_checkpoints(directory):
@@ -409,7 +564,11 @@ def rotate_checkpoints(
             continue
         if path.resolve() in protected or not valid:
             continue  # an invalid one is left for inspection; resume skips it
-        shutil.rmtree(path)
+        # Hide it first (one atomic rename): a crash mid-delete leaves no half-deleted
+        # checkpoint under a step-* name.
+        hidden = path.with_name(f".{path.name}.del-{os.getpid()}")
+        os.rename(path, hidden)
+        shutil.rmtree(hidden)
         deleted.append(path)
     return deleted
 
@@ -421,12 +580,31 @@ def save_model(
 
     The file loads without loopkit:
     `model.load_state_dict(safetensors.torch.load_file(".../model.safetensors"))`.
+    With several processes rank 0 writes it. A sharded model (FSDP) is gathered into one
+    full file: then every rank must call save_model (a collective), and all return once
+    the file is written; otherwise the other ranks return at once.
     """
     step = model.step if isinstance(model, TrainState) else None
     module = unwrap(model.model if isinstance(model, TrainState) else model)
     directory = Path(directory)
+    if isinstance(model, TrainState):
+        rank = model.strategy.rank
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank()
+    else:
+        rank = 0
+    sharded = _sharded.has_dtensors(module)
+    if sharded:
+        # A collective: every rank calls save_model; the full weights gather on rank 0.
+        state_dict = _sharded.full_model_state(module)
+    else:
+        state_dict = module.state_dict()
+    if rank != 0:
+        if sharded:
+            torch.distributed.barrier()  # returns once rank 0 has written the file
+        return directory / "model.safetensors"
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = _tensors_for_file(module.state_dict())
+    tensors = _tensors_for_file(state_dict)
     tmp = directory / f".model.safetensors.tmp-{os.getpid()}"
     safetensors.torch.save_file(tensors, str(tmp))
     _fsync_path(tmp)
@@ -439,4 +617,6 @@ def save_model(
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()},
     }
     _write_bytes(directory / "config.json", json.dumps(config, indent=1).encode())
+    if sharded and torch.distributed.is_initialized():
+        torch.distributed.barrier()
     return directory / "model.safetensors"

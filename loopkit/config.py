@@ -48,7 +48,10 @@ _CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
     "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "'fp32', 'bf16' or 'fp16'"),
     "eval_every": (_optional(_positive_int), "None or an int >= 1 (optimizer steps)"),
     "eval_batches": (_optional(_positive_int), "None or an int >= 1"),
-    "log_every": (_positive_int, "an int >= 1 (optimizer steps)"),
+    "log_every": (
+        _optional(_positive_int),
+        "an int >= 1 (optimizer steps), or None to log only when a callback's Request asks",
+    ),
     "log_dir": (_optional(lambda v: isinstance(v, (str, Path))), "None or a path"),
     "progress": (lambda v: isinstance(v, bool), "True or False"),
     "seed": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),  # type: ignore[operator]
@@ -78,7 +81,10 @@ _CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
         "a torch optimizer, a factory `params -> Optimizer`, or {'name': 'AdamW', 'lr': ...}",
     ),
     "schedule": (
-        _optional(lambda v: isinstance(v, Mapping) or callable(v)),
+        _optional(
+            lambda v: isinstance(v, (Mapping, torch.optim.lr_scheduler.LRScheduler))
+            or callable(v)
+        ),
         "None, a function of the step, a torch LRScheduler, or {'name': 'cosine', ...}",
     ),
     "metrics": (
@@ -128,7 +134,7 @@ class FitConfig(Mapping[str, Any]):
     monitor: str = "eval/loss"
     mode: str | None = None
     callbacks: tuple[Any, ...] | list[Any] = field(default_factory=tuple)
-    log_every: int = 50
+    log_every: int | None = 50
     log_dir: str | Path | None = None
     progress: bool = True
     seed: int = 0

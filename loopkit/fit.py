@@ -12,22 +12,22 @@ from typing import Any
 import torch
 
 from .checkpoint import (
-    latest_checkpoint,
+    CheckpointError,
+    list_checkpoints,
     load_checkpoint,
     read_extra,
     rotate_checkpoints,
     save_checkpoint,
     step_dir_name,
-    validate_checkpoint,
 )
-from .callbacks import Stop, check_callbacks, collect_log_metrics, dispatch, infer_mode
+from .callbacks import Request, Stop, check_callbacks, collect_log_metrics, dispatch, infer_mode
 from .compose import chain, identity
 from .config import FitConfig, resolve_named
 from .data import make_loader
 from .evaluate import evaluate
 from .logging import CSVLogger, JSONLLogger, ProgressBar, TensorBoardLogger
 from .metrics import Accuracy, TopKAccuracy, as_metric, to_host
-from .state import TrainState
+from .state import TrainState, Window
 from .transforms import accumulate, clip, forward, optimizer_step, skip_nonfinite
 
 
@@ -147,7 +147,9 @@ def fit(
     The default step is `chain(forward(loss_fn), accumulate(k), clip(max_norm),
     optimizer_step())`; pass `step=` to run your own chain instead. Every argument is a
     FitConfig field and is validated before any work. Training metrics stay on the device
-    except at log steps (every `log_every` optimizer steps).
+    except at log steps (every `log_every` optimizer steps). Besides that schedule (and
+    `eval_every`, `save_every`, ...), a callback's `on_step_end` / `on_epoch_end` may return
+    `Request(log=..., evaluate=..., save=..., end_epoch=...)` to have fit act right then.
 
     Args:
         model: the module to train.
@@ -222,6 +224,10 @@ def fit(
         skip_nonfinite() if cfg.nonfinite == "skip" else identity(),
         optimizer_step(),
     )
+    if cfg.step is None:
+        # Tell forward the window size before the first micro-batch, so data-parallel
+        # strategies all-reduce gradients once per window from the very first window.
+        state = state.replace(window=Window(size=k))
     mode = cfg.mode or (infer_mode(cfg.monitor) if eval_loader is not None else "min")
     callbacks = list(user_callbacks)
     if state.strategy.rank == 0:  # only the main process logs
@@ -241,8 +247,11 @@ def fit(
         if k_ not in ("eval_data", "callbacks")
     }
     total_steps = cfg.max_steps
-    if total_steps is None and max_epochs is not None and hasattr(loader, "__len__"):
-        total_steps = max_epochs * len(loader) // k  # type: ignore[arg-type]
+    if total_steps is None and max_epochs is not None:
+        try:
+            total_steps = max_epochs * len(loader) // k  # type: ignore[arg-type]
+        except TypeError:  # an iterable without a length: the progress bar has no total
+            pass
     hparams.update(max_steps=cfg.max_steps, total_steps=total_steps, accumulate=k,
                    step=repr(train_step))
     return _run(
@@ -266,8 +275,11 @@ def _run(
     result = FitResult(state)
     evaluated_at = -1
     resumed_mid_epoch = False
+    saved_at = -1  # the step of the newest checkpoint on disk from this run (or resumed from)
     if cfg.resume is not False:
         state, resumed_mid_epoch, evaluated_at = _resume(state, loader, callbacks, result, cfg)
+        if resumed_mid_epoch:
+            saved_at = state.step
     stop: Stop | None = dispatch(callbacks, "on_fit_start", state, hparams)
     skips_in_a_row = 0
     # Device-side record of the first step whose loss was not finite: no per-step sync.
@@ -306,16 +318,36 @@ def _run(
         return dispatch(callbacks, "on_eval_end", state, values), improved
 
     def save() -> Stop | None:
+        nonlocal saved_at
         assert cfg.checkpoint_dir is not None
         if cfg.nonfinite == "raise":
             check_finite()
+        if state.step == saved_at:
+            # This step is on disk already (an epoch end right after a step save, or the
+            # checkpoint resumed from), and resuming from it replays what followed exactly.
+            # Writing it again would replace the newest valid checkpoint in place, which is
+            # not atomic (a directory cannot be renamed over a non-empty one).
+            return None
         path = save_checkpoint(state, cfg.checkpoint_dir, extra=_extra(loader, callbacks, result, evaluated_at, hparams))
+        saved_at = state.step
         if cfg.keep_last is not None:
-            keep = []
+            keep = [path]
             if cfg.keep_best and result.best is not None:
                 keep.append(Path(cfg.checkpoint_dir) / step_dir_name(int(result.best["step"])))
-            rotate_checkpoints(cfg.checkpoint_dir, cfg.keep_last, keep=keep)
+            if state.strategy.rank == 0:  # one process deletes; the others would race it
+                rotate_checkpoints(cfg.checkpoint_dir, cfg.keep_last, keep=keep)
         return dispatch(callbacks, "on_checkpoint_saved", state, str(path))
+
+    def log() -> Stop | None:
+        # host sync: the one place train metrics leave the device, at log steps only.
+        # With several processes the train metrics are reduced over ranks first (one
+        # all_reduce): "train/loss" becomes the mean over every rank's items.
+        train = state.strategy.reduce_metrics(state.metrics)
+        values = to_host({**train, **collect_log_metrics(callbacks, state)})
+        if cfg.nonfinite == "raise":
+            check_finite()
+        result.history.append(row(values))
+        return dispatch(callbacks, "on_log", state, values)
 
     epoch = state.epoch
     while stop is None and (max_epochs is None or epoch < max_epochs):
@@ -354,27 +386,25 @@ def _run(
                         f"non-finite loss or gradient (last at step {previous_step}); "
                         f"max_nonfinite_skips={cfg.max_nonfinite_skips}."
                     )
-            stop = dispatch(callbacks, "on_step_end", state) or stop
-            if state.step % cfg.log_every == 0:
-                # host sync: the one place train metrics leave the device, at log steps only.
-                values = to_host({**state.metrics, **collect_log_metrics(callbacks, state)})
-                if cfg.nonfinite == "raise":
-                    check_finite()
-                result.history.append(row(values))
-                stop = dispatch(callbacks, "on_log", state, values) or stop
+            requests: list[Request] = []
+            stop = dispatch(callbacks, "on_step_end", state, requests=requests) or stop
+            request = _merged(requests, eval_loader, cfg)
+            if (cfg.log_every and state.step % cfg.log_every == 0) or request.log:
+                stop = log() or stop
             improved = False
-            if cfg.eval_every and state.step % cfg.eval_every == 0:
+            if (cfg.eval_every and state.step % cfg.eval_every == 0) or request.evaluate:
                 eval_stop, improved = run_eval()
                 stop = eval_stop or stop
             if cfg.checkpoint_dir is not None and (
                 (cfg.save_every and state.step % cfg.save_every == 0)
                 or (cfg.keep_best and improved)
+                or request.save
             ):
                 stop = save() or stop
             if cfg.max_steps is not None and state.step >= cfg.max_steps:
                 result.stopped_by = "max_steps"
                 break
-            if stop is not None:
+            if stop is not None or request.end_epoch:
                 break
         if batches == 0 and not resumed_mid_epoch:
             raise ValueError(
@@ -386,13 +416,18 @@ def _run(
             break
         epoch += 1
         state = state.replace(epoch=epoch)
-        stop = dispatch(callbacks, "on_epoch_end", state)
+        requests = []
+        stop = dispatch(callbacks, "on_epoch_end", state, requests=requests)
+        request = _merged(requests, eval_loader, cfg)
+        if request.log:
+            stop = log() or stop
         improved = False
-        if eval_loader is not None and not cfg.eval_every:
+        if (eval_loader is not None and not cfg.eval_every) or request.evaluate:
             eval_stop, improved = run_eval()
             stop = eval_stop or stop
-        if cfg.checkpoint_dir is not None and state.micro_step == 0 and (
-            cfg.save_on_epoch_end or (cfg.keep_best and improved)
+        if cfg.checkpoint_dir is not None and (
+            (state.micro_step == 0 and (cfg.save_on_epoch_end or (cfg.keep_best and improved)))
+            or request.save  # an open window makes save_checkpoint raise, naming the fix
         ):
             stop = save() or stop
     if stop is not None:
@@ -406,6 +441,24 @@ def _run(
     dispatch(callbacks, "on_fit_end", state)
     result.state = state
     return result
+
+
+def _merged(requests: Sequence[Request], eval_loader: Any, cfg: FitConfig) -> Request:
+    """The callbacks' requests as one; fail on one fit cannot serve."""
+    request = Request()
+    for each in requests:
+        request = request | each
+    if request.evaluate and eval_loader is None:
+        raise ValueError(
+            "fit: a callback returned Request(evaluate=True) but fit has no eval_data; pass "
+            "eval_data=..."
+        )
+    if request.save and cfg.checkpoint_dir is None:
+        raise ValueError(
+            "fit: a callback returned Request(save=True) but fit has no checkpoint_dir; pass "
+            "checkpoint_dir=..."
+        )
+    return request
 
 
 def _set_epoch(loader: Any, epoch: int) -> None:
@@ -436,18 +489,29 @@ def _extra(
 def _resume(
     state: TrainState, loader: Any, callbacks: Sequence[Any], result: FitResult, cfg: FitConfig
 ) -> tuple[TrainState, bool, int]:
-    """Load the checkpoint `cfg.resume` asks for; return (state, mid_epoch, evaluated_at)."""
+    """Load the checkpoint `cfg.resume` asks for; return (state, mid_epoch, evaluated_at).
+
+    resume=True tries the checkpoints in checkpoint_dir newest first, skipping (and saying
+    why) each one that is invalid or does not fit this run; an explicit path must load.
+    """
     if cfg.resume is True:
         assert cfg.checkpoint_dir is not None
-        path = latest_checkpoint(cfg.checkpoint_dir)
-        if path is None:
-            print(f"loopkit: no valid checkpoint in {cfg.checkpoint_dir}; starting fresh.")
-            return state, False, -1
+        candidates = list_checkpoints(cfg.checkpoint_dir)
     else:
-        path = Path(cfg.resume)  # type: ignore[arg-type]
-        validate_checkpoint(path)  # a bad explicit path raises; no fallback
-    state = load_checkpoint(path, state)
-    extra = read_extra(path)
+        candidates = [Path(cfg.resume)]  # type: ignore[arg-type]
+    for path in candidates:
+        try:
+            state = load_checkpoint(path, state)  # validates first; touches nothing if bad
+        except CheckpointError as error:
+            if cfg.resume is not True:
+                raise  # a bad explicit path raises; no fallback
+            print(f"loopkit: skipping checkpoint {path.name}: {error}")
+            continue
+        break
+    else:
+        print(f"loopkit: no valid checkpoint in {cfg.checkpoint_dir}; starting fresh.")
+        return state, False, -1
+    extra = read_extra(path)  # parsed fine by load_checkpoint just above
     if extra.get("data") is not None:
         if not hasattr(loader, "load_state_dict"):
             raise ValueError(

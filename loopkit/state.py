@@ -70,7 +70,9 @@ class _Consumption:
         self.at_step = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+# Not slotted: a record's fields live in its __dict__, so `_advance` copies them in one
+# C-level dict copy (~0.5 us) instead of ~20 setattr calls; assignment still raises.
+@dataclass(frozen=True, kw_only=True, eq=False)
 class TrainState:
     """Everything one training step reads and writes.
 
@@ -223,20 +225,20 @@ class TrainState:
 
     def _advance(self, by: object, changes: Mapping[str, Any]) -> TrainState:
         """Consume this record on behalf of transform `by` and return the successor."""
-        self.check_fresh()
-        new = object.__new__(TrainState)
-        setattr_ = object.__setattr__
-        for name in _FIELD_NAMES:
-            setattr_(new, name, getattr(self, name))
-        for name, value in changes.items():
-            if name not in _PUBLIC_FIELDS:
-                raise TypeError(
-                    f"TrainState.replace({name}=...): not a field. Fields: "
-                    f"{', '.join(sorted(_PUBLIC_FIELDS))}."
-                )
-            setattr_(new, name, value)
-        setattr_(new, "_consumption", _Consumption())
         consumption = self._consumption
+        if consumption.consumed:
+            self.check_fresh()
+        if not _PUBLIC_FIELDS.issuperset(changes):
+            name = next(n for n in changes if n not in _PUBLIC_FIELDS)
+            raise TypeError(
+                f"TrainState.replace({name}=...): not a field. Fields: "
+                f"{', '.join(sorted(_PUBLIC_FIELDS))}."
+            )
+        new = object.__new__(TrainState)
+        values = new.__dict__
+        values.update(self.__dict__)
+        values.update(changes)
+        values["_consumption"] = _Consumption()
         consumption.consumed = True
         consumption.consumer = by
         consumption.at_step = self.step

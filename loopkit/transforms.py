@@ -61,27 +61,31 @@ class _Forward:
             micro_step_seed(state.seed, state.step, state.micro_step, strategy.rank),
             strategy.device,
         )
-        with state.precision.autocast(strategy.device):
-            value, count, is_mean = as_loss(self.loss_fn(state.model, batch), n_samples, self)
-        if state.step == 0 and state.micro_step == 0 and isinstance(count, torch.Tensor):
-            _check_count_once(count, self)
-        first = window.ref_count is None
-        # The reference count is global (summed over ranks), so every rank scales alike and
-        # a data-parallel gradient average stays exact; on one device it is `count` itself.
-        ref = strategy.reduce_count(count) if first else window.ref_count
-        if is_mean:
-            scaled = value if ref is count else value * (count / ref)
-        else:
-            scaled = value / ref
-        if state.loss_scale is not None:
-            scaled_for_backward = scaled * state.loss_scale
-        else:
-            scaled_for_backward = scaled
         # Sync gradients across ranks only on the window's last micro-batch (and whenever
         # the window's size is not known yet: syncing more often is redundant, not wrong).
+        # Decided before the forward: DDP's forward already arms (or skips) the all-reduce.
         size = window.size
         sync = size is None or state.micro_step + 1 >= size
-        strategy.backward(state.model, scaled_for_backward, sync=sync)
+        with strategy.gradient_sync(state.model, sync):
+            with state.precision.autocast(strategy.device):
+                value, count, is_mean = as_loss(
+                    self.loss_fn(state.model, batch), n_samples, self
+                )
+            if state.step == 0 and state.micro_step == 0 and isinstance(count, torch.Tensor):
+                _check_count_once(count, self)
+            first = window.ref_count is None
+            # The reference count is global (summed over ranks), so every rank scales alike
+            # and a data-parallel gradient sum stays exact; on one device it is `count`.
+            ref = strategy.reduce_count(count) if first else window.ref_count
+            if is_mean:
+                scaled = value if ref is count else value * (count / ref)
+            else:
+                scaled = value / ref
+            if state.loss_scale is not None:
+                scaled_for_backward = scaled * state.loss_scale
+            else:
+                scaled_for_backward = scaled
+            strategy.backward(state.model, scaled_for_backward, sync=sync)
         scaled = scaled.detach()
         return state._advance(
             self,
@@ -149,9 +153,13 @@ class _Accumulate:
                 f"{self!r}: the open window already holds {state.micro_step} micro-batches. "
                 "Use a single accumulate(k) per chain, before clip and optimizer_step."
             )
-        # total and ref_count are the same object only for a one-micro-batch window on one
-        # device, whose gradients are already sum / count.
-        total = state.strategy.reduce_count(window.count)
+        # A one-micro-batch window's total is its reference count (already summed over
+        # ranks), so it needs no second reduction; `total is ref_count` then means its
+        # gradients are already sum / count and need no rescaling.
+        if state.micro_step == 1:
+            total = window.ref_count
+        else:
+            total = state.strategy.reduce_count(window.count)
         factor = None if total is window.ref_count else _ratio(window.ref_count, total)
         found_inf = None
         # The gradient list is built only where it is used: a one-micro-batch fp32/bf16
@@ -285,6 +293,10 @@ class _SkipNonfinite:
         found = bad.float()
         if window.found_inf is not None:
             found = torch.maximum(found, window.found_inf)
+        if state.strategy.world_size > 1:
+            # Each rank holds only its share of the loss: every rank must skip if any
+            # rank's is bad, or their weights would part ways. One tiny all-reduce.
+            found = (state.strategy.reduce_count(found) > 0).float()
         return state._advance(self, {"window": replace(window, found_inf=found)})
 
     def __repr__(self) -> str:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol, Union, runtime_checkable
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from .._types import Batch, OptimizerFactory
 from ..precision import Precision
+from .ddp import DDP
+from .env import DistributedError
+from .fsdp import FSDP
 from .single import SingleDevice
 
 
@@ -20,16 +24,20 @@ class Strategy(Protocol):
         device: where this process's tensors live.
         rank: this process's index among `world_size` processes.
         world_size: processes taking part in each step.
+        is_sharded: whether each rank holds only part of the model and optimizer state;
+            checkpoints are then written by every rank (torch.distributed.checkpoint)
+            instead of by rank 0 alone.
     """
 
     device: torch.device
     rank: int
     world_size: int
+    is_sharded: bool
 
     def setup(
         self,
         model: torch.nn.Module,
-        optimizer: Union[torch.optim.Optimizer, OptimizerFactory],
+        optimizer: torch.optim.Optimizer | OptimizerFactory,
         precision: Precision,
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """Place/wrap the model, then build the optimizer over its trainable parameters."""
@@ -37,6 +45,17 @@ class Strategy(Protocol):
 
     def to_device(self, batch: Batch) -> Batch:
         """Move a micro-batch to this process's device."""
+        ...
+
+    def gradient_sync(
+        self, model: torch.nn.Module, enabled: bool
+    ) -> contextlib.AbstractContextManager[object]:
+        """The context one micro-batch's forward and backward run in.
+
+        With `enabled` False, gradients stay local (accumulated) instead of being reduced
+        across ranks. It wraps the forward too because DDP decides in its forward whether
+        the following backward all-reduces.
+        """
         ...
 
     def backward(self, model: torch.nn.Module, loss: torch.Tensor, *, sync: bool) -> None:
@@ -47,8 +66,16 @@ class Strategy(Protocol):
         """
         ...
 
-    def reduce_count(self, count: Union[int, float, torch.Tensor]) -> Union[int, float, torch.Tensor]:
+    def reduce_count(self, count: int | float | torch.Tensor) -> int | float | torch.Tensor:
         """Sum an item count over all ranks (return `count` itself on a single process)."""
+        ...
+
+    def reduce_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Global train metrics from this rank's (a collective: every rank calls it).
+
+        "train/loss" is a rank's share of the global mean, so ranks sum it; other tensor
+        metrics are averaged. Single process: the metrics as they are.
+        """
         ...
 
     def clip_grad_norm_(
@@ -72,4 +99,4 @@ def check_strategy(strategy: object) -> Strategy:
     return strategy
 
 
-__all__ = ["SingleDevice", "Strategy", "check_strategy"]
+__all__ = ["DDP", "FSDP", "DistributedError", "SingleDevice", "Strategy", "check_strategy"]

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Union
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from .._batch import move
 from .._types import Batch, OptimizerFactory
 from ..precision import Precision
-
-Count = Union[int, float, torch.Tensor]
 from ._common import build_optimizer
+
+Count = int | float | torch.Tensor
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: nullcontext keeps no state
 
 
 def default_device() -> torch.device:
@@ -34,8 +36,9 @@ class SingleDevice:
 
     rank = 0
     world_size = 1
+    is_sharded = False
 
-    def __init__(self, device: Union[str, torch.device, None] = None) -> None:
+    def __init__(self, device: str | torch.device | None = None) -> None:
         try:
             self.device = default_device() if device is None else torch.device(device)
         except (RuntimeError, TypeError) as error:
@@ -48,7 +51,7 @@ class SingleDevice:
     def setup(
         self,
         model: torch.nn.Module,
-        optimizer: Union[torch.optim.Optimizer, OptimizerFactory],
+        optimizer: torch.optim.Optimizer | OptimizerFactory,
         precision: Precision,
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)  # keeps Parameter identity, so a built optimizer still fits
@@ -58,11 +61,19 @@ class SingleDevice:
         # non_blocking from pinned host memory overlaps the copy with compute on CUDA.
         return move(batch, self.device, self._non_blocking)
 
+    def gradient_sync(
+        self, model: torch.nn.Module, enabled: bool
+    ) -> contextlib.AbstractContextManager[object]:
+        return _NO_CONTEXT  # one process: nothing to sync
+
     def backward(self, model: torch.nn.Module, loss: torch.Tensor, *, sync: bool = True) -> None:
         loss.backward()
 
     def reduce_count(self, count: Count) -> Count:
         return count  # one process: the local count is the global count
+
+    def reduce_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(metrics)  # one process: local metrics are global
 
     def clip_grad_norm_(
         self, params: Sequence[torch.nn.Parameter], max_norm: float, norm_type: float

@@ -1,0 +1,60 @@
+"""loopkit.testing: property checks and hypothesis strategies for your own training steps.
+
+Each check runs your pieces (model factory, loss_fn, batches, optimizer factory, step
+chain) and raises an AssertionError that says what differed, by how much, where and how to
+reproduce it:
+
+    >>> from loopkit.testing import check_accumulation_invariance  # doctest: +SKIP
+    >>> check_accumulation_invariance(make_model, loss_fn, batches=(x, y))  # doctest: +SKIP
+
+Hypothesis strategies live in `loopkit.testing.strategies`; hypothesis is imported only
+when one is called, so importing this package never needs it.
+"""
+
+from __future__ import annotations
+
+from ._spawn import check_strategy_equivalence as check_strategy_equivalence
+from ._spawn import default_rank_split as default_rank_split
+from .assertions import Tolerance as Tolerance
+from .assertions import assert_states_close as assert_states_close
+from .assertions import assert_trees_close as assert_trees_close
+from .assertions import state_tree as state_tree
+from .assertions import tolerance_for as tolerance_for
+from .checker import Checker as Checker
+from .checks import CheckResult as CheckResult
+from .checks import ListData as ListData
+from .checks import check_accumulation_invariance as check_accumulation_invariance
+from .checks import check_determinism as check_determinism
+from .checks import check_gradient_flow as check_gradient_flow
+from .checks import check_loss_decreases as check_loss_decreases
+from .checks import check_matches_reference as check_matches_reference
+from .checks import check_no_stale_reuse as check_no_stale_reuse
+from .checks import check_resume_equivalence as check_resume_equivalence
+from .checks import default_optimizer as default_optimizer
+from .checks import default_resume as default_resume
+from .checks import default_save as default_save
+from .checks import default_step as default_step
+
+__all__ = [
+    "CheckResult",
+    "Checker",
+    "ListData",
+    "Tolerance",
+    "assert_states_close",
+    "assert_trees_close",
+    "check_accumulation_invariance",
+    "check_determinism",
+    "check_gradient_flow",
+    "check_loss_decreases",
+    "check_matches_reference",
+    "check_no_stale_reuse",
+    "check_resume_equivalence",
+    "check_strategy_equivalence",
+    "default_optimizer",
+    "default_rank_split",
+    "default_resume",
+    "default_save",
+    "default_step",
+    "state_tree",
+    "tolerance_for",
+]
