@@ -11,6 +11,7 @@ import torch
 
 PrecisionName = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_NO_AUTOCAST = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +74,7 @@ class Precision:
         """Return the autocast context for a forward pass on `device`."""
         dtype = self.dtype
         if dtype is None:
-            return contextlib.nullcontext()
+            return _NO_AUTOCAST
         return torch.autocast(device_type=device.type, dtype=dtype)
 
     def __repr__(self) -> str:

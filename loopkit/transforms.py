@@ -16,6 +16,7 @@ needs no rescaling at all, so `accumulate(1)` costs nothing over a hand-written 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, replace
@@ -29,6 +30,11 @@ from .loss import as_loss
 from .state import TrainState, Window
 
 LRScheduler = torch.optim.lr_scheduler.LRScheduler
+
+
+@functools.lru_cache(maxsize=None)
+def _empty_window(size: int | None) -> Window:
+    return Window(size=size)  # frozen, so one per size can be shared
 
 
 def _name(fn: object) -> str:
@@ -234,7 +240,11 @@ class _OptimizerStep:
         else:
             factor = schedule(state.step)
             # A host float, so this check costs no sync; a NaN lr would silently ruin weights.
-            if not (isinstance(factor, numbers.Real) and math.isfinite(factor) and factor >= 0):
+            if not (
+                (type(factor) is float or isinstance(factor, numbers.Real))
+                and math.isfinite(factor)
+                and factor >= 0
+            ):
                 raise ValueError(
                     f"{self!r}: schedule={_name(schedule)} returned {factor!r} at step "
                     f"{state.step}; a schedule must return an lr factor, a finite float >= 0."
@@ -269,7 +279,7 @@ class _OptimizerStep:
                 "step": state.step + 1,
                 "micro_step": 0,
                 "skipped_steps": state.skipped_steps + skipped,
-                "window": Window(size=window.size),
+                "window": _empty_window(window.size),
                 "metrics": {**state.metrics, "train/lr": lr},
             },
         )
