@@ -44,6 +44,9 @@ from .precision import set_tf32 as set_tf32
 from .state import StaleStateError as StaleStateError
 from .state import TrainState as TrainState
 from .state import Window as Window
+from .strategies import DDP as DDP
+from .strategies import FSDP as FSDP
+from .strategies import DistributedError as DistributedError
 from .strategies import SingleDevice as SingleDevice
 from .strategies import Strategy as Strategy
 from .transforms import accumulate as accumulate
@@ -61,7 +64,10 @@ __all__ = [
     "CSVLogger",
     "Callback",
     "CheckpointError",
+    "DDP",
+    "DistributedError",
     "EarlyStopping",
+    "FSDP",
     "FitConfig",
     "FitResult",
     "JSONLLogger",
