@@ -46,6 +46,7 @@ from .state import TrainState as TrainState
 from .state import Window as Window
 from .strategies import DDP as DDP
 from .strategies import FSDP as FSDP
+from .strategies import Pipeline as Pipeline
 from .strategies import DistributedError as DistributedError
 from .strategies import SingleDevice as SingleDevice
 from .strategies import Strategy as Strategy
@@ -77,6 +78,7 @@ __all__ = [
     "Mean",
     "Metric",
     "OptimizerFactory",
+    "Pipeline",
     "Precision",
     "ProgressBar",
     "Schedule",

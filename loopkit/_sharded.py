@@ -80,7 +80,97 @@ def write_shards(
     writer = HuggingFaceStorageWriter(str(directory), save_distributed=True)
     with _quiet_no_dist(collective):
         save(tensors, storage_writer=writer, no_dist=not collective)
+    if collective and torch.distributed.get_world_size() > 1:
+        # Ranks that hold different parts of the model (pipeline stages) have different
+        # skeletons: the checkpoint's is their union, the skeleton of the whole model. Ranks
+        # that shard every tensor (FSDP) have the same one, which the union leaves as is.
+        skeleton = merge_skeletons(_all_gather_json(skeleton))
     return skeleton
+
+
+def _all_gather_json(value: Any) -> list[Any]:
+    """Every rank's JSON-able `value`, gathered as JSON bytes (no pickle on the wire)."""
+    import json
+
+    dist = torch.distributed
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8).to(device)
+    size = torch.tensor([data.numel()], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(int(s) for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return [
+        json.loads(bytes(g[: int(n)].cpu().tolist()).decode())
+        for g, n in zip(gathered, sizes, strict=True)
+    ]
+
+
+def merge_skeletons(skeletons: list[Any]) -> Any:
+    """The union of several ranks' skeletons: dicts by key, name lists in order.
+
+    Raises:
+        ValueError: two ranks disagree on a value both hold (a hyperparameter, say).
+    """
+
+    def merge(a: Any, b: Any, path: str) -> Any:
+        if a == b or b is None:
+            return a
+        if a is None:
+            return b
+        if isinstance(a, dict) and isinstance(b, dict):
+            out = dict(a)
+            for key, value in b.items():
+                out[key] = merge(a[key], value, f"{path}.{key}") if key in a else value
+            return out
+        if isinstance(a, list) and isinstance(b, list):
+            if all(isinstance(x, str) for x in (*a, *b)):  # parameter names of a group
+                return a + [x for x in b if x not in a]
+            if len(a) == len(b):
+                return [merge(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b))]
+        raise ValueError(f"the ranks' states disagree at {path or 'the root'}: {a!r} and {b!r}.")
+
+    merged = skeletons[0]
+    for other in skeletons[1:]:
+        merged = merge(merged, other, "")
+    return merged
+
+
+def _restrict(saved: Any, own: Any, path: str) -> Any:
+    """The part of the merged skeleton `saved` that this rank's own skeleton `own` has.
+
+    Raises:
+        ValueError: this rank holds something the saved state lacks.
+    """
+    if isinstance(own, dict) and isinstance(saved, dict) and _tree.TENSOR not in own:
+        out = {k: _restrict(saved[k], own[k], f"{path}.{k}") if k in saved else own[k] for k in own}
+        # Saved values this rank lacks: tensors belong to other ranks (their parameter
+        # names); plain values (a hyperparameter) are kept, as the saved state has them.
+        out.update(
+            {k: v for k, v in saved.items() if k not in own and next(_tensor_keys(v), None) is None}
+        )
+        return out
+    if isinstance(own, list) and isinstance(saved, list):
+        if own and all(isinstance(x, str) for x in (*own, *saved)):
+            missing = [x for x in own if x not in saved]
+            if missing:
+                raise ValueError(
+                    f"the saved {path} lacks {missing[:10]}: the checkpoint's optimizer "
+                    "grouped the parameters differently"
+                )
+            return list(own)
+        if len(own) != len(saved):
+            raise ValueError(
+                f"{path}: the checkpoint has {len(saved)} entries, this run {len(own)} (the "
+                "optimizer's param groups?); build the optimizer over the same groups"
+            )
+        return [_restrict(s, o, f"{path}[{i}]") for i, (s, o) in enumerate(zip(saved, own))]
+    return saved
 
 
 def _tensor_keys(skeleton: Any) -> Iterator[str]:
@@ -115,13 +205,17 @@ def read_shards(
     if not (isinstance(skeleton, dict) and "model" in skeleton and "optimizer" in skeleton):
         raise ValueError("the sharded state's skeleton lacks 'model' or 'optimizer'.")
     with_optimizer = skeleton["optimizer"] is not None
-    _, targets = _tree.split(_state_dicts(model, optimizer, with_optimizer), by_path=True)
+    own, targets = _tree.split(_state_dicts(model, optimizer, with_optimizer), by_path=True)
     reader = HuggingFaceStorageReader(str(directory))
     stored = reader.read_metadata().state_dict_metadata
     expected = set(_tensor_keys(skeleton))
     problems = []
     missing = sorted(set(targets) - set(stored))
-    unexpected = sorted(set(stored) - set(targets))
+    # Tensors another rank loads (a pipeline's other stages) are expected here too.
+    claimed = set(targets)
+    if collective and torch.distributed.get_world_size() > 1:
+        claimed = {k for keys in _all_gather_json(sorted(targets)) for k in keys}
+    unexpected = sorted(set(stored) - claimed)
     if missing:
         problems.append(f"missing from the checkpoint: {missing[:10]}")
     if unexpected:
@@ -140,8 +234,13 @@ def read_shards(
     with _quiet_no_dist(collective):
         load(targets, storage_reader=reader, no_dist=not collective)
     # The skeleton brings the saved hyperparameters (lr, betas, ...); the tensors were
-    # loaded in place into this run's (differently sharded) tensors.
-    tree = _tree.join(skeleton, targets)
+    # loaded in place into this run's (differently sharded) tensors. A rank that holds
+    # part of the model (a pipeline stage) takes its part of the whole model's skeleton.
+    try:
+        mine = _restrict(skeleton, own, "")
+    except ValueError as error:
+        raise ValueError(f"the sharded state does not fit; {error}.") from error
+    tree = _tree.join(mine, targets)
     if with_optimizer:
         set_state_dict(
             model, optimizer, model_state_dict=tree["model"], optim_state_dict=tree["optimizer"]
@@ -161,4 +260,4 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=options)  # type: ignore[return-value]
 
 
-__all__ = ["full_model_state", "has_dtensors", "read_shards", "write_shards"]
+__all__ = ["full_model_state", "has_dtensors", "merge_skeletons", "read_shards", "write_shards"]

@@ -431,7 +431,9 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
     except (KeyError, TypeError) as error:
         raise CheckpointError(f"{path}: malformed optimizer state ({error!r}).") from error
     sizes = [len(g["params"]) for g in state.optimizer.param_groups]
-    if saved_sizes != sizes:
+    # Sharded: this rank may hold other parameters than rank 0 did (pipeline stages), so
+    # only the number of groups is compared here; read_shards matches them by name.
+    if (len(saved_sizes) != len(sizes)) if sharded else (saved_sizes != sizes):
         raise CheckpointError(
             f"{path}: the optimizer had param groups of sizes {saved_sizes}, this one has "
             f"{sizes}; build the optimizer over the same parameter groups."
@@ -593,8 +595,14 @@ def save_model(
         rank = torch.distributed.get_rank()
     else:
         rank = 0
-    sharded = _sharded.has_dtensors(module)
-    if sharded:
+    # A strategy whose ranks hold different parts of the model (Pipeline) gathers them.
+    strategy = model.strategy if isinstance(model, TrainState) else None
+    gather = getattr(strategy, "full_model_state", None)
+    sharded = gather is not None or _sharded.has_dtensors(module)
+    if gather is not None:
+        # A collective: every rank calls save_model; the stages' weights gather on rank 0.
+        state_dict = gather(module)
+    elif sharded:
         # A collective: every rank calls save_model; the full weights gather on rank 0.
         state_dict = _sharded.full_model_state(module)
     else:

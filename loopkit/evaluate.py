@@ -118,7 +118,9 @@ def evaluate(
     n_batches = 0
     captured: list[Any] = []
     hook = None
-    if named and predict is None and loss_fn is not None:
+    # A strategy that runs the model in pieces (Pipeline) evaluates a batch itself.
+    run_eval = getattr(strategy, "eval_forward", None)
+    if named and predict is None and loss_fn is not None and run_eval is None:
         # One forward per batch: the metrics read what the model returned inside loss_fn.
         hook = model.register_forward_hook(lambda module, args, output: captured.append(output))
     was_training = model.training
@@ -131,6 +133,20 @@ def evaluate(
                 batch = strategy.to_device(batch)
                 n_samples = batch_size(batch, _WHERE)
                 captured.clear()
+                if run_eval is not None:
+                    with state.precision.autocast(device):
+                        summed, outputs = run_eval(model, batch, loss_fn, predict, n_samples)
+                    if summed is not None:  # the last stage's share; the others add nothing
+                        loss_sum += summed[0].detach().to(acc)
+                        if isinstance(summed[1], torch.Tensor):
+                            loss_count += summed[1]
+                        else:
+                            host_count += summed[1]
+                    if outputs is not None:
+                        for _, metric in named:
+                            metric.update(outputs, batch)
+                    n_batches += 1
+                    continue
                 with state.precision.autocast(device):
                     if loss_fn is not None:
                         value, count, is_mean = as_loss(loss_fn(model, batch), n_samples, _WHERE)

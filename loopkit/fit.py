@@ -192,6 +192,10 @@ def fit(
         strategy=cfg.strategy,
         seed=cfg.seed,
     )
+    # Data-parallel rank and size: the ranks of one pipeline (Pipeline's dp_rank and
+    # dp_world_size) read the same batches; every other strategy's ranks are replicas.
+    data_rank = getattr(state.strategy, "dp_rank", state.strategy.rank)
+    data_world = getattr(state.strategy, "dp_world_size", state.strategy.world_size)
     loader = make_loader(
         train_data,
         batch_size=cfg.batch_size,
@@ -201,8 +205,8 @@ def fit(
         num_workers=cfg.num_workers,
         pin_memory=cfg.pin_memory,
         collate_fn=cfg.collate_fn,
-        rank=state.strategy.rank,
-        world_size=state.strategy.world_size,
+        rank=data_rank,
+        world_size=data_world,
     )
     eval_loader = None
     if cfg.eval_data is not None:
@@ -212,11 +216,11 @@ def fit(
             shuffle=False,
             seed=cfg.seed,
             collate_fn=cfg.collate_fn,
-            rank=state.strategy.rank,
-            world_size=state.strategy.world_size,
+            rank=data_rank,
+            world_size=data_world,
             where="fit(eval_data=...)",
         )
-    k = _window_size(cfg, loader, state.strategy.world_size)
+    k = _window_size(cfg, loader, data_world)
     train_step = cfg.step or chain(
         forward(cfg.loss_fn),
         accumulate(k),
@@ -284,6 +288,28 @@ def _run(
     skips_in_a_row = 0
     # Device-side record of the first step whose loss was not finite: no per-step sync.
     first_nonfinite = torch.full((), -1, dtype=torch.int64, device=state.strategy.device)
+    # fit's own step makes a new "train/loss" tensor every optimizer step and never writes
+    # to it again, so its check can wait: the losses of consecutive steps since the last
+    # check are kept (one list append per step, no device op) and read at the next log or
+    # save step and at the end, where fit syncs anyway (one stack and one copy to the
+    # host); a run that checks less often than every _NONFINITE_CHUNK steps folds them
+    # into first_nonfinite on the device. A user's step= might reuse one tensor: its loss
+    # is checked on the device every step.
+    pending: list[torch.Tensor] | None = [] if cfg.step is None else None
+    pending_start = 0  # the step (before its update) of pending[0]
+    on_device = pending is None  # whether first_nonfinite may hold a step
+
+    def fold_pending() -> None:
+        # Device ops only, no host sync.
+        nonlocal first_nonfinite, on_device
+        assert pending
+        bad = ~torch.isfinite(torch.stack(pending))
+        first_bad = torch.argmax(bad.to(torch.int32)) + pending_start  # the first True
+        first_nonfinite = torch.where(
+            (first_nonfinite < 0) & bad.any(), first_bad, first_nonfinite
+        )
+        on_device = True
+        pending.clear()
 
     def row(values: Mapping[str, float]) -> dict[str, float]:
         return {"step": state.step, "epoch": state.epoch,
@@ -291,7 +317,14 @@ def _run(
 
     def check_finite() -> None:
         # host sync: at log and save steps only.
-        bad = int(first_nonfinite)
+        bad = int(first_nonfinite) if on_device else -1
+        if bad < 0 and pending:
+            values = torch.stack(pending).tolist()
+            bad = next(
+                (pending_start + i for i, value in enumerate(values) if not math.isfinite(value)),
+                -1,
+            )
+            pending.clear()
         if bad >= 0:
             raise FloatingPointError(
                 f"fit: the training loss became NaN or infinite at step {bad}. Checkpoints "
@@ -375,9 +408,19 @@ def _run(
                 continue  # a micro-batch inside an open window
             loss = state.metrics.get("train/loss")
             if cfg.nonfinite == "raise" and isinstance(loss, torch.Tensor):
-                first_nonfinite = torch.where(
-                    (first_nonfinite < 0) & ~torch.isfinite(loss), previous_step, first_nonfinite
-                )
+                if pending is None:
+                    first_nonfinite = torch.where(
+                        (first_nonfinite < 0) & ~torch.isfinite(loss), previous_step,
+                        first_nonfinite,
+                    )
+                else:
+                    if pending and previous_step != pending_start + len(pending):
+                        fold_pending()  # not consecutive (never with fit's own step)
+                    if not pending:
+                        pending_start = previous_step
+                    pending.append(loss)
+                    if len(pending) >= _NONFINITE_CHUNK:
+                        fold_pending()
             elif cfg.nonfinite == "skip":
                 skips_in_a_row = skips_in_a_row + 1 if state.skipped_steps > previous_skips else 0
                 if skips_in_a_row >= cfg.max_nonfinite_skips:
@@ -443,8 +486,16 @@ def _run(
     return result
 
 
+_NONFINITE_CHUNK = 1024
+"""fit() folds the pending losses into its non-finite record at least this often (steps)."""
+
+_NO_REQUEST = Request()  # frozen: one shared instance for the usual step with no requests
+
+
 def _merged(requests: Sequence[Request], eval_loader: Any, cfg: FitConfig) -> Request:
     """The callbacks' requests as one; fail on one fit cannot serve."""
+    if not requests:
+        return _NO_REQUEST
     request = Request()
     for each in requests:
         request = request | each

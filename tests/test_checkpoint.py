@@ -10,6 +10,7 @@ import math
 import pickle
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -936,6 +937,31 @@ def test_nonfinite_raise_names_the_step_and_keeps_the_last_good_checkpoint(
         state = lk.load_checkpoint(last, lk.TrainState.create(model32(), optimizer=adamw))
         clean = lk.fit(model32(), dataset(), max_steps=good, **BASE)
         assert_same_tree(state.model.state_dict(), clean.state.model.state_dict())
+
+
+@pytest.mark.parametrize("bad_step", [0, 3, 4, 9, 11])
+@pytest.mark.parametrize("chunk", [1, 4, 1024])
+@pytest.mark.parametrize("log_every", [None, 5])
+def test_nonfinite_raise_names_the_first_bad_step_whenever_it_is_checked(
+    monkeypatch, bad_step, chunk, log_every
+):
+    # fit keeps the losses since the last check and reads them at log steps and at the
+    # end; runs without a check for _NONFINITE_CHUNK steps fold them on the device.
+    monkeypatch.setattr(sys.modules["loopkit.fit"], "_NONFINITE_CHUNK", chunk)
+    with pytest.raises(FloatingPointError, match=rf"NaN or infinite at step {bad_step}\. "):
+        lk.fit(
+            model32(),
+            dataset(),
+            max_steps=12,
+            **{**BASE, "loss_fn": nan_on_calls({bad_step, bad_step + 1, 11}),
+               "log_every": log_every},
+        )
+
+
+def test_nonfinite_raise_checks_a_custom_step_too():
+    step = lk.chain(lk.forward(nan_on_calls({6})), lk.accumulate(1), lk.optimizer_step())
+    with pytest.raises(FloatingPointError, match=r"NaN or infinite at step 6\. "):
+        lk.fit(model32(), dataset(), max_steps=12, step=step, **{**BASE, "log_every": 4})
 
 
 def test_nonfinite_skip_drops_the_update_and_counts_it():

@@ -25,7 +25,15 @@ SCHEDULERS = (
 )
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "sgd")
 REPORT_TO = ("none", "tensorboard", "all")
-PIPELINE_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
+PIPELINE_SCHEDULES = (
+    "GPipe",
+    "1F1B",
+    "Interleaved1F1B",
+    "LoopedBFS",
+    "InterleavedZeroBubble",
+    "ZBVZeroBubble",
+    "DualPipeV",
+)
 
 # HF fields this façade accepts so that scripts run unchanged, but that change nothing here
 # (documented in docs/migrating.md). Anything else unknown is an error.

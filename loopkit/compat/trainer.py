@@ -342,7 +342,14 @@ class Trainer:
             kwargs: dict[str, Any] = {"schedule": args.pipeline_schedule}
             if args.pipeline_chunks is not None:
                 kwargs["n_microbatches"] = args.pipeline_chunks
-            return pipeline_cls(list(args.pipeline_split_spec), **kwargs)
+            try:
+                return pipeline_cls(list(args.pipeline_split_spec), **kwargs)
+            except (ValueError, TypeError) as error:
+                raise type(error)(
+                    f"TrainingArguments(pipeline_split_spec={args.pipeline_split_spec!r}, "
+                    f"pipeline_chunks={args.pipeline_chunks!r}, pipeline_schedule="
+                    f"{args.pipeline_schedule!r}): {error}"
+                ) from error
         if strategy is not None:
             return check_strategy(strategy)
         if args.use_cpu:

@@ -13,6 +13,7 @@ from ..precision import Precision
 from .ddp import DDP
 from .env import DistributedError
 from .fsdp import FSDP
+from .pipeline import Pipeline
 from .single import SingleDevice
 
 
@@ -27,6 +28,17 @@ class Strategy(Protocol):
         is_sharded: whether each rank holds only part of the model and optimizer state;
             checkpoints are then written by every rank (torch.distributed.checkpoint)
             instead of by rank 0 alone.
+
+    Optional methods, for strategies that run the model differently (loopkit calls them
+    when present; SingleDevice, DDP and FSDP have none):
+
+    - `forward_backward(model, batch, loss_fn, *, n_samples, ref_count, sync)
+      -> (loss share / ref, count share, ref)`: forward and backward of one micro-batch
+      in one call, normalised as `forward` does (Pipeline: one schedule step).
+    - `eval_forward(model, batch, loss_fn, predict, n_samples)
+      -> ((loss sum, count) | None, outputs | None)`: one forward-only evaluation batch.
+    - `full_model_state(model) -> state_dict`: the whole model gathered on rank 0, for
+      `save_model` (a collective).
     """
 
     device: torch.device
@@ -94,9 +106,17 @@ def check_strategy(strategy: object) -> Strategy:
     if not isinstance(strategy, Strategy):
         raise TypeError(
             f"strategy={strategy!r}: expected a loopkit Strategy such as SingleDevice(), "
-            "DDP() or FSDP()."
+            "DDP(), FSDP() or Pipeline(...)."
         )
     return strategy
 
 
-__all__ = ["DDP", "FSDP", "DistributedError", "SingleDevice", "Strategy", "check_strategy"]
+__all__ = [
+    "DDP",
+    "FSDP",
+    "DistributedError",
+    "Pipeline",
+    "SingleDevice",
+    "Strategy",
+    "check_strategy",
+]

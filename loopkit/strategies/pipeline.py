@@ -1,0 +1,990 @@
+"""Pipeline: the model split into stages over ranks, run by torch.distributed.pipelining."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import math
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._batch import move
+from .._types import Batch, LossFn, OptimizerFactory
+from ..loss import as_loss
+from ..precision import Precision
+from ._common import all_reduce_count, all_reduce_metrics, build_optimizer, raise_if_comm_error
+from .env import DEFAULT_TIMEOUT_S, detect_env, init_distributed
+
+SplitFn = Callable[[nn.Module, int, int], nn.Module]
+"""Builds stage `stage_index` of `n_stages` from the whole model: `split_fn(model, i, n)`."""
+
+# Schedule names as torch.distributed.pipelining.schedules.get_schedule_class spells them,
+# with their class names and how many stages a rank runs: "single" (exactly one),
+# "loop" (any number; stage s on pipeline rank s % pp_size) or "v" (exactly two; rank r
+# runs stages r and 2 * pp_size - 1 - r).
+_SCHEDULES: dict[str, tuple[str, str]] = {
+    "GPipe": ("ScheduleGPipe", "single"),
+    "1F1B": ("Schedule1F1B", "single"),
+    "Interleaved1F1B": ("ScheduleInterleaved1F1B", "loop"),
+    "LoopedBFS": ("ScheduleLoopedBFS", "loop"),
+    "InterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", "loop"),
+    "ZBVZeroBubble": ("ScheduleZBVZeroBubble", "v"),
+    "DualPipeV": ("ScheduleDualPipeV", "v"),
+}
+_SPLIT_SIDES = ("beginning", "end")
+_MAX_SCHEDULES = 8  # cached schedules per model (one per batch shape and train/eval)
+
+NEEDS_FACTORY = (
+    "Pipeline() needs an optimizer factory such as "
+    "`lambda params: torch.optim.AdamW(params, lr=3e-4)`, not a built optimizer: each rank "
+    "keeps only its own stages, so the optimizer must be built over their parameters alone."
+)
+
+
+def schedule_names() -> list[str]:
+    """The pipeline schedules this torch ships, by the names Pipeline(schedule=...) takes."""
+    from torch.distributed.pipelining import schedules
+
+    return [name for name, (cls, _) in _SCHEDULES.items() if hasattr(schedules, cls)]
+
+
+def _schedule_name(value: object) -> str:
+    names = schedule_names()
+    if isinstance(value, str):
+        for name in names:
+            if name.lower() == value.lower():
+                return name
+    raise ValueError(
+        f"Pipeline(schedule={value!r}): not a pipeline schedule of this torch "
+        f"({torch.__version__}); valid names (any case): {', '.join(names)}."
+    )
+
+
+def _split_side(name: str, value: object) -> str:
+    side = getattr(value, "name", value)  # a torch SplitPoint enum member
+    if isinstance(side, str) and side.lower() in _SPLIT_SIDES:
+        return side.lower()
+    raise ValueError(
+        f"Pipeline(split_points={{{name!r}: {value!r}}}): the side must be 'beginning' (a "
+        "new stage starts at that module) or 'end' (a new stage starts after it), or a "
+        "torch.distributed.pipelining.SplitPoint."
+    )
+
+
+def _check_split_points(split_points: object) -> dict[str, str]:
+    if isinstance(split_points, Mapping):
+        items = list(split_points.items())
+    elif isinstance(split_points, (list, tuple)):
+        items = [(name, "beginning") for name in split_points]
+    else:
+        raise TypeError(
+            f"Pipeline(split_points={split_points!r}): module names where new stages start, "
+            "as a dict {'layers.4': 'beginning'} or a list ['layers.4'] (each a 'beginning')."
+        )
+    if not items:
+        raise ValueError(
+            "Pipeline(split_points=[]): give at least one split point, e.g. ['layers.4'] "
+            "(two stages), or train with SingleDevice/DDP/FSDP."
+        )
+    checked: dict[str, str] = {}
+    for name, side in items:
+        if not isinstance(name, str) or not name:
+            raise TypeError(
+                f"Pipeline(split_points=...): {name!r} is not a module name such as 'layers.4'."
+            )
+        if name in checked:
+            raise ValueError(f"Pipeline(split_points=...): {name!r} is given twice.")
+        checked[name] = _split_side(name, side)
+    return checked
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"Pipeline({name}={value!r}): expected an int >= {low}.")
+    return value
+
+
+# ------------------------------------------------------------------ splitting a Sequential
+
+
+def _expands(module: nn.Module) -> bool:
+    """Whether `module` is a plain nn.Sequential: its children run in order, nothing else."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _units(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], set[str]]:
+    """The modules a plain nn.Sequential tree runs in order (nested Sequentials flattened).
+
+    Returns (units as (path, module), the paths of the flattened Sequentials).
+    """
+    units: list[tuple[str, nn.Module]] = []
+    containers: set[str] = set()
+
+    def walk(seq: nn.Module, prefix: str) -> None:
+        own = [n for n, _ in seq.named_parameters(recurse=False)]
+        own += [n for n, _ in seq.named_buffers(recurse=False)]
+        if own:
+            raise ValueError(
+                f"Pipeline(split_points=...): the Sequential {prefix.rstrip('.') or 'model'!r} "
+                f"holds tensors of its own ({own}); only its children can be placed on stages."
+            )
+        for name, child in seq.named_children():
+            path = f"{prefix}{name}"
+            if _expands(child):
+                containers.add(path)
+                walk(child, f"{path}.")
+            else:
+                units.append((path, child))
+
+    walk(model, "")
+    return units, containers
+
+
+def _plan(model: nn.Module, split_points: Mapping[str, str]) -> list[list[str]]:
+    """The unit paths of each stage, in order, cut at `split_points`.
+
+    Raises:
+        TypeError: the model is not a plain nn.Sequential.
+        ValueError: a split point names no module, a module inside a unit, or leaves a
+            stage empty.
+    """
+    shown = repr(dict(split_points))
+    if not _expands(model):
+        raise TypeError(
+            f"Pipeline(split_points={shown}): splitting by module name needs an nn.Sequential "
+            f"(nested Sequentials are fine), whose children run one after another; "
+            f"{type(model).__name__} has its own forward. Build the model as an "
+            "nn.Sequential, or pass split_fn=... to build each stage yourself."
+        )
+    units, containers = _units(model)
+    paths = [p for p, _ in units]
+    cuts: dict[int, str] = {}
+    for name, side in split_points.items():
+        inside = [i for i, p in enumerate(paths) if p == name or p.startswith(f"{name}.")]
+        if name not in containers and name not in paths:
+            known = [n for n, _ in model.named_modules() if n]
+            owner = next((p for p in paths if name.startswith(f"{p}.")), None)
+            if owner is not None and name in known:
+                why = (
+                    f"it is inside {owner!r} ({type(model.get_submodule(owner)).__name__}), "
+                    "whose forward runs as one piece; split before or after "
+                    f"{owner!r} instead"
+                )
+            else:
+                close = difflib.get_close_matches(name, paths + sorted(containers), n=3)
+                why = "no such module" + (f" (did you mean {close}?)" if close else "")
+            raise ValueError(
+                f"Pipeline(split_points={shown}): {name!r}: {why}. Split points name "
+                f"modules the Sequential runs in order: {_short(paths)}."
+            )
+        cut = inside[0] if side == "beginning" else inside[-1] + 1
+        if cut in (0, len(paths)):
+            raise ValueError(
+                f"Pipeline(split_points={shown}): {name!r} at its {side} would leave the "
+                f"{'first' if cut == 0 else 'last'} stage empty; name a module inside the model."
+            )
+        if cut in cuts:
+            raise ValueError(
+                f"Pipeline(split_points={shown}): {cuts[cut]!r} and {name!r} cut at the same "
+                "place, which would leave a stage empty; drop one of them."
+            )
+        cuts[cut] = name
+    bounds = [0, *sorted(cuts), len(paths)]
+    return [paths[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _short(names: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+def _assemble(root: nn.Module, keep: Sequence[str]) -> nn.Sequential:
+    """A Sequential tree of `root`'s units in `keep`, under their original names.
+
+    The units are the same module objects (no copy), and the tree mirrors `root`'s nested
+    Sequentials, so every parameter keeps its full name ("layers.4.fc.weight").
+    """
+    wanted = set(keep)
+
+    def build(seq: nn.Module, prefix: str) -> nn.Sequential:
+        out = nn.Sequential()
+        for name, child in seq.named_children():
+            path = f"{prefix}{name}"
+            if _expands(child):
+                sub = build(child, f"{path}.")
+                if len(sub):
+                    out.add_module(name, sub)
+            elif path in wanted:
+                out.add_module(name, child)
+        return out
+
+    return build(root, "")
+
+
+# ------------------------------------------------------------------ per-step helpers
+
+
+class _ModelCalledError(Exception):
+    """Raised by _Recorder to stop loss_fn once the model's inputs are known."""
+
+
+class _Recorder:
+    """Stands in for the model inside loss_fn to read what the model is called with."""
+
+    def __init__(self) -> None:
+        self.args: tuple[Any, ...] | None = None
+        self.kwargs: dict[str, Any] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.args, self.kwargs = args, kwargs
+        raise _ModelCalledError
+
+
+class _StandIn:
+    """Stands in for the model inside loss_fn: returns the pipeline's output, once."""
+
+    def __init__(self, output: Any) -> None:
+        self.output, self.calls = output, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError(
+                "Pipeline: loss_fn called the model twice on one micro-batch; under a "
+                "pipeline the model runs once per micro-batch (its output comes from the "
+                "last stage). Call the model once in loss_fn."
+            )
+        return self.output
+
+
+def _leaves(batch: Any) -> list[Any]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [x for v in batch.values() for x in _leaves(v)]
+    if isinstance(batch, (list, tuple)):
+        return [x for v in batch for x in _leaves(v)]
+    return [batch]
+
+
+def _signature(batch: Any) -> tuple[Any, ...]:
+    """Shapes and dtypes of a batch: stages keep buffers sized for one such signature."""
+    return tuple(
+        (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+        for x in _leaves(batch)
+    )
+
+
+def _chunks(batch: Any, n: int, size: int) -> list[Any]:
+    """Cut every tensor of `batch` with `size` rows into n equal pieces along dim 0.
+
+    Others (0-d tensors, numbers, strings) are shared by every piece. The pieces match the
+    schedule's own split of the inputs (torch.tensor_split along dim 0), since n divides size.
+    """
+    if isinstance(batch, torch.Tensor):
+        if batch.ndim and batch.shape[0] == size:
+            return list(batch.tensor_split(n))
+        return [batch] * n
+    if isinstance(batch, Mapping):
+        parts = {k: _chunks(v, n, size) for k, v in batch.items()}
+        return [type(batch)({k: v[i] for k, v in parts.items()}) for i in range(n)]  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        cols = [_chunks(v, n, size) for v in batch]
+        return [type(batch)(*(c[i] for c in cols)) for i in range(n)]
+    if isinstance(batch, (list, tuple)):
+        cols = [_chunks(v, n, size) for v in batch]
+        return [type(batch)(c[i] for c in cols) for i in range(n)]
+    return [batch] * n
+
+
+class _ChunkLoss:
+    """The schedule's loss_fn(output, target): the user's loss of one chunk, normalised.
+
+    The target the schedule hands over is the chunk's index (a tensor arange(n), split by
+    the schedule like any target), so the loss reads the matching chunk of the batch.
+    Contributions are recorded per call; metadata inference at a schedule's first step
+    calls it once more with a placeholder output, before the real chunks, so a step's
+    chunks are its last n records.
+    """
+
+    def __init__(self, precision: Precision, device: torch.device) -> None:
+        self.precision, self.device = precision, device
+        self.loss_fn: LossFn | None = None
+        self.chunks: list[Any] = []
+        self.size = 0
+        self.ref: Any = None
+        self.records: list[tuple[torch.Tensor, Any]] = []
+
+    def start(self, loss_fn: LossFn, chunks: list[Any], size: int, ref: Any) -> None:
+        self.loss_fn, self.chunks, self.size, self.ref = loss_fn, chunks, size, ref
+        self.records = []
+
+    def __call__(self, output: Any, index: torch.Tensor) -> torch.Tensor:
+        assert self.loss_fn is not None
+        chunk = self.chunks[int(index[0])]  # index lives on the CPU: no device sync
+        stand_in = _StandIn(output)
+        with self.precision.autocast(self.device):
+            returned = self.loss_fn(stand_in, chunk)  # type: ignore[arg-type]
+            value, count, is_mean = as_loss(returned, self.size, "Pipeline")
+        if stand_in.calls == 0:
+            raise RuntimeError(
+                "Pipeline: loss_fn did not call the model; under a pipeline the loss reads "
+                "the last stage's output through the model call in loss_fn."
+            )
+        # Sum over the chunk's items: a scalar mean counts as mean * (rows of the chunk).
+        total = value * count if is_mean else value
+        self.records.append((total.detach(), count))
+        # Normalised in the graph when the window's reference count is known already;
+        # the first micro-batch of a window divides the gradients after the step instead.
+        return total if self.ref is None else total / self.ref
+
+
+class _Autocast(nn.Module):
+    """Runs a stage module under the state's autocast policy (forward only, not backward)."""
+
+    def __init__(self, module: nn.Module, precision: Precision, device: torch.device) -> None:
+        super().__init__()
+        self.module, self._precision, self._device = module, precision, device
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self._precision.autocast(self._device):
+            return self.module(*args, **kwargs)
+
+
+class _Prepared:
+    """What Pipeline keeps about a model it split: its stage modules and their schedules."""
+
+    __slots__ = ("stage_paths", "stage_modules", "loss", "schedules", "params", "__weakref__")
+
+    def __init__(
+        self,
+        stage_paths: list[list[str]] | None,
+        stage_modules: list[nn.Module],
+        loss: _ChunkLoss,
+    ) -> None:
+        self.stage_paths = stage_paths
+        self.stage_modules = stage_modules
+        self.loss = loss
+        self.schedules: dict[Any, Any] = {}
+        self.params = [p for m in stage_modules for p in m.parameters()]
+
+
+# ------------------------------------------------------------------ the strategy
+
+
+class Pipeline:
+    """Pipeline parallel training with `torch.distributed.pipelining` stages and schedules.
+
+    The model is cut into stages; consecutive ranks of a pipeline each hold their stages
+    (parameters, gradients, optimizer state) and pass activations forward and gradients
+    back. One `forward(loss_fn)` runs one schedule step over the micro-batch it is given:
+    the schedule cuts it into `n_microbatches` chunks and interleaves their forward and
+    backward passes over the stages (GPipe, 1F1B, ...). `accumulate`, `clip` and
+    `optimizer_step` work as with every strategy: each rank's TrainState holds its stages
+    and an optimizer over their parameters.
+
+    Splitting: `split_points` cuts an `nn.Sequential` (nested Sequentials are flattened)
+    before (`'beginning'`) or after (`'end'`) the named modules. Every stage keeps its
+    parameters' full names, so checkpoints and `save_model` files load into the unsplit
+    model. Any other model: `split_fn(model, stage_index, n_stages) -> nn.Module` builds
+    each stage (its forward takes the previous stage's outputs).
+
+    The loss: the user's `loss_fn(model, batch)` as for any strategy. The first stage reads
+    the model's inputs from it (the arguments of its model call); the last stage calls it
+    on each chunk of the batch with a stand-in model that returns the pipeline's output
+    for that chunk. Chunk losses are summed and divided by the window's item count summed
+    over every chunk and data-parallel replica, so gradients are exactly those of the
+    mean loss over every item, as on one device.
+
+    Ranks: `n_stages / stages_per_rank` consecutive ranks form one pipeline; a world size
+    that is a multiple of that runs that many pipelines as data-parallel replicas (a 2-D
+    device mesh ("pp", "dp"); gradients are summed over replicas once per window). Every
+    rank of a pipeline must be given the same batches (fit() shards data by `dp_rank`).
+
+    Building a Pipeline joins the process group the launcher describes (see
+    loopkit.strategies.env).
+
+    Args:
+        split_points: module names where new stages start: {"layers.4": "beginning"} or
+            ["layers.4"] (each a beginning); SplitPoint values are accepted.
+        schedule: one of `schedule_names()` (any case): "GPipe", "1F1B",
+            "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", ...
+        n_microbatches: chunks per schedule step; must divide every batch. None: one per
+            stage.
+        stages_per_rank: stages each rank runs: 1 for GPipe and 1F1B, 2 for the V-shaped
+            schedules, any for the looped ones.
+        split_fn: instead of split_points, builds stage i of n from the whole model.
+        n_stages: with split_fn, how many stages to build.
+        device: "cpu", "cuda", "cuda:N" or None for cuda:LOCAL_RANK when CUDA is
+            available, else cpu (gloo).
+        timeout_s: seconds a collective waits for the other ranks before raising.
+
+    Raises:
+        ValueError / TypeError: a bad argument, an unknown schedule (the message lists the
+            valid ones), or stages that do not fit the world size.
+        DistributedError: the other processes did not join within `timeout_s`.
+
+    Example:
+        >>> strategy = Pipeline({"layers.2": "beginning"}, schedule="1F1B",
+        ...                     n_microbatches=4)  # doctest: +SKIP
+        >>> state = TrainState.create(model, optimizer=lambda p: torch.optim.AdamW(p),
+        ...                           strategy=strategy)  # doctest: +SKIP
+    """
+
+    is_sharded = True
+
+    def __init__(
+        self,
+        split_points: Mapping[str, Any] | Sequence[str] | None = None,
+        *,
+        schedule: str = "1F1B",
+        n_microbatches: int | None = None,
+        stages_per_rank: int = 1,
+        split_fn: SplitFn | None = None,
+        n_stages: int | None = None,
+        device: str | torch.device | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.schedule = _schedule_name(schedule)
+        self.stages_per_rank = _check_int("stages_per_rank", stages_per_rank, 1)
+        style = _SCHEDULES[self.schedule][1]
+        if (split_points is None) == (split_fn is None):
+            raise ValueError(
+                "Pipeline(split_points=..., split_fn=...): give exactly one: split_points "
+                "to cut an nn.Sequential by module name, e.g. {'layers.4': 'beginning'}, or "
+                "split_fn(model, stage_index, n_stages) -> stage module."
+            )
+        self.split_points: dict[str, str] | None = None
+        self.split_fn = split_fn
+        if split_points is not None:
+            self.split_points = _check_split_points(split_points)
+            stages = len(self.split_points) + 1
+            if n_stages is not None and n_stages != stages:
+                raise ValueError(
+                    f"Pipeline(n_stages={n_stages!r}): {len(self.split_points)} split points "
+                    f"make {stages} stages; leave n_stages out with split_points."
+                )
+        else:
+            if not callable(split_fn):
+                raise TypeError(
+                    f"Pipeline(split_fn={split_fn!r}): expected a callable "
+                    "split_fn(model, stage_index, n_stages) returning that stage's module."
+                )
+            if n_stages is None:
+                raise ValueError(
+                    "Pipeline(split_fn=...): also give n_stages, the number of stages to build."
+                )
+            stages = _check_int("n_stages", n_stages, 2)
+            if self.stages_per_rank != 1:
+                raise ValueError(
+                    f"Pipeline(split_fn=..., stages_per_rank={stages_per_rank}): stages "
+                    "built by split_fn run one per rank; use split_points on an "
+                    "nn.Sequential for several stages per rank."
+                )
+        self.n_stages = stages
+        if style == "single" and self.stages_per_rank != 1:
+            raise ValueError(
+                f"Pipeline(schedule={self.schedule!r}, stages_per_rank={stages_per_rank}): "
+                f"{self.schedule} runs one stage per rank; use stages_per_rank=1, or a looped "
+                "schedule (Interleaved1F1B, LoopedBFS, InterleavedZeroBubble) for several."
+            )
+        if style == "v" and self.stages_per_rank != 2:
+            raise ValueError(
+                f"Pipeline(schedule={self.schedule!r}, stages_per_rank={stages_per_rank}): "
+                f"{self.schedule} runs exactly two stages per rank (a V shape); use "
+                "stages_per_rank=2."
+            )
+        where = self._where()
+        if stages % self.stages_per_rank:
+            raise ValueError(
+                f"{where}: {stages} stages do not split into {self.stages_per_rank} per rank; "
+                "change split_points or stages_per_rank so that stages_per_rank divides "
+                "the number of stages."
+            )
+        self.pp_size = stages // self.stages_per_rank
+        if n_microbatches is None:
+            n_microbatches = stages
+        self.n_microbatches = _check_int("n_microbatches", n_microbatches, 1)
+        # The world size before joining the group, so a misfit fails without waiting.
+        dist = torch.distributed
+        world = (
+            dist.get_world_size()
+            if dist.is_available() and dist.is_initialized()
+            else detect_env().world_size
+        )
+        if world % self.pp_size:
+            raise ValueError(
+                f"{where}: {stages} stages at stages_per_rank={self.stages_per_rank} need "
+                f"{self.pp_size} processes per pipeline, and the world size {world} is not a "
+                f"multiple of {self.pp_size}. Launch a multiple of {self.pp_size} processes "
+                f"(torchrun --nproc_per_node {self.pp_size}), or change split_points / "
+                "stages_per_rank."
+            )
+        env, self.device = init_distributed(device, timeout_s=timeout_s, where="Pipeline")
+        self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
+        self.timeout_s = float(timeout_s)
+        self._non_blocking = self.device.type == "cuda"
+        self.dp_world_size = self.world_size // self.pp_size
+        # Mesh ("pp", "dp"), row-major: rank = pp_rank * dp_world_size + dp_rank.
+        self.pp_rank, self.dp_rank = divmod(self.rank, self.dp_world_size)
+        self.stage_indices: tuple[int, ...]
+        if style == "v":
+            self.stage_indices = (self.pp_rank, 2 * self.pp_size - 1 - self.pp_rank)
+        else:
+            self.stage_indices = tuple(
+                self.pp_rank + i * self.pp_size for i in range(self.stages_per_rank)
+            )
+        self.has_first_stage = 0 in self.stage_indices
+        self.has_last_stage = stages - 1 in self.stage_indices
+        try:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(
+                self.device.type, (self.pp_size, self.dp_world_size), mesh_dim_names=("pp", "dp")
+            )
+        except Exception as error:
+            raise_if_comm_error(error, self, "building the ('pp', 'dp') device mesh")
+            raise
+        self.pp_group = self.mesh.get_group("pp")
+        self.dp_group = self.mesh.get_group("dp")
+        self._prepared: weakref.WeakKeyDictionary[nn.Module, _Prepared] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._checked_count = False
+
+    def _where(self) -> str:
+        spec = self.split_points if self.split_points is not None else "split_fn"
+        return f"Pipeline({spec!r}, schedule={self.schedule!r})"
+
+    # ------------------------------------------------------------------ preparing a model
+
+    def setup(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | OptimizerFactory,
+        precision: Precision,
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        if isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(NEEDS_FACTORY)
+        if precision.scales_loss:
+            raise ValueError(
+                f"{self!r} with precision='fp16': loss scaling checks each stage's gradients "
+                "for overflow separately, so stages could disagree about skipping a step. "
+                "Use precision='bf16' (no loss scaling) or 'fp32'."
+            )
+        if self.split_points is not None:
+            plan = _plan(model, self.split_points)
+            mine = [path for s in self.stage_indices for path in plan[s]]
+            rank_model: nn.Module = _assemble(model, mine)
+            stage_paths: list[list[str]] | None = [plan[s] for s in self.stage_indices]
+        else:
+            assert self.split_fn is not None
+            rank_model = self.split_fn(model, self.stage_indices[0], self.n_stages)
+            if not isinstance(rank_model, nn.Module):
+                raise TypeError(
+                    f"Pipeline(split_fn={self.split_fn!r}): returned "
+                    f"{type(rank_model).__name__} for stage {self.stage_indices[0]}; it must "
+                    "return that stage's nn.Module."
+                )
+            stage_paths = None
+        rank_model.to(self.device)
+        prepared = self._prepare(rank_model, stage_paths, precision)
+        if not prepared.params or not any(p.requires_grad for p in prepared.params):
+            raise ValueError(
+                f"{self._where()}: stage(s) {list(self.stage_indices)} on rank {self.rank} hold "
+                "no trainable parameters; move a split point so every stage holds some."
+            )
+        # Built now, so that the schedule's own checks (e.g. 1F1B's n_microbatches >=
+        # stages) fail before training; the first step uses it.
+        self._schedule(prepared, signature=None, train=True)
+        return rank_model, build_optimizer(rank_model, optimizer)
+
+    def _prepare(
+        self, rank_model: nn.Module, stage_paths: list[list[str]] | None, precision: Precision
+    ) -> _Prepared:
+        if stage_paths is None:
+            modules = [rank_model]
+        else:
+            modules = [_assemble(rank_model, paths) for paths in stage_paths]
+        prepared = _Prepared(stage_paths, modules, _ChunkLoss(precision, self.device))
+        self._prepared[rank_model] = prepared
+        return prepared
+
+    def _get(self, model: nn.Module) -> _Prepared:
+        prepared = self._prepared.get(model)
+        if prepared is None:
+            raise ValueError(
+                f"{self!r}: this model was not split by this Pipeline strategy; build the "
+                "TrainState with TrainState.create(model, ..., strategy=this_strategy)."
+            )
+        return prepared
+
+    def _schedule(self, prepared: _Prepared, signature: Any, train: bool) -> tuple[Any, int]:
+        """The schedule (and its chunk count) for batches of `signature`.
+
+        Stages size their receive buffers from the first batch they see, so each batch
+        shape gets its own stages and schedule (cached; a fixed batch size has one).
+        Every rank of the pipeline sees the same batches, so they build them alike.
+        """
+        n = self.n_microbatches
+        name = self.schedule
+        if not train:
+            # Forward only: any chunk count works for single-stage schedules (GPipe order),
+            # so an uneven last eval batch still runs.
+            if len(prepared.stage_modules) == 1:
+                name = "GPipe"
+                n = math.gcd(signature[1], n) if signature is not None else n
+        key = (signature, train)
+        if key in prepared.schedules:
+            return prepared.schedules[key], n
+        if signature is not None and (None, train) in prepared.schedules:
+            built = prepared.schedules.pop((None, train))  # the one setup built
+            prepared.schedules[key] = built
+            return built, n
+        from torch.distributed.pipelining import PipelineStage, schedules
+
+        precision = prepared.loss.precision
+        stages = []
+        for index, module in zip(self.stage_indices, prepared.stage_modules, strict=True):
+            runs = module if precision.dtype is None else _Autocast(module, precision, self.device)
+            stages.append(
+                PipelineStage(runs, index, self.n_stages, self.device, group=self.pp_group)
+            )
+        cls = getattr(schedules, _SCHEDULES[name][0])
+        first = stages[0] if _SCHEDULES[name][1] == "single" else stages
+        try:
+            built = cls(first, n, loss_fn=prepared.loss, scale_grads=False)
+        except ValueError as error:
+            raise ValueError(
+                f"{self._where()} with n_microbatches={n}: torch's {cls.__name__} refuses "
+                f"it ({error}). Choose n_microbatches to fit the schedule (e.g. at least the "
+                f"number of stages, {self.n_stages}) or another schedule."
+            ) from error
+        if len(prepared.schedules) >= _MAX_SCHEDULES:  # the same on every rank
+            prepared.schedules.pop(next(iter(prepared.schedules)))
+        prepared.schedules[key] = built
+        return built, n
+
+    # ------------------------------------------------------------------------ the step
+
+    def to_device(self, batch: Batch) -> Batch:
+        return move(batch, self.device, self._non_blocking)
+
+    def gradient_sync(
+        self, model: nn.Module, enabled: bool
+    ) -> contextlib.AbstractContextManager[object]:
+        return contextlib.nullcontext()  # replicas sync in forward_backward, once per window
+
+    def backward(self, model: nn.Module, loss: torch.Tensor, *, sync: bool = True) -> None:
+        raise RuntimeError(
+            f"{self!r}.backward: a pipeline runs backward inside its schedule, one chunk at "
+            "a time, so there is no whole loss to backpropagate. Use forward(loss_fn), which "
+            "calls Pipeline.forward_backward."
+        )
+
+    def _inputs(self, loss_fn: LossFn, batch: Batch) -> tuple[Any, ...]:
+        """The model's inputs for this batch: the arguments of loss_fn's model call."""
+        recorder = _Recorder()
+        try:
+            loss_fn(recorder, batch)  # type: ignore[arg-type]
+        except _ModelCalledError:
+            pass
+        if recorder.args is None:
+            raise RuntimeError(
+                f"{self!r}: loss_fn(model, batch) did not call the model, so the first stage "
+                "has no inputs. Under a pipeline loss_fn must call the model once, e.g. "
+                "`lk.cross_entropy(model(batch[0]), batch[1])`."
+            )
+        if recorder.kwargs:
+            raise ValueError(
+                f"{self!r}: loss_fn calls the model with keyword arguments "
+                f"{sorted(recorder.kwargs)}; pipeline stages take positional inputs only."
+            )
+        return recorder.args
+
+    def _check_batch(self, n_samples: int, n: int) -> None:
+        if n_samples % n:
+            raise ValueError(
+                f"{self._where()}: n_microbatches={n} does not divide the batch of "
+                f"{n_samples} samples; use a batch size that is a multiple of {n} (and "
+                "drop_last=True), or another n_microbatches."
+            )
+
+    def forward_backward(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        loss_fn: LossFn,
+        *,
+        n_samples: int,
+        ref_count: Any,
+        sync: bool,
+    ) -> tuple[torch.Tensor, Any, Any]:
+        """Run one schedule step (forward and backward of every chunk) over `batch`.
+
+        Gradients become those of (sum of the chunk losses) / ref, where ref is `ref_count`
+        (the window's reference count) or, for a window's first micro-batch, this batch's
+        item count summed over every rank (one all-reduce, which also brings the last
+        stage's count to the others). With `sync`, data-parallel replicas then sum their
+        gradients.
+
+        Returns:
+            (this rank's share of sum / ref, detached: the loss on the last stage, zero on
+            the others; this rank's item count share, likewise; ref).
+        """
+        prepared = self._get(model)
+        self._check_batch(n_samples, self.n_microbatches)
+        schedule, n = self._schedule(prepared, (_signature(batch), n_samples), True)
+        args = self._inputs(loss_fn, batch) if self.has_first_stage else ()
+        loss = prepared.loss
+        chunks = _chunks(batch, n, n_samples) if self.has_last_stage else []
+        loss.start(loss_fn, chunks, n_samples // n, ref_count)
+        target = torch.arange(n) if self.has_last_stage else None
+        try:
+            schedule.step(*args, target=target, return_outputs=False)
+        except Exception as error:
+            raise_if_comm_error(error, self, "the pipeline schedule step")
+            raise
+        if self.has_last_stage:
+            records = loss.records[-n:]
+            local = torch.stack([total.double() for total, _ in records]).sum()
+            local = local.to(records[0][0].dtype)
+            count: Any = records[0][1]
+            for _, c in records[1:]:
+                count = count + c
+        else:
+            local = torch.zeros((), device=self.device)
+            count = 0
+        loss.records = []
+        if ref_count is None:
+            ref = self.reduce_count(count)
+            if not self._checked_count:
+                # host sync: once per run, to catch a broken item count early.
+                value = float(ref)
+                if not (math.isfinite(value) and value > 0):
+                    raise ValueError(
+                        f"{self!r}: loss_fn returned item counts summing to {value!r} over the "
+                        "first micro-batch; the count must be a finite number > 0. Check "
+                        "the mask or ignore_index."
+                    )
+                self._checked_count = True
+            self._divide_grads(prepared.params, ref)
+        else:
+            ref = ref_count
+        if sync and self.dp_world_size > 1:
+            self._sum_over_replicas(prepared.params)
+        return local / ref, count, ref
+
+    def _divide_grads(self, params: Sequence[nn.Parameter], ref: torch.Tensor) -> None:
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for dtype, grads in by_dtype.items():
+            torch._foreach_div_(grads, ref.to(dtype))
+
+    def _sum_over_replicas(self, params: Sequence[nn.Parameter]) -> None:
+        # One all-reduce per dtype over a flat buffer: loopkit has already divided by the
+        # global item count, so replicas add their gradients (no averaging).
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        try:
+            for grads in by_dtype.values():
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                torch.distributed.all_reduce(flat, group=self.dp_group)
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                    offset += g.numel()
+        except Exception as error:
+            raise_if_comm_error(error, self, "summing gradients over data-parallel replicas")
+            raise
+
+    def reduce_count(self, count: int | float | torch.Tensor) -> torch.Tensor:
+        # Every rank holds its share (the last stage the count, the others 0): the sum over
+        # all ranks is the global count, and this collective doubles as a barrier.
+        try:
+            return all_reduce_count(count, self.device)
+        except Exception as error:
+            raise_if_comm_error(error, self, "summing the item count over ranks")
+            raise
+
+    def reduce_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        # "train/loss" is held by the last stages (0 elsewhere): the sum over ranks is the
+        # loss. The others (grad norm, lr) are the same on every rank: the mean keeps them.
+        try:
+            return all_reduce_metrics(metrics, self.world_size, self.device)
+        except Exception as error:
+            raise_if_comm_error(error, self, "reducing the train metrics over ranks")
+            raise
+
+    def clip_grad_norm_(
+        self, params: Sequence[nn.Parameter], max_norm: float, norm_type: float
+    ) -> torch.Tensor:
+        # Each rank holds its stages' gradients, the same on every data-parallel replica:
+        # the global norm combines the stages' norms over the pipeline group only.
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            local = torch.nn.utils.get_total_norm(grads, norm_type, foreach=True)
+        else:
+            local = torch.zeros((), device=self.device)
+        try:
+            if self.pp_size == 1:
+                total = local
+            elif math.isinf(norm_type):
+                total = local.clone()
+                torch.distributed.all_reduce(
+                    total, op=torch.distributed.ReduceOp.MAX, group=self.pp_group
+                )
+            else:
+                total = local.pow(norm_type)
+                torch.distributed.all_reduce(total, group=self.pp_group)
+                total = total.pow(1.0 / norm_type)
+        except Exception as error:
+            raise_if_comm_error(error, self, "the global gradient norm over stages")
+            raise
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        return total
+
+    # ------------------------------------------------------------------------ evaluation
+
+    def eval_forward(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        loss_fn: LossFn | None,
+        predict: Callable[[nn.Module, Any], Any] | None,
+        n_samples: int,
+    ) -> tuple[tuple[torch.Tensor, Any] | None, Any]:
+        """Run `batch` forward through the pipeline (no backward; call under no_grad).
+
+        Returns:
+            ((loss sum, item count) or None, outputs or None): on the last stage the loss
+            summed over the batch's items (None without loss_fn) and what the metrics
+            read: `predict(stand-in, batch)` if given, else the model's output; None for
+            both on the other stages, which contribute nothing to the sums.
+        """
+        prepared = self._get(model)
+        schedule, n = self._schedule(prepared, (_signature(batch), n_samples), False)
+        self._check_batch(n_samples, n)
+        if self.has_first_stage:
+            reader = loss_fn if loss_fn is not None else predict
+            if reader is None:
+                args: tuple[Any, ...] = (batch[0],) if isinstance(batch, (tuple, list)) else ()
+                if not args:
+                    raise ValueError(
+                        f"{self!r}: evaluate without loss_fn or predict feeds batch[0] of "
+                        "tuple/list batches to the model; pass predict=lambda model, batch: ..."
+                    )
+            else:
+                args = self._inputs(reader, batch)
+        else:
+            args = ()
+        loss = prepared.loss
+        chunks = _chunks(batch, n, n_samples) if self.has_last_stage else []
+        record = loss_fn if loss_fn is not None else _no_loss
+        loss.start(record, chunks, n_samples // n, None)
+        target = torch.arange(n) if self.has_last_stage else None
+        try:
+            outputs = schedule.eval(*args, target=target)
+        except Exception as error:
+            raise_if_comm_error(error, self, "the pipeline's forward pass (evaluation)")
+            raise
+        records, loss.records = loss.records[-n:], []
+        if not self.has_last_stage:
+            return None, None
+        summed = None
+        if loss_fn is not None:
+            total = torch.stack([t.double() for t, _ in records]).sum()
+            count: Any = records[0][1]
+            for _, c in records[1:]:
+                count = count + c
+            summed = (total, count)
+        if predict is not None:
+            outputs = predict(_StandIn(outputs), batch)  # type: ignore[arg-type]
+        return summed, outputs
+
+    # ------------------------------------------------------------------------ weights
+
+    def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every stage's state_dict gathered on rank 0, in CPU memory ({} elsewhere).
+
+        A collective: every rank must call it. The first data-parallel replica's stages
+        send their tensors (names, shapes and dtypes go as JSON, the tensors as they are).
+        """
+        dist = torch.distributed
+        local = {k: v.detach() for k, v in model.state_dict().items()}
+        if self.world_size == 1:
+            return {k: v.cpu() for k, v in local.items()}
+        peers = [pp * self.dp_world_size for pp in range(self.pp_size)]  # dp_rank 0
+        out: dict[str, torch.Tensor] = {}
+        try:
+            if self.rank == 0:
+                out.update({k: v.cpu() for k, v in local.items()})
+                for peer in peers[1:]:
+                    header = self._recv_json(peer)
+                    for name, shape, dtype in header:
+                        buf = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+                        dist.recv(buf, src=peer)
+                        out[name] = buf.cpu()
+            elif self.rank in peers:
+                header = [
+                    [k, list(v.shape), str(v.dtype).removeprefix("torch.")]
+                    for k, v in local.items()
+                ]
+                self._send_json(header, 0)
+                for value in local.values():
+                    dist.send(value.to(self.device).contiguous(), dst=0)
+        except Exception as error:
+            raise_if_comm_error(error, self, "gathering the stages' weights on rank 0")
+            raise
+        return out
+
+    def _send_json(self, value: Any, dst: int) -> None:
+        data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+        torch.distributed.send(torch.tensor([data.numel()], device=self.device), dst=dst)
+        torch.distributed.send(data.to(self.device), dst=dst)
+
+    def _recv_json(self, src: int) -> Any:
+        size = torch.zeros(1, dtype=torch.int64, device=self.device)
+        torch.distributed.recv(size, src=src)
+        data = torch.empty(int(size), dtype=torch.uint8, device=self.device)
+        torch.distributed.recv(data, src=src)
+        return json.loads(bytes(data.cpu().tolist()).decode())
+
+    # ------------------------------------------------------------------------ snapshot
+
+    def snapshot(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Deep-copy this rank's stages and optimizer; the copy gets its own schedules.
+
+        Local only (no communication); the copy's first step sets up its stages anew.
+        """
+        from ..state import deep_copy_training_objects
+
+        prepared = self._get(fields["model"])
+        copied = deep_copy_training_objects(fields)
+        self._prepare(copied["model"], prepared.stage_paths, prepared.loss.precision)
+        return copied
+
+    def __repr__(self) -> str:
+        return (
+            f"Pipeline(schedule={self.schedule!r}, n_microbatches={self.n_microbatches}, "
+            f"stages={list(self.stage_indices)}/{self.n_stages}, rank={self.rank}, "
+            f"world_size={self.world_size})"
+        )
+
+
+def _no_loss(model: Any, batch: Any) -> torch.Tensor:
+    """Eval without loss_fn: read the output (so the stand-in is used), count nothing."""
+    model(None)
+    return torch.zeros(())
+
+
+__all__ = ["NEEDS_FACTORY", "Pipeline", "SplitFn", "schedule_names"]
