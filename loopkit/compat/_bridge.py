@@ -210,8 +210,10 @@ class Bridge:
     def _flow(self, state: TrainState, *, at_epoch_end: bool) -> Request | None:
         trainer, ts = self.trainer, self.trainer.state
         if trainer.control.should_log and ts.global_step > self.last_logged:
-            # host sync: the running loss leaves the device at log steps only.
-            loss = float(self.loss_since_log)
+            # Each rank holds its share of the loss (its items / the global count): the
+            # global value is their sum. host sync: at log steps only.
+            shares = state.strategy.reduce_metrics({"train/loss": self.loss_since_log})
+            loss = float(shares["train/loss"])
             self.loss_since_log = 0.0
             logs: dict[str, float] = {"loss": round(loss / (ts.global_step - self.last_logged), 4)}
             norm = state.metrics.get("train/grad_norm")

@@ -659,7 +659,10 @@ class Trainer:
         self._live_state = result.state
         if args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             self._load_best_model()
-        loss_total = bridge.loss_total + float(bridge.loss_since_log)  # host sync: once
+        unlogged = bridge.loss_since_log
+        if isinstance(unlogged, torch.Tensor):  # this rank's share: sum over ranks
+            unlogged = result.state.strategy.reduce_metrics({"train/loss": unlogged})["train/loss"]
+        loss_total = bridge.loss_total + float(unlogged)  # host sync: once
         train_loss = loss_total / max(self.state.global_step, 0.001)
         num_samples = (
             max_steps * args.per_device_train_batch_size * k * self.strategy.world_size
