@@ -46,8 +46,8 @@ from .state import TrainState as TrainState
 from .state import Window as Window
 from .strategies import DDP as DDP
 from .strategies import FSDP as FSDP
-from .strategies import Pipeline as Pipeline
 from .strategies import DistributedError as DistributedError
+from .strategies import Pipeline as Pipeline
 from .strategies import SingleDevice as SingleDevice
 from .strategies import Strategy as Strategy
 from .transforms import accumulate as accumulate

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -30,4 +30,4 @@ class Transform(Protocol):
 class LossFn(Protocol):
     """Computes the loss of one micro-batch: a `Loss(sum, count)` or a scalar mean."""
 
-    def __call__(self, model: torch.nn.Module, batch: Batch, /) -> Union[Loss, torch.Tensor]: ...
+    def __call__(self, model: torch.nn.Module, batch: Batch, /) -> Loss | torch.Tensor: ...

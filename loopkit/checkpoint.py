@@ -450,7 +450,10 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
         # reshards, SingleDevice and DDP read whole tensors).
         try:
             _sharded.read_shards(
-                state.model, state.optimizer, path / SHARDS_DIR, meta.get("shards"),
+                state.model,
+                state.optimizer,
+                path / SHARDS_DIR,
+                meta.get("shards"),
                 # SingleDevice (or one DDP process) has no process group of its own.
                 collective=strategy.is_sharded or strategy.world_size > 1,
             )
@@ -575,9 +578,7 @@ def rotate_checkpoints(
     return deleted
 
 
-def save_model(
-    model: TrainState | torch.nn.Module, directory: str | os.PathLike[str]
-) -> Path:
+def save_model(model: TrainState | torch.nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Save weights only, as `<directory>/model.safetensors` plus `config.json`.
 
     The file loads without loopkit:

@@ -38,10 +38,12 @@ _CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
     "tokens_per_step": (_optional(_positive_int), "None or an int >= 1"),
     "clip": (
         _optional(
-            lambda v: isinstance(v, numbers.Real)
-            and not isinstance(v, bool)
-            and math.isfinite(v)
-            and v > 0
+            lambda v: (
+                isinstance(v, numbers.Real)
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+                and v > 0
+            )
         ),
         "None or a positive, finite float (the max global grad norm)",
     ),
@@ -75,15 +77,12 @@ _CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
     "max_nonfinite_skips": (_positive_int, "an int >= 1"),
     "loss_fn": (_optional(callable), "a callable loss_fn(model, batch)"),
     "optimizer": (
-        _optional(
-            lambda v: isinstance(v, (torch.optim.Optimizer, Mapping)) or callable(v)
-        ),
+        _optional(lambda v: isinstance(v, (torch.optim.Optimizer, Mapping)) or callable(v)),
         "a torch optimizer, a factory `params -> Optimizer`, or {'name': 'AdamW', 'lr': ...}",
     ),
     "schedule": (
         _optional(
-            lambda v: isinstance(v, (Mapping, torch.optim.lr_scheduler.LRScheduler))
-            or callable(v)
+            lambda v: isinstance(v, (Mapping, torch.optim.lr_scheduler.LRScheduler)) or callable(v)
         ),
         "None, a function of the step, a torch LRScheduler, or {'name': 'cosine', ...}",
     ),
@@ -171,9 +170,9 @@ class FitConfig(Mapping[str, Any]):
                 f"FitConfig(eval_every={self.eval_every}): needs eval_data=...; pass the "
                 "evaluation data or drop eval_every."
             )
-        needs_dir = [
-            n for n in ("save_every", "keep_last") if getattr(self, n) is not None
-        ] + [n for n in ("save_on_epoch_end", "keep_best") if getattr(self, n)]
+        needs_dir = [n for n in ("save_every", "keep_last") if getattr(self, n) is not None] + [
+            n for n in ("save_on_epoch_end", "keep_best") if getattr(self, n)
+        ]
         if self.resume is True:
             needs_dir.append("resume")
         if needs_dir and self.checkpoint_dir is None:
@@ -181,9 +180,7 @@ class FitConfig(Mapping[str, Any]):
                 f"FitConfig({needs_dir[0]}={getattr(self, needs_dir[0])!r}): needs "
                 "checkpoint_dir=...; pass the directory for checkpoints."
             )
-        if self.step is not None and (
-            self.accumulate != 1 or self.clip is not None or by_target
-        ):
+        if self.step is not None and (self.accumulate != 1 or self.clip is not None or by_target):
             raise ValueError(
                 "FitConfig(step=...): a custom step chain brings its own accumulate and clip; "
                 "drop accumulate / clip / samples_per_step / tokens_per_step, or put them in "

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
-
-import warnings
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -63,7 +62,11 @@ def make_loader(
     sampler = None
     if not isinstance(data, IterableDataset):
         sampler = DistributedSampler(
-            data, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+            data,
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
             drop_last=drop_last,
         )
     return StatefulDataLoader(

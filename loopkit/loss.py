@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ class Loss(NamedTuple):
     """
 
     sum: torch.Tensor
-    count: Union[int, torch.Tensor]
+    count: int | torch.Tensor
 
 
 def cross_entropy(
@@ -72,7 +72,7 @@ def mse(predictions: torch.Tensor, targets: torch.Tensor) -> Loss:
 
 def as_loss(
     value: object, batch_size: int, where: object
-) -> tuple[torch.Tensor, Union[int, torch.Tensor], bool]:
+) -> tuple[torch.Tensor, int | torch.Tensor, bool]:
     """Validate what a loss_fn returned: `(sum or mean, count, is_mean)`.
 
     A scalar tensor is a mean over `batch_size` items. Checks cost no host sync (shapes and

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -18,7 +18,7 @@ _NORMS = (
 
 
 def param_groups(
-    model: Union[torch.nn.Module, Iterable[torch.nn.Parameter]], *, weight_decay: float
+    model: torch.nn.Module | Iterable[torch.nn.Parameter], *, weight_decay: float
 ) -> list[dict[str, Any]]:
     """Split trainable parameters into a decayed group and a no-decay group.
 
@@ -58,9 +58,7 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def freeze(
-    model: torch.nn.Module, which: Union[str, Iterable[str], Callable[[str], bool]]
-) -> list[str]:
+def freeze(model: torch.nn.Module, which: str | Iterable[str] | Callable[[str], bool]) -> list[str]:
     """Set requires_grad=False on the parameters `which` selects; return their names.
 
     Args:

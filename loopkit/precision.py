@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
@@ -81,7 +81,7 @@ class Precision:
         return f"Precision({self.name!r})"
 
 
-def as_precision(value: Union[Precision, str]) -> Precision:
+def as_precision(value: Precision | str) -> Precision:
     """Coerce a precision name or Precision record to a Precision."""
     if isinstance(value, Precision):
         return value

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -90,7 +90,9 @@ class cosine(_Decay):  # noqa: N801
         if step < self.warmup_steps:
             return _warmup(step, self.warmup_steps)
         progress = min(1.0, self._progress(step))
-        return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_factor + (1.0 - self.min_factor) * 0.5 * (
+            1.0 + math.cos(math.pi * progress)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,9 +164,7 @@ class inverse_sqrt:  # noqa: N801
         return 1.0 / math.sqrt((step + shift) / timescale)
 
 
-def as_schedule(
-    schedule: Union[Schedule, LRScheduler, None], optimizer: torch.optim.Optimizer
-) -> Any:
+def as_schedule(schedule: Schedule | LRScheduler | None, optimizer: torch.optim.Optimizer) -> Any:
     """Check a schedule argument and return what the TrainState stores.
 
     Raises:

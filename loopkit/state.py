@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -22,7 +22,7 @@ from ._types import OptimizerFactory, Schedule
 from .precision import Precision, as_precision
 from .schedules import as_schedule
 
-Number = Union[int, float, torch.Tensor]
+Number = int | float | torch.Tensor
 
 
 class StaleStateError(RuntimeError):
@@ -131,9 +131,9 @@ class TrainState:
         cls,
         model: torch.nn.Module,
         *,
-        optimizer: Union[torch.optim.Optimizer, OptimizerFactory],
-        schedule: Union[Schedule, torch.optim.lr_scheduler.LRScheduler, None] = None,
-        precision: Union[Precision, str] = "fp32",
+        optimizer: torch.optim.Optimizer | OptimizerFactory,
+        schedule: Schedule | torch.optim.lr_scheduler.LRScheduler | None = None,
+        precision: Precision | str = "fp32",
         strategy: Any = None,
         seed: int = 0,
     ) -> TrainState:
@@ -277,7 +277,7 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> tuple[torch.nn.Parame
 
 
 def _check_optimizer(
-    model: torch.nn.Module, optimizer: Union[torch.optim.Optimizer, OptimizerFactory]
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | OptimizerFactory
 ) -> None:
     """Check that `optimizer` is a factory, or a built optimizer over `model`'s parameters."""
     if isinstance(optimizer, torch.optim.Optimizer):

@@ -33,7 +33,7 @@ from .state import TrainState, Window
 LRScheduler = torch.optim.lr_scheduler.LRScheduler
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _empty_window(size: int | None) -> Window:
     return Window(size=size)  # frozen, so one per size can be shared
 
@@ -78,9 +78,7 @@ class _Forward:
             return self._fused(fused, state, batch, n_samples, sync)
         with strategy.gradient_sync(state.model, sync):
             with state.precision.autocast(strategy.device):
-                value, count, is_mean = as_loss(
-                    self.loss_fn(state.model, batch), n_samples, self
-                )
+                value, count, is_mean = as_loss(self.loss_fn(state.model, batch), n_samples, self)
             if state.step == 0 and state.micro_step == 0 and isinstance(count, torch.Tensor):
                 _check_count_once(count, self)
             first = window.ref_count is None
@@ -248,9 +246,7 @@ class _Clip:
                 "float, e.g. clip(1.0). Leave clip out of the chain to disable clipping."
             )
         if not (self.norm_type > 0):
-            raise ValueError(
-                f"clip(norm_type={self.norm_type!r}): must be > 0 (2.0, 1.0 or inf)."
-            )
+            raise ValueError(f"clip(norm_type={self.norm_type!r}): must be > 0 (2.0, 1.0 or inf).")
 
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
         state.check_fresh()
