@@ -232,9 +232,8 @@ def dispatch(
         if type(result).__name__ == "TrainState":
             hint = " Callbacks observe the TrainState; they never replace or step it."
         elif isinstance(result, Request):
-            hint = (
-                f" A Request is honoured only from {' and '.join(REQUEST_HOOKS)}"
-                + (" as fit() calls them." if hook_name in REQUEST_HOOKS else ".")
+            hint = f" A Request is honoured only from {' and '.join(REQUEST_HOOKS)}" + (
+                " as fit() calls them." if hook_name in REQUEST_HOOKS else "."
             )
         raise TypeError(
             f"{_callback_name(callback)}.{hook_name} returned {type(result).__name__} "

@@ -42,7 +42,7 @@ _CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
                 isinstance(v, numbers.Real)
                 and not isinstance(v, bool)
                 and math.isfinite(v)
-                and v > 0
+                and v > 0  # type: ignore[operator]
             )
         ),
         "None or a positive, finite float (the max global grad norm)",

@@ -59,7 +59,7 @@ def make_loader(
         )
     if not isinstance(data, IterableDataset) and len(data) == 0:  # type: ignore[arg-type]
         raise ValueError(f"{where}: the dataset is empty (len 0).")
-    sampler = None
+    sampler: DistributedSampler[Any] | None = None
     if not isinstance(data, IterableDataset):
         sampler = DistributedSampler(
             data,

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .callbacks import Request, Stop, check_callbacks, collect_log_metrics, dispatch, infer_mode
 from .checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -20,7 +21,6 @@ from .checkpoint import (
     save_checkpoint,
     step_dir_name,
 )
-from .callbacks import Request, Stop, check_callbacks, collect_log_metrics, dispatch, infer_mode
 from .compose import chain, identity
 from .config import FitConfig, resolve_named
 from .data import make_loader
@@ -49,13 +49,23 @@ class FitResult:
     stopped_by: str = ""
 
     def __str__(self) -> str:
-        lines = [f"FitResult: {self.state.step} steps, {self.state.epoch} epochs, "
-                 f"{self.state.samples_seen} samples; stopped by {self.stopped_by}"]
+        lines = [
+            f"FitResult: {self.state.step} steps, {self.state.epoch} epochs, "
+            f"{self.state.samples_seen} samples; stopped by {self.stopped_by}"
+        ]
         last_train = next((h for h in reversed(self.history) if "train/loss" in h), None)
-        last_eval = next((h for h in reversed(self.history) if any(k.startswith("eval/") for k in h)), None)
-        for title, row in (("last train", last_train), ("last eval", last_eval), ("best", self.best)):
+        last_eval = next(
+            (h for h in reversed(self.history) if any(k.startswith("eval/") for k in h)), None
+        )
+        for title, row in (
+            ("last train", last_train),
+            ("last eval", last_eval),
+            ("best", self.best),
+        ):
             if row:
-                values = ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch", "time_s"))
+                values = ", ".join(
+                    f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch", "time_s")
+                )
                 lines.append(f"  {title}: {values}")
         return "\n".join(lines)
 
@@ -256,8 +266,9 @@ def fit(
             total_steps = max_epochs * len(loader) // k  # type: ignore[arg-type]
         except TypeError:  # an iterable without a length: the progress bar has no total
             pass
-    hparams.update(max_steps=cfg.max_steps, total_steps=total_steps, accumulate=k,
-                   step=repr(train_step))
+    hparams.update(
+        max_steps=cfg.max_steps, total_steps=total_steps, accumulate=k, step=repr(train_step)
+    )
     return _run(
         state, train_step, loader, eval_loader, cfg, metrics, callbacks, max_epochs, mode, hparams
     )
@@ -305,15 +316,17 @@ def _run(
         assert pending
         bad = ~torch.isfinite(torch.stack(pending))
         first_bad = torch.argmax(bad.to(torch.int32)) + pending_start  # the first True
-        first_nonfinite = torch.where(
-            (first_nonfinite < 0) & bad.any(), first_bad, first_nonfinite
-        )
+        first_nonfinite = torch.where((first_nonfinite < 0) & bad.any(), first_bad, first_nonfinite)
         on_device = True
         pending.clear()
 
     def row(values: Mapping[str, float]) -> dict[str, float]:
-        return {"step": state.step, "epoch": state.epoch,
-                "time_s": time.perf_counter() - start, **values}
+        return {
+            "step": state.step,
+            "epoch": state.epoch,
+            "time_s": time.perf_counter() - start,
+            **values,
+        }
 
     def check_finite() -> None:
         # host sync: at log and save steps only.
@@ -335,8 +348,14 @@ def _run(
     def run_eval() -> tuple[Stop | None, bool]:
         nonlocal evaluated_at
         assert eval_loader is not None
-        values = evaluate(state, eval_loader, metrics, loss_fn=cfg.loss_fn,
-                          predict=cfg.predict, max_batches=cfg.eval_batches)
+        values = evaluate(
+            state,
+            eval_loader,
+            metrics,
+            loss_fn=cfg.loss_fn,
+            predict=cfg.predict,
+            max_batches=cfg.eval_batches,
+        )
         evaluated_at = state.step
         result.history.append(row(values))
         improved = False
@@ -361,7 +380,11 @@ def _run(
             # Writing it again would replace the newest valid checkpoint in place, which is
             # not atomic (a directory cannot be renamed over a non-empty one).
             return None
-        path = save_checkpoint(state, cfg.checkpoint_dir, extra=_extra(loader, callbacks, result, evaluated_at, hparams))
+        path = save_checkpoint(
+            state,
+            cfg.checkpoint_dir,
+            extra=_extra(loader, callbacks, result, evaluated_at, hparams),
+        )
         saved_at = state.step
         if cfg.keep_last is not None:
             keep = [path]
@@ -410,7 +433,8 @@ def _run(
             if cfg.nonfinite == "raise" and isinstance(loss, torch.Tensor):
                 if pending is None:
                     first_nonfinite = torch.where(
-                        (first_nonfinite < 0) & ~torch.isfinite(loss), previous_step,
+                        (first_nonfinite < 0) & ~torch.isfinite(loss),
+                        previous_step,
                         first_nonfinite,
                     )
                 else:
@@ -515,19 +539,24 @@ def _merged(requests: Sequence[Request], eval_loader: Any, cfg: FitConfig) -> Re
 def _set_epoch(loader: Any, epoch: int) -> None:
     """Reshuffle a DistributedSampler per epoch, as torch requires."""
     sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
+    if sampler is not None and hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
 
 
 def _extra(
-    loader: Any, callbacks: Sequence[Any], result: FitResult, evaluated_at: int,
+    loader: Any,
+    callbacks: Sequence[Any],
+    result: FitResult,
+    evaluated_at: int,
     hparams: Mapping[str, Any],
 ) -> dict[str, Any]:
     """What a checkpoint needs besides the TrainState to resume fit() exactly."""
     return {
         "data": loader.state_dict() if hasattr(loader, "state_dict") else None,
         "callbacks": [
-            cb.state_dict() if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict") else None
+            cb.state_dict()
+            if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")
+            else None
             for cb in callbacks
         ],
         "history": result.history,

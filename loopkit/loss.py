@@ -24,7 +24,7 @@ class Loss(NamedTuple):
     """
 
     sum: torch.Tensor
-    count: int | torch.Tensor
+    count: int | torch.Tensor  # type: ignore[assignment]  # shadows tuple.count on purpose
 
 
 def cross_entropy(

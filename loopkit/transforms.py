@@ -84,7 +84,7 @@ class _Forward:
             first = window.ref_count is None
             # The reference count is global (summed over ranks), so every rank scales alike
             # and a data-parallel gradient sum stays exact; on one device it is `count`.
-            ref = strategy.reduce_count(count) if first else window.ref_count
+            ref: Any = strategy.reduce_count(count) if first else window.ref_count
             if is_mean:
                 scaled = value if ref is count else value * (count / ref)
             else:
@@ -158,7 +158,7 @@ def _check_count_once(count: torch.Tensor, where: object) -> None:
         )
 
 
-def _ratio(ref_count: object, count: object) -> object:
+def _ratio(ref_count: Any, count: Any) -> Any:
     """`ref_count / count`, in float64 where the device has it.
 
     Integer count tensors divide to float32 (the default dtype), e.g. 1/3 off by 3e-8:
@@ -215,7 +215,9 @@ class _Accumulate:
             grads = [p.grad for p in state.params if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, factor)
-        loss = window.loss if factor is None else (window.loss * factor).to(window.loss.dtype)
+        loss: Any = window.loss
+        if factor is not None:
+            loss = (loss * factor).to(loss.dtype)
         closed = Window(
             loss=window.loss,
             count=window.count,
@@ -277,7 +279,7 @@ class _OptimizerStep:
             if not (
                 (type(factor) is float or isinstance(factor, numbers.Real))
                 and math.isfinite(factor)
-                and factor >= 0
+                and factor >= 0  # type: ignore[operator]
             ):
                 raise ValueError(
                     f"{self!r}: schedule={_name(schedule)} returned {factor!r} at step "
@@ -296,7 +298,7 @@ class _OptimizerStep:
             if state.loss_scale is not None:
                 torch._amp_update_scale_(
                     state.loss_scale,
-                    state.growth_tracker,
+                    state.growth_tracker,  # type: ignore[arg-type]  # set with loss_scale
                     window.found_inf,
                     precision.growth_factor,
                     precision.backoff_factor,
