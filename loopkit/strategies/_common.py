@@ -82,3 +82,23 @@ def raise_if_comm_error(error: BaseException, strategy: Any, what: str) -> None:
         raise comm_error(
             error, strategy.rank, strategy.world_size, what, strategy.timeout_s
         ) from error
+
+
+def reduce_count_over_ranks(strategy: Any, count: int | float | torch.Tensor) -> torch.Tensor:
+    """`all_reduce_count` for a strategy's `reduce_count`: a lost peer raises DistributedError."""
+    try:
+        return all_reduce_count(count, strategy.device)
+    except Exception as error:
+        raise_if_comm_error(error, strategy, "summing the item count over ranks")
+        raise
+
+
+def reduce_metrics_over_ranks(strategy: Any, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """`all_reduce_metrics` for a strategy's `reduce_metrics` (a no-op on one process)."""
+    if strategy.world_size == 1:
+        return dict(metrics)
+    try:
+        return all_reduce_metrics(metrics, strategy.world_size, strategy.device)
+    except Exception as error:
+        raise_if_comm_error(error, strategy, "reducing the train metrics over ranks")
+        raise

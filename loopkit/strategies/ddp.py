@@ -14,10 +14,10 @@ from .._batch import move
 from .._types import Batch, OptimizerFactory
 from ..precision import Precision
 from ._common import (
-    all_reduce_count,
-    all_reduce_metrics,
     build_optimizer,
     raise_if_comm_error,
+    reduce_count_over_ranks,
+    reduce_metrics_over_ranks,
 )
 from .env import DEFAULT_TIMEOUT_S, init_distributed
 
@@ -157,20 +157,10 @@ class DDP:
             raise
 
     def reduce_count(self, count: int | float | torch.Tensor) -> torch.Tensor:
-        try:
-            return all_reduce_count(count, self.device)
-        except Exception as error:
-            raise_if_comm_error(error, self, "summing the item count over ranks")
-            raise
+        return reduce_count_over_ranks(self, count)
 
     def reduce_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        if self.world_size == 1:
-            return dict(metrics)
-        try:
-            return all_reduce_metrics(metrics, self.world_size, self.device)
-        except Exception as error:
-            raise_if_comm_error(error, self, "reducing the train metrics over ranks")
-            raise
+        return reduce_metrics_over_ranks(self, metrics)
 
     def clip_grad_norm_(
         self, params: Sequence[torch.nn.Parameter], max_norm: float, norm_type: float

@@ -17,7 +17,12 @@ from .._batch import move
 from .._types import Batch, LossFn, OptimizerFactory
 from ..loss import as_loss
 from ..precision import Precision
-from ._common import all_reduce_count, all_reduce_metrics, build_optimizer, raise_if_comm_error
+from ._common import (
+    build_optimizer,
+    raise_if_comm_error,
+    reduce_count_over_ranks,
+    reduce_metrics_over_ranks,
+)
 from .env import DEFAULT_TIMEOUT_S, detect_env, init_distributed
 
 SplitFn = Callable[[nn.Module, int, int], nn.Module]
@@ -810,20 +815,12 @@ class Pipeline:
     def reduce_count(self, count: int | float | torch.Tensor) -> torch.Tensor:
         # Every rank holds its share (the last stage the count, the others 0): the sum over
         # all ranks is the global count, and this collective doubles as a barrier.
-        try:
-            return all_reduce_count(count, self.device)
-        except Exception as error:
-            raise_if_comm_error(error, self, "summing the item count over ranks")
-            raise
+        return reduce_count_over_ranks(self, count)
 
     def reduce_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         # "train/loss" is held by the last stages (0 elsewhere): the sum over ranks is the
         # loss. The others (grad norm, lr) are the same on every rank: the mean keeps them.
-        try:
-            return all_reduce_metrics(metrics, self.world_size, self.device)
-        except Exception as error:
-            raise_if_comm_error(error, self, "reducing the train metrics over ranks")
-            raise
+        return reduce_metrics_over_ranks(self, metrics)
 
     def clip_grad_norm_(
         self, params: Sequence[nn.Parameter], max_norm: float, norm_type: float
