@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 import torch
 
+from .checkpoint import unwrap
+
 Mode = Literal["min", "max"]
 
 HOOKS: tuple[str, ...] = (
@@ -540,17 +542,6 @@ def _check_same_settings(callback: Any, state_dict: Mapping[str, Any], where: st
             )
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside DDP / torch.compile wrappers (their state_dict keys match)."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 class BestModel:
     """Keep (and optionally save) the weights of the best evaluation so far.
 
@@ -617,7 +608,7 @@ class BestModel:
         # host sync: copies every weight to the host, on improving evals only.
         self.best_weights = {
             name: tensor.detach().to("cpu", copy=True).contiguous()
-            for name, tensor in unwrap_model(state.model).state_dict().items()
+            for name, tensor in unwrap(state.model).state_dict().items()
             if isinstance(tensor, torch.Tensor)
         }
         if self.path is not None and getattr(state.strategy, "rank", 0) == 0:
@@ -658,7 +649,7 @@ class BestModel:
                 "no best weights. Pass eval_data and eval_every to fit(), or check "
                 "best_weights is not None first."
             )
-        unwrap_model(model).load_state_dict(self.best_weights)
+        unwrap(model).load_state_dict(self.best_weights)
         return model
 
     def state_dict(self) -> dict[str, Any]:
@@ -852,5 +843,4 @@ __all__ = [
     "dispatch",
     "infer_mode",
     "peak_flops_for",
-    "unwrap_model",
 ]
