@@ -30,8 +30,8 @@ from loopkit.testing import (
     check_no_stale_reuse,
     check_resume_equivalence,
     check_strategy_equivalence,
+    search,
 )
-from loopkit.testing import strategies as lkst
 from loopkit.testing.pytest_plugin import loopkit_check  # noqa: F401 - the fixture
 
 # --- the code under test: a custom transform -----------------------------------------------
@@ -92,8 +92,8 @@ class make_step:  # noqa: N801
 # usual place for this line.
 torch.set_num_threads(1)
 
-make_model = lkst.MLPFactory(d_in=4, hidden=(16,), d_out=3)  # identical fresh models, float64
-make_model_with_dropout = lkst.MLPFactory(d_in=4, hidden=(16,), d_out=3, dropout=0.2)
+make_model = search.MLPFactory(d_in=4, hidden=(16,), d_out=3)  # identical fresh models, float64
+make_model_with_dropout = search.MLPFactory(d_in=4, hidden=(16,), d_out=3, dropout=0.2)
 
 
 def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> lk.Loss:
@@ -114,7 +114,7 @@ BATCHES = [make_batch(seed=i) for i in range(4)]
 
 
 @settings(max_examples=20, deadline=None)
-@given(split=lkst.splits(total=8, max_parts=4), seed=lkst.seeds())
+@given(split=search.splits(total=8, max_parts=4), seed=search.seeds())
 def test_noise_does_not_depend_on_the_micro_batch_split(split, seed) -> None:
     check_accumulation_invariance(
         make_model, loss_fn, batches=BATCHES[:2], splits=[split], seed=seed, make_step=make_step()

@@ -8,6 +8,7 @@ from ._types import LossFn as LossFn
 from ._types import OptimizerFactory as OptimizerFactory
 from ._types import Schedule as Schedule
 from ._types import Transform as Transform
+from ._version import __version__ as __version__
 from .callbacks import BestModel as BestModel
 from .callbacks import Callback as Callback
 from .callbacks import EarlyStopping as EarlyStopping
@@ -55,8 +56,6 @@ from .transforms import clip as clip
 from .transforms import forward as forward
 from .transforms import optimizer_step as optimizer_step
 from .transforms import skip_nonfinite as skip_nonfinite
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Accuracy",

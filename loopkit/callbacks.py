@@ -34,9 +34,10 @@ from typing import Any, Literal
 
 import torch
 
-from .checkpoint import unwrap
+from .strategies import unwrap
 
 Mode = Literal["min", "max"]
+"""Whether lower ("min") or higher ("max") values of a monitored metric are better."""
 
 HOOKS: tuple[str, ...] = (
     "on_fit_start",
@@ -382,8 +383,28 @@ def infer_mode(monitor: str, mode: str | None = None, *, where: str = "infer_mod
     )
 
 
-def _improves(value: float, best: float | None, mode: Mode, min_delta: float) -> bool:
-    """Whether `value` beats `best` by more than `min_delta` (NaN never improves)."""
+def improved(value: float, best: float | None, mode: Mode, min_delta: float = 0.0) -> bool:
+    """Whether `value` beats `best` by more than `min_delta`: loopkit's one rule for "improved".
+
+    Lower is better in mode "min", higher in mode "max"; any value but NaN beats `best=None`
+    (nothing seen yet), and a NaN never improves. fit()'s best evaluation (and so
+    `keep_best`), EarlyStopping and BestModel all decide with this function.
+
+    Args:
+        value: the new value of the monitored metric (a host float).
+        best: the best value so far, or None before the first.
+        mode: "min" or "max".
+        min_delta: how much `value` must beat `best` by, >= 0.
+
+    Returns:
+        True if `value` is the new best.
+
+    Example:
+        >>> improved(0.5, 0.6, "min"), improved(0.5, 0.6, "max"), improved(0.5, None, "max")
+        (True, False, True)
+        >>> improved(0.59, 0.6, "min", min_delta=0.05), improved(float("nan"), None, "min")
+        (False, False)
+    """
     if math.isnan(value):
         return False
     if best is None:
@@ -492,7 +513,7 @@ class EarlyStopping:
 
     def on_eval_end(self, state: Any, metrics: Mapping[str, float]) -> Stop | None:
         value = _read_monitor(metrics, self.monitor, "EarlyStopping")
-        if _improves(value, self.best_value, self.mode, self.min_delta):
+        if improved(value, self.best_value, self.mode, self.min_delta):
             self.best_value, self.best_step, self.wait = value, int(state.step), 0
             return None
         self.wait += 1
@@ -602,7 +623,7 @@ class BestModel:
 
     def on_eval_end(self, state: Any, metrics: Mapping[str, float]) -> Stop | None:
         value = _read_monitor(metrics, self.monitor, "BestModel")
-        if not _improves(value, self.best_value, self.mode, 0.0):
+        if not improved(value, self.best_value, self.mode):
             return None
         self.best_value, self.best_step = value, int(state.step)
         # host sync: copies every weight to the host, on improving evals only.
@@ -611,7 +632,7 @@ class BestModel:
             for name, tensor in unwrap(state.model).state_dict().items()
             if isinstance(tensor, torch.Tensor)
         }
-        if self.path is not None and getattr(state.strategy, "rank", 0) == 0:
+        if self.path is not None and state.strategy.is_main:
             self._save()
         return None
 
@@ -835,12 +856,14 @@ __all__ = [
     "EarlyStopping",
     "LRMonitor",
     "MetricNotFoundError",
+    "Mode",
     "Request",
     "Stop",
     "ThroughputMonitor",
     "check_callbacks",
     "collect_log_metrics",
     "dispatch",
+    "improved",
     "infer_mode",
     "peak_flops_for",
 ]

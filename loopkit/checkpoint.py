@@ -47,7 +47,9 @@ import safetensors.torch
 import torch
 
 from . import _sharded, _tree
+from ._version import __version__
 from .state import TrainState, Window
+from .strategies import unwrap
 
 FORMAT = "loopkit-checkpoint/1"
 MODEL_FORMAT = "loopkit-model/1"
@@ -61,18 +63,41 @@ _PAUSE_ENV = "LOOPKIT_TEST_SAVE_PAUSE_S"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, corrupt or does not fit the training state."""
+    """A checkpoint is missing, incomplete, corrupt or unwritable, or does not fit the state.
+
+    Attributes:
+        path: the file or directory concerned, where one is known.
+        errno: the operating system's error number of a failed write (None otherwise).
+    """
+
+    def __init__(
+        self, message: str, *, path: str | os.PathLike[str] | None = None, errno: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+        self.errno = errno
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside DDP / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None:
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
+class CheckpointMismatchError(CheckpointError):
+    """A valid checkpoint that does not fit the model or optimizer it is loaded into.
+
+    Unlike a corrupt checkpoint, an older one would not fit either: resuming refuses it
+    instead of falling back (and never starts afresh over the old run's files).
+    """
+
+
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, failing as an OSError with the errno and the file's path."""
+    try:
+        safetensors.torch.save_file(tensors, str(path))
+    except safetensors.SafetensorError as error:
+        found = _OS_ERROR.search(str(error))
+        code = int(found.group(1)) if found else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from error
+    _fsync_path(path)
 
 
 def _tensors_for_file(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -107,10 +132,15 @@ def _fsync_path(path: Path) -> None:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
 
 
 def _pause() -> None:
@@ -124,7 +154,11 @@ def step_dir_name(step: int) -> str:
 
 
 def save_checkpoint(
-    state: TrainState, directory: str | os.PathLike[str], *, extra: Mapping[str, Any] | None = None
+    state: TrainState,
+    directory: str | os.PathLike[str],
+    *,
+    extra: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
 ) -> Path:
     """Write `state` as `<directory>/step-<step>/`, atomically, and point `latest` at it.
 
@@ -136,6 +170,8 @@ def save_checkpoint(
         directory: the run's checkpoint directory (created if missing).
         extra: JSON-able values and tensors stored with it (data-loader state, callbacks,
             config); read back with `read_extra`.
+        run_id: the id of the run writing it (fit keeps one across resumes); recorded in
+            state.json and read back with `read_meta`.
 
     Returns:
         The checkpoint's path.
@@ -158,6 +194,7 @@ def save_checkpoint(
     tag = os.getpid() if strategy.world_size == 1 else "ranks"
     tmp = directory / f".{final.name}.tmp-{tag}"
     meta, tensors = _state_payload(state, extra)
+    meta["run_id"] = run_id
 
     def make_tmp() -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -174,11 +211,9 @@ def save_checkpoint(
     def finish() -> None:
         if not sharded:
             model_sd = _tensors_for_file(unwrap(state.model).state_dict())
-            safetensors.torch.save_file(model_sd, str(tmp / "model.safetensors"))
-            _fsync_path(tmp / "model.safetensors")
+            _write_tensors(model_sd, tmp / "model.safetensors")
             _pause()
-        safetensors.torch.save_file(tensors, str(tmp / "state.safetensors"))
-        _fsync_path(tmp / "state.safetensors")
+        _write_tensors(tensors, tmp / "state.safetensors")
         _pause()
         _write_bytes(tmp / "state.json", json.dumps(meta, indent=1).encode())
         names = list(_SHARDED_FILES if sharded else _FILES)
@@ -208,17 +243,28 @@ def save_checkpoint(
     except OSError as error:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = "the disk is full" if error.errno == errno.ENOSPC else str(error)
-        raise OSError(
-            error.errno,
-            f"save_checkpoint(directory={str(directory)!r}): could not write step "
-            f"{state.step} ({reason}); earlier checkpoints are untouched.",
-        ) from error
+        raise _write_error(error, directory, tmp, state.step) from error
     except Exception:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _write_error(error: OSError, directory: Path, tmp: Path, step: int) -> CheckpointError:
+    """A failed write as a CheckpointError naming the file, the errno and what survived."""
+    code = error.errno
+    where = Path(error.filename) if error.filename else tmp
+    if where.is_relative_to(tmp):  # the temporary name is gone: say what it would have been
+        where = directory / step_dir_name(step) / where.relative_to(tmp)
+    reason = "the disk is full" if code == errno.ENOSPC else (error.strerror or str(error))
+    name = errno.errorcode.get(code or 0, "")
+    return CheckpointError(
+        f"save_checkpoint(directory={str(directory)!r}): could not write step {step}: "
+        f"{where} ({reason}; errno {code} {name}); earlier checkpoints are untouched.",
+        path=where,
+        errno=code,
+    )
 
 
 def _on_every_rank(strategy: Any, part: Callable[[], object] | None) -> None:
@@ -289,16 +335,10 @@ def _state_payload(
         "precision": state.precision.name,
         "base_lrs": list(state.base_lrs),
         "schedule": repr(state.schedule),
-        "versions": {"torch": torch.__version__, "loopkit": _loopkit_version()},
+        "versions": {"torch": torch.__version__, "loopkit": __version__},
         "tree": skeleton,
     }
     return meta, tensors
-
-
-def _loopkit_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _read_json(path: Path) -> Any:
@@ -390,7 +430,7 @@ def _check_model(path: Path, model: torch.nn.Module, tensors: Mapping[str, torch
             parts.append(f"unexpected in the checkpoint: {unexpected[:10]}")
         if shapes:
             parts.append(f"shape mismatches: {shapes[:10]}")
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"{path}: the checkpoint does not fit this model; " + "; ".join(parts) + "."
         )
 
@@ -414,7 +454,7 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
     model = unwrap(state.model)
     if not sharded:
         if strategy.is_sharded:
-            raise CheckpointError(
+            raise CheckpointMismatchError(
                 f"{path}: saved unsharded (by SingleDevice or DDP), and {strategy!r} loads "
                 "sharded checkpoints only. Resume it with SingleDevice or DDP, or load just "
                 "the weights (model.safetensors) into the model before sharding it."
@@ -422,7 +462,7 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
         model_tensors = _load_tensors(path / "model.safetensors")
         _check_model(path, model, model_tensors)
     if meta["precision"] != state.precision.name:
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"{path}: saved with precision {meta['precision']!r}, loading into "
             f"{state.precision.name!r}; build the state with the same precision."
         )
@@ -434,14 +474,14 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
     # Sharded: this rank may hold other parameters than rank 0 did (pipeline stages), so
     # only the number of groups is compared here; read_shards matches them by name.
     if (len(saved_sizes) != len(sizes)) if sharded else (saved_sizes != sizes):
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"{path}: the optimizer had param groups of sizes {saved_sizes}, this one has "
             f"{sizes}; build the optimizer over the same parameter groups."
         )
     scheduler = state.schedule
     is_scheduler = isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
     if is_scheduler != ("lr_scheduler" in tree):
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"{path}: saved with schedule {meta['schedule']}, loading into {scheduler!r}; "
             "use the same kind of schedule (a function of the step or an LRScheduler)."
         )
@@ -458,12 +498,12 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
                 collective=strategy.is_sharded or strategy.world_size > 1,
             )
         except ValueError as error:
-            raise CheckpointError(f"{path}: {error}") from error
+            raise CheckpointMismatchError(f"{path}: {error}") from error
     else:
         with torch.no_grad():
             model.load_state_dict(model_tensors, strict=True)
         state.optimizer.load_state_dict(tree["optimizer"])
-    if is_scheduler:
+    if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
         scheduler.load_state_dict(tree["lr_scheduler"])
     if state.loss_scale is not None:
         state.loss_scale.copy_(tree["loss_scale"])
@@ -505,6 +545,19 @@ def _read_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if missing:
         raise CheckpointError(f"{path}: state.json lacks {missing}; not a loopkit checkpoint.")
     return meta, tree
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's state.json: counters, seed, run id, versions (no tensors read).
+
+    Raises:
+        CheckpointError: state.json is missing, unreadable or not a loopkit checkpoint's.
+    """
+    path = Path(path)
+    meta = _read_json(path / "state.json")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: state.json is not a {FORMAT} file.")
+    return meta
 
 
 def read_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -596,13 +649,12 @@ def save_model(model: TrainState | torch.nn.Module, directory: str | os.PathLike
         rank = torch.distributed.get_rank()
     else:
         rank = 0
-    # A strategy whose ranks hold different parts of the model (Pipeline) gathers them.
     strategy = model.strategy if isinstance(model, TrainState) else None
-    gather = getattr(strategy, "full_model_state", None)
-    sharded = gather is not None or _sharded.has_dtensors(module)
-    if gather is not None:
-        # A collective: every rank calls save_model; the stages' weights gather on rank 0.
-        state_dict = gather(module)
+    sharded = (strategy is not None and strategy.is_sharded) or _sharded.has_dtensors(module)
+    if strategy is not None:
+        # Where ranks hold parts of the model (FSDP, Pipeline) a collective: every rank
+        # calls save_model, and the whole model gathers on rank 0.
+        state_dict = strategy.full_model_state(module)
     elif sharded:
         # A collective: every rank calls save_model; the full weights gather on rank 0.
         state_dict = _sharded.full_model_state(module)
@@ -615,8 +667,7 @@ def save_model(model: TrainState | torch.nn.Module, directory: str | os.PathLike
     directory.mkdir(parents=True, exist_ok=True)
     tensors = _tensors_for_file(state_dict)
     tmp = directory / f".model.safetensors.tmp-{os.getpid()}"
-    safetensors.torch.save_file(tensors, str(tmp))
-    _fsync_path(tmp)
+    _write_tensors(tensors, tmp)
     os.replace(tmp, directory / "model.safetensors")
     config = {
         "format": MODEL_FORMAT,
@@ -629,3 +680,23 @@ def save_model(model: TrainState | torch.nn.Module, directory: str | os.PathLike
     if sharded and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return directory / "model.safetensors"
+
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "FORMAT",
+    "MODEL_FORMAT",
+    "SHARDS_DIR",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "read_extra",
+    "read_meta",
+    "rotate_checkpoints",
+    "save_checkpoint",
+    "save_model",
+    "step_dir_name",
+    "unwrap",
+    "validate_checkpoint",
+]

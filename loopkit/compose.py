@@ -133,3 +133,37 @@ def when(predicate: Callable[[TrainState], bool], transform: Transform) -> Trans
         TypeError: predicate or transform is not callable.
     """
     return _When(predicate, transform)
+
+
+def parts_of(transform: Transform) -> tuple[Transform, ...]:
+    """The parts a transform runs, in order: a chain's parts, or the transform itself.
+
+    Conditionals (`every`, `when`) count as one part each; `identity()` has no parts.
+
+    Example:
+        >>> from loopkit import accumulate, optimizer_step
+        >>> parts_of(chain(accumulate(2), optimizer_step()))
+        (accumulate(2), optimizer_step())
+    """
+    if isinstance(transform, _Chain):
+        return transform.parts
+    if isinstance(transform, _Identity):
+        return ()
+    return (transform,)
+
+
+def inner_of(transform: Transform) -> Transform | None:
+    """The transform a conditional (`every`, `when`) wraps; None for anything else."""
+    if isinstance(transform, (_Every, _When)):
+        return transform.transform
+    return None
+
+
+__all__ = [
+    "chain",
+    "inner_of",
+    "parts_of",
+    "every",
+    "identity",
+    "when",
+]

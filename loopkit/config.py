@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -123,7 +123,7 @@ class FitConfig(Mapping[str, Any]):
     samples_per_step: int | None = None
     tokens_per_step: int | None = None
     clip: float | None = None
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     strategy: Any = None
     eval_data: Any = None
     eval_every: int | None = None
@@ -131,7 +131,7 @@ class FitConfig(Mapping[str, Any]):
     metrics: Any = None
     predict: Any = None
     monitor: str = "eval/loss"
-    mode: str | None = None
+    mode: Literal["min", "max"] | None = None
     callbacks: tuple[Any, ...] | list[Any] = field(default_factory=tuple)
     log_every: int | None = 50
     log_dir: str | Path | None = None
@@ -145,7 +145,7 @@ class FitConfig(Mapping[str, Any]):
     keep_last: int | None = None
     keep_best: bool = False
     resume: bool | str | Path = False
-    nonfinite: str = "raise"
+    nonfinite: Literal["raise", "skip"] = "raise"
     max_nonfinite_skips: int = 10
     shuffle: bool = True
     drop_last: bool = False
@@ -297,3 +297,6 @@ def resolve_named(value: Any, what: str) -> Any:
         return factory(**kwargs)
     except TypeError as error:
         raise ValueError(f"schedule={dict(value)!r}: {error}") from error
+
+
+__all__ = ["FitConfig", "TorchOptimizer", "resolve_named"]

@@ -78,3 +78,6 @@ def make_loader(
         pin_memory=pin_memory,
         collate_fn=collate_fn,
     )
+
+
+__all__ = ["is_loader", "make_loader"]

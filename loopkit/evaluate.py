@@ -10,7 +10,6 @@ import torch
 
 from ._batch import batch_size
 from ._types import LossFn
-from .loss import as_loss
 from .metrics import Metric, accumulator_dtype, as_metric, to_host
 
 Predict = Callable[[torch.nn.Module, Any], Any]
@@ -82,6 +81,24 @@ def evaluate(
     """
     state.check_fresh()
     named = _check_metrics(metrics, has_loss=loss_fn is not None)
+    _check_arguments(data, metrics, named, loss_fn, predict, max_batches)
+    loss_sum, loss_count, n_batches = _sum_batches(
+        state, data, named, loss_fn, predict, max_batches
+    )
+    return _global_results(
+        state.strategy, named, loss_fn is not None, loss_sum, loss_count, n_batches
+    )
+
+
+def _check_arguments(
+    data: object,
+    metrics: object,
+    named: list[tuple[str, Metric]],
+    loss_fn: object,
+    predict: object,
+    max_batches: object,
+) -> None:
+    """Fail before any work on an argument evaluate() cannot use."""
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(
             f"{_WHERE}(loss_fn={loss_fn!r}): expected a callable loss_fn(model, batch) "
@@ -107,6 +124,19 @@ def evaluate(
             "a DataLoader or a list."
         )
 
+
+def _sum_batches(
+    state: Any,
+    data: Iterable[Any],
+    named: list[tuple[str, Metric]],
+    loss_fn: LossFn | None,
+    predict: Predict | None,
+    max_batches: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Run this rank's batches; return its (loss sum, item count, batches) and update metrics.
+
+    Everything stays on the device; the model's train/eval mode is restored afterwards.
+    """
     model, strategy = state.model, state.strategy
     device = torch.device(strategy.device)
     acc = accumulator_dtype(device)
@@ -116,13 +146,6 @@ def evaluate(
     loss_count = torch.zeros((), dtype=acc, device=device)
     host_count = 0.0  # int counts add up on the host: no host-to-device copy per batch
     n_batches = 0
-    captured: list[Any] = []
-    hook = None
-    # A strategy that runs the model in pieces (Pipeline) evaluates a batch itself.
-    run_eval = getattr(strategy, "eval_forward", None)
-    if named and predict is None and loss_fn is not None and run_eval is None:
-        # One forward per batch: the metrics read what the model returned inside loss_fn.
-        hook = model.register_forward_hook(lambda module, args, output: captured.append(output))
     was_training = model.training
     model.eval()
     try:
@@ -132,46 +155,48 @@ def evaluate(
                     break
                 batch = strategy.to_device(batch)
                 n_samples = batch_size(batch, _WHERE)
-                captured.clear()
-                if run_eval is not None:
-                    with state.precision.autocast(device):
-                        summed, outputs = run_eval(model, batch, loss_fn, predict, n_samples)
-                    if summed is not None:  # the last stage's share; the others add nothing
-                        loss_sum += summed[0].detach().to(acc)
-                        if isinstance(summed[1], torch.Tensor):
-                            loss_count += summed[1]
-                        else:
-                            host_count += summed[1]
-                    if outputs is not None:
-                        for _, metric in named:
-                            metric.update(outputs, batch)
-                    n_batches += 1
-                    continue
                 with state.precision.autocast(device):
-                    if loss_fn is not None:
-                        value, count, is_mean = as_loss(loss_fn(model, batch), n_samples, _WHERE)
-                        value = value.detach().to(acc)
-                        loss_sum += value * count if is_mean else value
-                        if isinstance(count, torch.Tensor):
-                            loss_count += count
-                        else:
-                            host_count += count
-                    outputs = _outputs(model, batch, loss_fn, predict, captured) if named else None
-                for _, metric in named:
-                    metric.update(outputs, batch)
+                    summed, outputs = strategy.eval_forward(
+                        model,
+                        batch,
+                        loss_fn,
+                        predict,
+                        n_samples=n_samples,
+                        want_outputs=bool(named),
+                        sum_dtype=acc,
+                    )
+                if summed is not None:  # a pipeline's first stages add nothing
+                    loss_sum += summed[0]
+                    if isinstance(summed[1], torch.Tensor):
+                        loss_count += summed[1]
+                    else:
+                        host_count += summed[1]
+                if outputs is not None:
+                    for _, metric in named:
+                        metric.update(outputs, batch)
                 n_batches += 1
     finally:
-        if hook is not None:
-            hook.remove()
         model.train(was_training)
-
     loss_count += host_count
-    counters = torch.tensor([float(n_batches)], dtype=acc, device=device)
+    return loss_sum, loss_count, n_batches
+
+
+def _global_results(
+    strategy: Any,
+    named: list[tuple[str, Metric]],
+    has_loss: bool,
+    loss_sum: torch.Tensor,
+    loss_count: torch.Tensor,
+    n_batches: int,
+) -> dict[str, float]:
+    """Sum this rank's share over every rank, compute the results, and bring them to the host."""
+    device = torch.device(strategy.device)
+    counters = torch.tensor([float(n_batches)], dtype=loss_sum.dtype, device=device)
     if strategy.world_size > 1 and _distributed():
         _all_reduce_sum([loss_sum, loss_count, counters, *_state_tensors(named)], device)
 
     values: dict[str, Any] = {"batches": counters[0]}
-    if loss_fn is not None:
+    if has_loss:
         values["eval/loss"] = loss_sum / loss_count
         values["items"] = loss_count
     for key, metric in named:
@@ -183,7 +208,7 @@ def evaluate(
             "empty (and, with drop_last=True, holds at least one full batch)."
         )
     result: dict[str, float] = {}
-    if loss_fn is not None:
+    if has_loss:
         items = host.pop("items")
         if not items > 0:
             raise ValueError(
@@ -226,32 +251,6 @@ def _check_metrics(metrics: object, has_loss: bool) -> list[tuple[str, Metric]]:
         taken.add(key)
         named.append((key, as_metric(metric, name)))
     return named
-
-
-def _outputs(
-    model: torch.nn.Module,
-    batch: Any,
-    loss_fn: LossFn | None,
-    predict: Predict | None,
-    captured: list[Any],
-) -> Any:
-    if predict is not None:
-        return predict(model, batch)
-    if loss_fn is not None:
-        if not captured:
-            raise RuntimeError(
-                f"{_WHERE}: the metrics read the model's outputs, but loss_fn did not call the "
-                f"model ({type(model).__name__}) itself, so there is nothing to read. Pass "
-                "predict=lambda model, batch: ... returning the outputs the metrics need."
-            )
-        return captured[-1]
-    if isinstance(batch, (tuple, list)) and batch:
-        return model(batch[0])
-    raise ValueError(
-        f"{_WHERE}: without loss_fn or predict, metrics read model(batch[0]) of tuple/list "
-        f"batches, but this batch is a {type(batch).__name__}. Pass "
-        "predict=lambda model, batch: model(...)."
-    )
 
 
 def _state_tensors(named: list[tuple[str, Metric]]) -> list[torch.Tensor]:

@@ -1,8 +1,21 @@
-"""fit(): the prebuilt training loop, assembled from loopkit's public parts."""
+"""fit(): the prebuilt training loop, assembled from loopkit's public parts.
+
+`fit()` checks its arguments and builds the record, the loaders and the step; `_Run` is the
+loop. The loop calls one small named piece for each concern:
+
+- `_cadence.Cadence`: when to log, evaluate and save (log_every, eval_every, save_every,
+  ... and the callbacks' Requests);
+- `_nonfinite_watch.NonfiniteWatch`: the first step whose loss was NaN or infinite
+  (nonfinite="raise") or the streak of skipped steps (nonfinite="skip");
+- `_eval_tracking`: `Evaluator` runs an evaluation, `EvalTracker` keeps the best one
+  (whether a value improved is `callbacks.improved`, loopkit's one rule for it);
+- `_saving.CheckpointSaver`: checkpoints, written once per step, and their rotation;
+- `_resume`: what a checkpoint carries besides the record, and resuming from it.
+"""
 
 from __future__ import annotations
 
-import math
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,24 +24,35 @@ from typing import Any
 
 import torch
 
-from .callbacks import Request, Stop, check_callbacks, collect_log_metrics, dispatch, infer_mode
-from .checkpoint import (
-    CheckpointError,
-    list_checkpoints,
-    load_checkpoint,
-    read_extra,
-    rotate_checkpoints,
-    save_checkpoint,
-    step_dir_name,
+from ._batch import first_tensor
+from ._cadence import Cadence, Plan
+from ._eval_tracking import EvalTracker, Evaluator
+from ._nonfinite_watch import NonfiniteWatch
+from ._resume import checkpoint_extra, resume
+from ._saving import CheckpointSaver
+from ._types import Transform
+from .callbacks import (
+    Mode,
+    Request,
+    Stop,
+    check_callbacks,
+    collect_log_metrics,
+    dispatch,
+    infer_mode,
 )
 from .compose import chain, identity
 from .config import FitConfig, resolve_named
 from .data import make_loader
-from .evaluate import evaluate
 from .logging import CSVLogger, JSONLLogger, ProgressBar, TensorBoardLogger
 from .metrics import Accuracy, TopKAccuracy, as_metric, to_host
 from .state import TrainState, Window
+from .strategies import Strategy
 from .transforms import accumulate, clip, forward, optimizer_step, skip_nonfinite
+
+logger = logging.getLogger(__name__)
+
+_NONFINITE_CHUNK = 1024
+"""fit() folds the pending losses into its non-finite record at least this often (steps)."""
 
 
 @dataclass
@@ -121,18 +145,17 @@ def _check_monitors(callbacks: Sequence[Any], metrics: Mapping[str, Any], has_ev
             )
 
 
-def _window_size(config: FitConfig, loader: Iterable[Any], world_size: int) -> int:
+def _window_size(config: FitConfig, loader: Iterable[Any], strategy: Strategy) -> int:
     """Micro-batches per optimizer step, from accumulate or from a samples/tokens target."""
     target = config.samples_per_step or config.tokens_per_step
     if not target:
         return config.accumulate
-    from ._batch import first_tensor
-
     batch = next(iter(loader))
     tensor = first_tensor(batch)
     if tensor is None or tensor.ndim == 0:
         raise ValueError("fit(samples_per_step / tokens_per_step): batches hold no tensor.")
     unit = "samples" if config.samples_per_step else "tokens"
+    world_size = strategy.dp_world_size
     per_micro = tensor.shape[0] if unit == "samples" else tensor.numel()
     per_micro *= world_size
     k = target // per_micro
@@ -141,7 +164,10 @@ def _window_size(config: FitConfig, loader: Iterable[Any], world_size: int) -> i
             f"fit({unit}_per_step={target}): must be a multiple of the {per_micro} {unit} per "
             f"micro-batch (across {world_size} rank(s)); e.g. {max(1, k) * per_micro}."
         )
-    print(f"loopkit: accumulate={k} ({target} {unit} per step / {per_micro} per micro-batch)")
+    if strategy.is_main:
+        logger.info(
+            "accumulate=%s (%s %s per step / %s per micro-batch)", k, target, unit, per_micro
+        )
     return k
 
 
@@ -160,6 +186,7 @@ def fit(
     except at log steps (every `log_every` optimizer steps). Besides that schedule (and
     `eval_every`, `save_every`, ...), a callback's `on_step_end` / `on_epoch_end` may return
     `Request(log=..., evaluate=..., save=..., end_epoch=...)` to have fit act right then.
+    Messages ("resumed from ...") go to the "loopkit" logger (see loopkit.logging).
 
     Args:
         model: the module to train.
@@ -178,17 +205,7 @@ def fit(
     Raises:
         ValueError / TypeError: a bad argument, named in the message, before any training.
     """
-    base = dict(config) if config is not None else {}
-    cfg = FitConfig.from_dict({**base, **kwargs})
-    if cfg.loss_fn is None and cfg.step is None:
-        raise ValueError("fit(loss_fn=None): pass loss_fn(model, batch), or a custom step=.")
-    if cfg.optimizer is None:
-        raise ValueError(
-            "fit(optimizer=None): pass a factory such as "
-            "`lambda params: torch.optim.AdamW(params, lr=3e-4)` or {'name': 'AdamW', 'lr': 3e-4}."
-        )
-    if cfg.mode is None and cfg.eval_data is not None:
-        infer_mode(cfg.monitor)  # fail now, not at the first eval
+    cfg = _checked_config(config, kwargs)
     metrics = _resolve_metrics(cfg.metrics)
     user_callbacks = check_callbacks(cfg.callbacks)
     _check_monitors(user_callbacks, metrics, has_eval=cfg.eval_data is not None)
@@ -202,10 +219,44 @@ def fit(
         strategy=cfg.strategy,
         seed=cfg.seed,
     )
-    # Data-parallel rank and size: the ranks of one pipeline (Pipeline's dp_rank and
-    # dp_world_size) read the same batches; every other strategy's ranks are replicas.
-    data_rank = getattr(state.strategy, "dp_rank", state.strategy.rank)
-    data_world = getattr(state.strategy, "dp_world_size", state.strategy.world_size)
+    loader, eval_loader = _loaders(train_data, cfg, state.strategy)
+    k = _window_size(cfg, loader, state.strategy)
+    train_step = cfg.step or _default_step(cfg, k)
+    if cfg.step is None:
+        # Tell forward the window size before the first micro-batch, so data-parallel
+        # strategies all-reduce gradients once per window from the very first window.
+        state = state.replace(window=Window(size=k))
+    evaluator = None
+    if eval_loader is not None:
+        evaluator = Evaluator(eval_loader, metrics, cfg.loss_fn, cfg.predict, cfg.eval_batches)
+    mode: Mode = cfg.mode or (infer_mode(cfg.monitor) if eval_loader is not None else "min")
+    callbacks = _with_loggers(user_callbacks, cfg, state.strategy)
+    max_epochs = cfg.epochs if cfg.epochs is not None else (None if cfg.max_steps else 1)
+    hparams = _hparams(cfg, loader, k, train_step, max_epochs)
+    run = _Run(state, train_step, loader, callbacks, cfg, hparams, evaluator, mode)
+    return run.train(max_epochs)
+
+
+def _checked_config(config: FitConfig | Mapping[str, Any] | None, kwargs: Any) -> FitConfig:
+    """The FitConfig of fit's arguments, with the checks that need more than one field."""
+    base = dict(config) if config is not None else {}
+    cfg = FitConfig.from_dict({**base, **kwargs})
+    if cfg.loss_fn is None and cfg.step is None:
+        raise ValueError("fit(loss_fn=None): pass loss_fn(model, batch), or a custom step=.")
+    if cfg.optimizer is None:
+        raise ValueError(
+            "fit(optimizer=None): pass a factory such as "
+            "`lambda params: torch.optim.AdamW(params, lr=3e-4)` or {'name': 'AdamW', 'lr': 3e-4}."
+        )
+    if cfg.mode is None and cfg.eval_data is not None:
+        infer_mode(cfg.monitor)  # fail now, not at the first eval
+    return cfg
+
+
+def _loaders(train_data: Any, cfg: FitConfig, strategy: Strategy) -> tuple[Any, Any]:
+    """The train loader and the eval loader (None without eval_data) of this rank."""
+    # Data-parallel rank and size: the ranks of one pipeline read the same batches; every
+    # other strategy's ranks are replicas (dp_rank == rank).
     loader = make_loader(
         train_data,
         batch_size=cfg.batch_size,
@@ -215,325 +266,269 @@ def fit(
         num_workers=cfg.num_workers,
         pin_memory=cfg.pin_memory,
         collate_fn=cfg.collate_fn,
-        rank=data_rank,
-        world_size=data_world,
+        rank=strategy.dp_rank,
+        world_size=strategy.dp_world_size,
     )
-    eval_loader = None
-    if cfg.eval_data is not None:
-        eval_loader = make_loader(
-            cfg.eval_data,
-            batch_size=cfg.eval_batch_size or cfg.batch_size,
-            shuffle=False,
-            seed=cfg.seed,
-            collate_fn=cfg.collate_fn,
-            rank=data_rank,
-            world_size=data_world,
-            where="fit(eval_data=...)",
-        )
-    k = _window_size(cfg, loader, data_world)
-    train_step = cfg.step or chain(
+    if cfg.eval_data is None:
+        return loader, None
+    eval_loader = make_loader(
+        cfg.eval_data,
+        batch_size=cfg.eval_batch_size or cfg.batch_size,
+        shuffle=False,
+        seed=cfg.seed,
+        collate_fn=cfg.collate_fn,
+        rank=strategy.dp_rank,
+        world_size=strategy.dp_world_size,
+        where="fit(eval_data=...)",
+    )
+    return loader, eval_loader
+
+
+def _default_step(cfg: FitConfig, k: int) -> Transform:
+    """fit's own step: forward, accumulate k, clip, skip non-finite, optimizer step."""
+    return chain(
         forward(cfg.loss_fn),
         accumulate(k),
         clip(cfg.clip) if cfg.clip is not None else identity(),
         skip_nonfinite() if cfg.nonfinite == "skip" else identity(),
         optimizer_step(),
     )
-    if cfg.step is None:
-        # Tell forward the window size before the first micro-batch, so data-parallel
-        # strategies all-reduce gradients once per window from the very first window.
-        state = state.replace(window=Window(size=k))
-    mode = cfg.mode or (infer_mode(cfg.monitor) if eval_loader is not None else "min")
-    callbacks = list(user_callbacks)
-    if state.strategy.rank == 0:  # only the main process logs
-        if cfg.log_dir is not None:
-            log_dir = Path(cfg.log_dir)
-            callbacks += [
-                TensorBoardLogger(log_dir),
-                CSVLogger(log_dir / "metrics.csv"),
-                JSONLLogger(log_dir / "metrics.jsonl"),
-            ]
-        if cfg.progress:
-            callbacks.append(ProgressBar())
-    max_epochs = cfg.epochs if cfg.epochs is not None else (None if cfg.max_steps else 1)
+
+
+def _with_loggers(callbacks: Sequence[Any], cfg: FitConfig, strategy: Strategy) -> list[Any]:
+    """The user's callbacks, then (on the main rank only) the loggers fit's settings ask for."""
+    result = list(callbacks)
+    if not strategy.is_main:  # only the main process logs
+        return result
+    if cfg.log_dir is not None:
+        log_dir = Path(cfg.log_dir)
+        result += [
+            TensorBoardLogger(log_dir),
+            CSVLogger(log_dir / "metrics.csv"),
+            JSONLLogger(log_dir / "metrics.jsonl"),
+        ]
+    if cfg.progress:
+        result.append(ProgressBar())
+    return result
+
+
+def _hparams(
+    cfg: FitConfig, loader: Any, k: int, train_step: Transform, max_epochs: int | None
+) -> dict[str, Any]:
+    """fit's settings as plain values, for `on_fit_start` and the checkpoints."""
     hparams = {
-        k_: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
-        for k_, v in cfg.items()
-        if k_ not in ("eval_data", "callbacks")
+        name: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
+        for name, v in cfg.items()
+        if name not in ("eval_data", "callbacks")
     }
     total_steps = cfg.max_steps
     if total_steps is None and max_epochs is not None:
         try:
-            total_steps = max_epochs * len(loader) // k  # type: ignore[arg-type]
+            total_steps = max_epochs * len(loader) // k
         except TypeError:  # an iterable without a length: the progress bar has no total
             pass
     hparams.update(
         max_steps=cfg.max_steps, total_steps=total_steps, accumulate=k, step=repr(train_step)
     )
-    return _run(
-        state, train_step, loader, eval_loader, cfg, metrics, callbacks, max_epochs, mode, hparams
-    )
+    return hparams
 
 
-def _run(
-    state: TrainState,
-    train_step: Any,
-    loader: Iterable[Any],
-    eval_loader: Iterable[Any] | None,
-    cfg: FitConfig,
-    metrics: dict[str, Any],
-    callbacks: Sequence[Any],
-    max_epochs: int | None,
-    mode: str,
-    hparams: dict[str, Any],
-) -> FitResult:
-    start = time.perf_counter()
-    result = FitResult(state)
-    evaluated_at = -1
-    resumed_mid_epoch = False
-    saved_at = -1  # the step of the newest checkpoint on disk from this run (or resumed from)
-    if cfg.resume is not False:
-        state, resumed_mid_epoch, evaluated_at = _resume(state, loader, callbacks, result, cfg)
-        if resumed_mid_epoch:
-            saved_at = state.step
-    stop: Stop | None = dispatch(callbacks, "on_fit_start", state, hparams)
-    skips_in_a_row = 0
-    # Device-side record of the first step whose loss was not finite: no per-step sync.
-    first_nonfinite = torch.full((), -1, dtype=torch.int64, device=state.strategy.device)
-    # fit's own step makes a new "train/loss" tensor every optimizer step and never writes
-    # to it again, so its check can wait: the losses of consecutive steps since the last
-    # check are kept (one list append per step, no device op) and read at the next log or
-    # save step and at the end, where fit syncs anyway (one stack and one copy to the
-    # host); a run that checks less often than every _NONFINITE_CHUNK steps folds them
-    # into first_nonfinite on the device. A user's step= might reuse one tensor: its loss
-    # is checked on the device every step.
-    pending: list[torch.Tensor] | None = [] if cfg.step is None else None
-    pending_start = 0  # the step (before its update) of pending[0]
-    on_device = pending is None  # whether first_nonfinite may hold a step
+class _Run:
+    """One fit() run: the record being trained, the loop, and the pieces it calls.
 
-    def fold_pending() -> None:
-        # Device ops only, no host sync.
-        nonlocal first_nonfinite, on_device
-        assert pending
-        bad = ~torch.isfinite(torch.stack(pending))
-        first_bad = torch.argmax(bad.to(torch.int32)) + pending_start  # the first True
-        first_nonfinite = torch.where((first_nonfinite < 0) & bad.any(), first_bad, first_nonfinite)
-        on_device = True
-        pending.clear()
+    `state` is the current record (each step consumes it and returns the next); `result`
+    collects the history. Events, in order, are those in loopkit.callbacks.
+    """
 
-    def row(values: Mapping[str, float]) -> dict[str, float]:
-        return {
-            "step": state.step,
-            "epoch": state.epoch,
-            "time_s": time.perf_counter() - start,
-            **values,
-        }
-
-    def check_finite() -> None:
-        # host sync: at log and save steps only.
-        bad = int(first_nonfinite) if on_device else -1
-        if bad < 0 and pending:
-            values = torch.stack(pending).tolist()
-            bad = next(
-                (pending_start + i for i, value in enumerate(values) if not math.isfinite(value)),
-                -1,
+    def __init__(
+        self,
+        state: TrainState,
+        train_step: Transform,
+        loader: Any,
+        callbacks: Sequence[Any],
+        cfg: FitConfig,
+        hparams: dict[str, Any],
+        evaluator: Evaluator | None,
+        mode: Mode,
+    ) -> None:
+        self.start_s = time.perf_counter()
+        self.state = state
+        self.train_step = train_step
+        self.loader = loader
+        self.callbacks = callbacks
+        self.cfg = cfg
+        self.hparams = hparams
+        self.result = FitResult(state)
+        self.cadence = Cadence.of(cfg, has_eval=evaluator is not None)
+        self.evaluator = evaluator
+        self.evals = EvalTracker(cfg.monitor, mode)
+        self.saver = None
+        if cfg.checkpoint_dir is not None:
+            self.saver = CheckpointSaver(
+                cfg.checkpoint_dir, keep_last=cfg.keep_last, keep_best=cfg.keep_best
             )
-            pending.clear()
-        if bad >= 0:
-            raise FloatingPointError(
-                f"fit: the training loss became NaN or infinite at step {bad}. Checkpoints "
-                "written before it are intact. Lower the lr, clip gradients, or pass "
-                "nonfinite='skip' to drop such updates."
-            )
-
-    def run_eval() -> tuple[Stop | None, bool]:
-        nonlocal evaluated_at
-        assert eval_loader is not None
-        values = evaluate(
-            state,
-            eval_loader,
-            metrics,
-            loss_fn=cfg.loss_fn,
-            predict=cfg.predict,
-            max_batches=cfg.eval_batches,
+        self.watch = NonfiniteWatch(
+            cfg.nonfinite,
+            state.strategy.device,
+            deferred=cfg.step is None,
+            chunk=_NONFINITE_CHUNK,
+            max_skips=cfg.max_nonfinite_skips,
         )
-        evaluated_at = state.step
-        result.history.append(row(values))
-        improved = False
-        if cfg.monitor in values:
-            value, best = values[cfg.monitor], result.best
-            improved = not math.isnan(value) and (
-                best is None
-                or (value < best[cfg.monitor] if mode == "min" else value > best[cfg.monitor])
-            )
-            if improved:
-                result.best = {"step": state.step, **values}
-        return dispatch(callbacks, "on_eval_end", state, values), improved
 
-    def save() -> Stop | None:
-        nonlocal saved_at
-        assert cfg.checkpoint_dir is not None
-        if cfg.nonfinite == "raise":
-            check_finite()
-        if state.step == saved_at:
-            # This step is on disk already (an epoch end right after a step save, or the
-            # checkpoint resumed from), and resuming from it replays what followed exactly.
-            # Writing it again would replace the newest valid checkpoint in place, which is
-            # not atomic (a directory cannot be renamed over a non-empty one).
-            return None
-        path = save_checkpoint(
-            state,
-            cfg.checkpoint_dir,
-            extra=_extra(loader, callbacks, result, evaluated_at, hparams),
+    def train(self, max_epochs: int | None) -> FitResult:
+        """Run the epochs until max_steps, max_epochs or a callback's Stop."""
+        resumed = self._resume()
+        stop = dispatch(self.callbacks, "on_fit_start", self.state, self.hparams)
+        epoch = self.state.epoch
+        while stop is None and (max_epochs is None or epoch < max_epochs):
+            if self._reached_max_steps():
+                break
+            stop = dispatch(self.callbacks, "on_epoch_start", self.state)
+            stop = self._epoch(epoch, stop, may_be_empty=resumed)
+            resumed = False
+            if self.result.stopped_by or stop is not None:
+                break
+            epoch += 1
+            stop = self._end_epoch(epoch)
+        return self._finish(stop)
+
+    def _resume(self) -> bool:
+        """Pick up the checkpoint `resume=` names; whether there was one."""
+        if self.cfg.resume is False:
+            return False
+        resumed = resume(
+            self.state,
+            self.loader,
+            self.callbacks,
+            source=self.cfg.resume,
+            checkpoint_dir=self.cfg.checkpoint_dir,
         )
-        saved_at = state.step
-        if cfg.keep_last is not None:
-            keep = [path]
-            if cfg.keep_best and result.best is not None:
-                keep.append(Path(cfg.checkpoint_dir) / step_dir_name(int(result.best["step"])))
-            if state.strategy.rank == 0:  # one process deletes; the others would race it
-                rotate_checkpoints(cfg.checkpoint_dir, cfg.keep_last, keep=keep)
-        return dispatch(callbacks, "on_checkpoint_saved", state, str(path))
+        if resumed is None:
+            return False
+        self.state = resumed.state
+        self.result.history = resumed.history
+        self.evals.best, self.evals.evaluated_at = resumed.best, resumed.evaluated_at
+        if self.saver is not None:
+            self.saver.saved_at = self.state.step  # on disk already
+        return True
 
-    def log() -> Stop | None:
-        # host sync: the one place train metrics leave the device, at log steps only.
-        # With several processes the train metrics are reduced over ranks first (one
-        # all_reduce): "train/loss" becomes the mean over every rank's items.
-        train = state.strategy.reduce_metrics(state.metrics)
-        values = to_host({**train, **collect_log_metrics(callbacks, state)})
-        if cfg.nonfinite == "raise":
-            check_finite()
-        result.history.append(row(values))
-        return dispatch(callbacks, "on_log", state, values)
+    def _epoch(self, epoch: int, stop: Stop | None, *, may_be_empty: bool) -> Stop | None:
+        """Train on one epoch's batches; return the latest Stop a callback asked for.
 
-    epoch = state.epoch
-    while stop is None and (max_epochs is None or epoch < max_epochs):
-        if cfg.max_steps is not None and state.step >= cfg.max_steps:
-            result.stopped_by = "max_steps"
-            break
-        stop = dispatch(callbacks, "on_epoch_start", state)
-        _set_epoch(loader, epoch)
+        A resumed epoch may have no batches left; any other empty epoch is an error.
+        """
+        _set_epoch(self.loader, epoch)
         batches = 0
-        for batch in loader:
+        for batch in self.loader:
             batches += 1
-            previous_step, previous_skips = state.step, state.skipped_steps
-            try:
-                state = train_step(state, batch)
-            except (ValueError, TypeError):
-                raise
-            except Exception as error:
-                if state.step == 0 and previous_step == 0 and batches == 1:
-                    raise RuntimeError(
-                        f"fit: the first training step failed ({type(error).__name__}: "
-                        f"{error}); nothing was trained. Check loss_fn and the batch format."
-                    ) from error
-                raise
-            if state.step == previous_step:
+            previous_step, previous_skips = self.state.step, self.state.skipped_steps
+            self._train_step(batch, first_batch=batches == 1)
+            if self.state.step == previous_step:
                 continue  # a micro-batch inside an open window
-            loss = state.metrics.get("train/loss")
-            if cfg.nonfinite == "raise" and isinstance(loss, torch.Tensor):
-                if pending is None:
-                    first_nonfinite = torch.where(
-                        (first_nonfinite < 0) & ~torch.isfinite(loss),
-                        previous_step,
-                        first_nonfinite,
-                    )
-                else:
-                    if pending and previous_step != pending_start + len(pending):
-                        fold_pending()  # not consecutive (never with fit's own step)
-                    if not pending:
-                        pending_start = previous_step
-                    pending.append(loss)
-                    if len(pending) >= _NONFINITE_CHUNK:
-                        fold_pending()
-            elif cfg.nonfinite == "skip":
-                skips_in_a_row = skips_in_a_row + 1 if state.skipped_steps > previous_skips else 0
-                if skips_in_a_row >= cfg.max_nonfinite_skips:
-                    raise FloatingPointError(
-                        f"fit: {skips_in_a_row} optimizer steps in a row were skipped for a "
-                        f"non-finite loss or gradient (last at step {previous_step}); "
-                        f"max_nonfinite_skips={cfg.max_nonfinite_skips}."
-                    )
+            self.watch.after_step(self.state, previous_step, previous_skips)
             requests: list[Request] = []
-            stop = dispatch(callbacks, "on_step_end", state, requests=requests) or stop
-            request = _merged(requests, eval_loader, cfg)
-            if (cfg.log_every and state.step % cfg.log_every == 0) or request.log:
-                stop = log() or stop
-            improved = False
-            if (cfg.eval_every and state.step % cfg.eval_every == 0) or request.evaluate:
-                eval_stop, improved = run_eval()
-                stop = eval_stop or stop
-            if cfg.checkpoint_dir is not None and (
-                (cfg.save_every and state.step % cfg.save_every == 0)
-                or (cfg.keep_best and improved)
-                or request.save
-            ):
-                stop = save() or stop
-            if cfg.max_steps is not None and state.step >= cfg.max_steps:
-                result.stopped_by = "max_steps"
+            stop = dispatch(self.callbacks, "on_step_end", self.state, requests=requests) or stop
+            request = self.cadence.merge(requests)
+            stop = self._act(self.cadence.after_step(self.state.step, request)) or stop
+            if self._reached_max_steps() or stop is not None or request.end_epoch:
                 break
-            if stop is not None or request.end_epoch:
-                break
-        if batches == 0 and not resumed_mid_epoch:
+        if batches == 0 and not may_be_empty:
             raise ValueError(
                 "fit(train_data=...): the data yielded no batches"
                 + (" in the first epoch." if epoch == 0 else f" in epoch {epoch}.")
             )
-        resumed_mid_epoch = False
-        if result.stopped_by or stop is not None:
-            break
-        epoch += 1
-        state = state.replace(epoch=epoch)
-        requests = []
-        stop = dispatch(callbacks, "on_epoch_end", state, requests=requests)
-        request = _merged(requests, eval_loader, cfg)
-        if request.log:
-            stop = log() or stop
-        improved = False
-        if (eval_loader is not None and not cfg.eval_every) or request.evaluate:
-            eval_stop, improved = run_eval()
+        return stop
+
+    def _train_step(self, batch: Any, *, first_batch: bool) -> None:
+        state = self.state
+        try:
+            self.state = self.train_step(state, batch)
+        except (ValueError, TypeError):
+            raise
+        except Exception as error:
+            if state.step == 0 and first_batch:
+                raise RuntimeError(
+                    f"fit: the first training step failed ({type(error).__name__}: "
+                    f"{error}); nothing was trained. Check loss_fn and the batch format."
+                ) from error
+            raise
+
+    def _end_epoch(self, epoch: int) -> Stop | None:
+        """Count the epoch, then run its end events; return the latest Stop asked for."""
+        self.state = self.state.replace(epoch=epoch)
+        requests: list[Request] = []
+        stop = dispatch(self.callbacks, "on_epoch_end", self.state, requests=requests)
+        request = self.cadence.merge(requests)
+        plan = self.cadence.at_epoch_end(self.state.micro_step == 0, request)
+        return self._act(plan) or stop
+
+    def _reached_max_steps(self) -> bool:
+        if self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps:
+            self.result.stopped_by = "max_steps"
+            return True
+        return False
+
+    def _act(self, plan: Plan) -> Stop | None:
+        """Log, evaluate and save as `plan` says, in that order; return the latest Stop."""
+        stop = self._log() if plan.log else None
+        is_best = False
+        if plan.evaluate:
+            eval_stop, is_best = self._evaluate()
             stop = eval_stop or stop
-        if cfg.checkpoint_dir is not None and (
-            (state.micro_step == 0 and (cfg.save_on_epoch_end or (cfg.keep_best and improved)))
-            or request.save  # an open window makes save_checkpoint raise, naming the fix
-        ):
-            stop = save() or stop
-    if stop is not None:
-        result.stopped_by = stop.reason
-    elif not result.stopped_by:
-        result.stopped_by = "epochs"
-    if cfg.nonfinite == "raise":
-        check_finite()
-    if eval_loader is not None and evaluated_at != state.step:
-        run_eval()
-    dispatch(callbacks, "on_fit_end", state)
-    result.state = state
-    return result
+        if plan.save or (plan.save_if_improved and is_best):
+            stop = self._save() or stop
+        return stop
 
+    def _row(self, values: Mapping[str, float]) -> dict[str, float]:
+        state = self.state
+        elapsed_s = time.perf_counter() - self.start_s
+        return {"step": state.step, "epoch": state.epoch, "time_s": elapsed_s, **values}
 
-_NONFINITE_CHUNK = 1024
-"""fit() folds the pending losses into its non-finite record at least this often (steps)."""
+    def _log(self) -> Stop | None:
+        # host sync: the one place train metrics leave the device, at log steps only.
+        # With several processes the train metrics are reduced over ranks first (one
+        # all_reduce): "train/loss" becomes the mean over every rank's items.
+        train = self.state.strategy.reduce_metrics(self.state.metrics)
+        values = to_host({**train, **collect_log_metrics(self.callbacks, self.state)})
+        self.watch.check()
+        self.result.history.append(self._row(values))
+        return dispatch(self.callbacks, "on_log", self.state, values)
 
-_NO_REQUEST = Request()  # frozen: one shared instance for the usual step with no requests
+    def _evaluate(self) -> tuple[Stop | None, bool]:
+        """Evaluate now; return the Stop a callback asked for and whether it is the best."""
+        assert self.evaluator is not None
+        values = self.evaluator(self.state)
+        is_best = self.evals.record(self.state.step, values)
+        self.result.history.append(self._row(values))
+        return dispatch(self.callbacks, "on_eval_end", self.state, values), is_best
 
+    def _save(self) -> Stop | None:
+        assert self.saver is not None
+        self.watch.check()
+        path = self.saver.save(self.state, self._checkpoint_extra, self.evals.best_step)
+        if path is None:
+            return None
+        return dispatch(self.callbacks, "on_checkpoint_saved", self.state, str(path))
 
-def _merged(requests: Sequence[Request], eval_loader: Any, cfg: FitConfig) -> Request:
-    """The callbacks' requests as one; fail on one fit cannot serve."""
-    if not requests:
-        return _NO_REQUEST
-    request = Request()
-    for each in requests:
-        request = request | each
-    if request.evaluate and eval_loader is None:
-        raise ValueError(
-            "fit: a callback returned Request(evaluate=True) but fit has no eval_data; pass "
-            "eval_data=..."
+    def _checkpoint_extra(self) -> dict[str, Any]:
+        history, evals = self.result.history, self.evals
+        return checkpoint_extra(
+            self.loader, self.callbacks, history, evals.best, evals.evaluated_at, self.hparams
         )
-    if request.save and cfg.checkpoint_dir is None:
-        raise ValueError(
-            "fit: a callback returned Request(save=True) but fit has no checkpoint_dir; pass "
-            "checkpoint_dir=..."
-        )
-    return request
+
+    def _finish(self, stop: Stop | None) -> FitResult:
+        """Say why training stopped, check the losses, evaluate the last step, end the fit."""
+        if stop is not None:
+            self.result.stopped_by = stop.reason
+        elif not self.result.stopped_by:
+            self.result.stopped_by = "epochs"
+        self.watch.check()
+        if self.evaluator is not None and self.evals.evaluated_at != self.state.step:
+            self._evaluate()
+        dispatch(self.callbacks, "on_fit_end", self.state)
+        self.result.state = self.state
+        self.result.best = self.evals.best
+        return self.result
 
 
 def _set_epoch(loader: Any, epoch: int) -> None:
@@ -543,73 +538,4 @@ def _set_epoch(loader: Any, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
-def _extra(
-    loader: Any,
-    callbacks: Sequence[Any],
-    result: FitResult,
-    evaluated_at: int,
-    hparams: Mapping[str, Any],
-) -> dict[str, Any]:
-    """What a checkpoint needs besides the TrainState to resume fit() exactly."""
-    return {
-        "data": loader.state_dict() if hasattr(loader, "state_dict") else None,
-        "callbacks": [
-            cb.state_dict()
-            if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")
-            else None
-            for cb in callbacks
-        ],
-        "history": result.history,
-        "best": result.best,
-        "evaluated_at": evaluated_at,
-        "config": dict(hparams),
-    }
-
-
-def _resume(
-    state: TrainState, loader: Any, callbacks: Sequence[Any], result: FitResult, cfg: FitConfig
-) -> tuple[TrainState, bool, int]:
-    """Load the checkpoint `cfg.resume` asks for; return (state, mid_epoch, evaluated_at).
-
-    resume=True tries the checkpoints in checkpoint_dir newest first, skipping (and saying
-    why) each one that is invalid or does not fit this run; an explicit path must load.
-    """
-    if cfg.resume is True:
-        assert cfg.checkpoint_dir is not None
-        candidates = list_checkpoints(cfg.checkpoint_dir)
-    else:
-        candidates = [Path(cfg.resume)]  # type: ignore[arg-type]
-    for path in candidates:
-        try:
-            state = load_checkpoint(path, state)  # validates first; touches nothing if bad
-        except CheckpointError as error:
-            if cfg.resume is not True:
-                raise  # a bad explicit path raises; no fallback
-            print(f"loopkit: skipping checkpoint {path.name}: {error}")
-            continue
-        break
-    else:
-        print(f"loopkit: no valid checkpoint in {cfg.checkpoint_dir}; starting fresh.")
-        return state, False, -1
-    extra = read_extra(path)  # parsed fine by load_checkpoint just above
-    if extra.get("data") is not None:
-        if not hasattr(loader, "load_state_dict"):
-            raise ValueError(
-                f"fit(resume={str(path)!r}): the checkpoint holds a data position but "
-                f"train_data ({type(loader).__name__}) cannot restore one; pass a Dataset or "
-                "a torchdata StatefulDataLoader for exact resume."
-            )
-        loader.load_state_dict(extra["data"])
-    saved = extra.get("callbacks") or []
-    if len(saved) != len(callbacks):
-        raise ValueError(
-            f"fit(resume={str(path)!r}): the checkpoint has state for {len(saved)} callbacks, "
-            f"this run has {len(callbacks)}; pass the same callbacks as the interrupted run."
-        )
-    for callback, callback_state in zip(callbacks, saved):
-        if callback_state is not None:
-            callback.load_state_dict(callback_state)
-    result.history = list(extra.get("history") or [])
-    result.best = extra.get("best")
-    print(f"loopkit: resumed from {path} (step {state.step}, epoch {state.epoch}).")
-    return state, True, int(extra.get("evaluated_at", -1))
+__all__ = ["FitResult", "fit"]

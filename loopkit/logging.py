@@ -1,15 +1,24 @@
 """Loggers: callbacks that write log and eval records to TensorBoard, CSV, JSONL or a bar.
 
 Every logger receives host floats (fit() pulls metrics off the device at log steps only),
-writes from rank 0 only (fit() attaches loggers on rank 0; the loggers also check
-`state.strategy.rank`), and never asks to stop. A record is one `on_log` or one
+writes from the main rank only (fit() attaches loggers there; the loggers also check
+`state.strategy.is_main`), and never asks to stop. A record is one `on_log` or one
 `on_eval_end`: step, epoch, time_s (seconds since fit start) and the metrics.
+
+loopkit's own messages ("resumed from ...", "accumulate=4 (...)") go through the standard
+library's `logging`, to the "loopkit" logger and its children, from the main rank only.
+Unless you configure logging, they are printed to stdout as "loopkit: <message>", as
+`print` would: the "loopkit" logger is at INFO and has a console handler that steps aside
+when another handler on the way (one you added to "loopkit" or to the root logger, e.g.
+with `logging.basicConfig()`) already writes to the console. Silence them with
+`logging.getLogger("loopkit").setLevel(logging.WARNING)`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import numbers
 import os
@@ -32,8 +41,55 @@ CSV_COLUMNS: tuple[str, ...] = (
 """The columns every CSV log starts with; keys seen later (eval/..., perf/...) follow."""
 
 
-def _is_main(state: Any) -> bool:
-    return getattr(getattr(state, "strategy", None), "rank", 0) == 0
+LOGGER_NAME = "loopkit"
+"""The logger loopkit's messages go to (modules log to children such as "loopkit.fit")."""
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """Write records to the current `sys.stdout`, unless a handler on the way already shows them.
+
+    The stream is looked up per record, as `print` does, so redirection (and pytest's
+    capture) sees the messages. A record is skipped when another handler that it reaches
+    (on its logger or an ancestor, while they propagate) writes to stdout or stderr, so a
+    user's `logging.basicConfig()` shows each message once, in the user's format.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+        self.setFormatter(logging.Formatter(f"{LOGGER_NAME}: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._shown_elsewhere(record):
+            return
+        self.stream = sys.stdout
+        super().emit(record)
+
+    def _shown_elsewhere(self, record: logging.LogRecord) -> bool:
+        consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:
+            for handler in logger.handlers:
+                if (
+                    handler is not self
+                    and isinstance(handler, logging.StreamHandler)
+                    and handler.stream in consoles
+                    and record.levelno >= handler.level
+                ):
+                    return True
+            logger = logger.parent if logger.propagate else None
+        return False
+
+
+def _install_console_handler() -> None:
+    """Give the "loopkit" logger a level and its console handler (once per process)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not any(isinstance(handler, _ConsoleHandler) for handler in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+
+
+_install_console_handler()
 
 
 def _check_path(path: object, where: str, example: str) -> str:
@@ -98,7 +154,7 @@ class TensorBoardLogger:
         return self._writer
 
     def on_fit_start(self, state: Any, hparams: Mapping[str, object]) -> None:
-        if not _is_main(state):
+        if not state.strategy.is_main:
             return
         writer = self._open()
         text = json.dumps(dict(hparams), indent=2, sort_keys=True, default=repr)
@@ -116,11 +172,11 @@ class TensorBoardLogger:
             writer.add_scalar(key, float(value), step)
 
     def on_log(self, state: Any, metrics: Mapping[str, float]) -> None:
-        if _is_main(state):
+        if state.strategy.is_main:
             self._scalars(state, metrics)
 
     def on_eval_end(self, state: Any, metrics: Mapping[str, float]) -> None:
-        if _is_main(state):
+        if state.strategy.is_main:
             self._scalars(state, metrics)
             self._writer.flush()
 
@@ -173,11 +229,11 @@ class CSVLogger:
         self._watch.restart()
         self._rows.clear()
         self._written = False
-        if _is_main(state):
+        if state.strategy.is_main:
             self._rewrite()
 
     def _write_row(self, state: Any, metrics: Mapping[str, float]) -> None:
-        if not _is_main(state):
+        if not state.strategy.is_main:
             return
         row = _record(state, metrics, self._watch)
         self._rows.append(row)
@@ -227,13 +283,13 @@ class JSONLLogger:
 
     def on_fit_start(self, state: Any, hparams: Mapping[str, object]) -> None:
         self._watch.restart()
-        if _is_main(state):
+        if state.strategy.is_main:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             open(self.path, "w", encoding="utf-8").close()
             self._started = True
 
     def _write_row(self, state: Any, metrics: Mapping[str, float]) -> None:
-        if not _is_main(state):
+        if not state.strategy.is_main:
             return
         if not self._started:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -303,7 +359,7 @@ class ProgressBar:
         self._start = 0.0
 
     def on_fit_start(self, state: Any, hparams: Mapping[str, object]) -> None:
-        if not _is_main(state):
+        if not state.strategy.is_main:
             return
         self._stream = self._file if self._file is not None else sys.stdout
         total = hparams.get("total_steps") or hparams.get("max_steps")
@@ -362,4 +418,11 @@ class ProgressBar:
         return f"ProgressBar(refresh_every={self.refresh_every})"
 
 
-__all__ = ["CSV_COLUMNS", "CSVLogger", "JSONLLogger", "ProgressBar", "TensorBoardLogger"]
+__all__ = [
+    "CSV_COLUMNS",
+    "LOGGER_NAME",
+    "CSVLogger",
+    "JSONLLogger",
+    "ProgressBar",
+    "TensorBoardLogger",
+]

@@ -110,3 +110,11 @@ def as_loss(
         f"{where}: loss_fn returned {type(value).__name__}; it must return a scalar tensor "
         "(the mean loss) or loopkit.Loss(sum, count)."
     )
+
+
+__all__ = [
+    "Loss",
+    "as_loss",
+    "cross_entropy",
+    "mse",
+]

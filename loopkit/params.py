@@ -84,3 +84,9 @@ def freeze(model: torch.nn.Module, which: str | Iterable[str] | Callable[[str], 
     for name in names:
         params[name].requires_grad_(False)
     return names
+
+
+__all__ = [
+    "freeze",
+    "param_groups",
+]

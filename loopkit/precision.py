@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-PrecisionName = Literal["fp32", "bf16", "fp16"]
+from ._types import PrecisionName
+
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _NO_AUTOCAST = contextlib.nullcontext()  # reusable: entering it does nothing
 
@@ -97,3 +97,11 @@ def set_tf32(enabled: bool = True) -> None:
     """Allow (or forbid) TF32 matmuls and convolutions on CUDA: faster fp32, ~10-bit mantissa."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
+
+
+__all__ = [
+    "Precision",
+    "PrecisionName",
+    "as_precision",
+    "set_tf32",
+]

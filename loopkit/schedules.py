@@ -194,3 +194,15 @@ def as_schedule(schedule: Schedule | LRScheduler | None, optimizer: torch.optim.
             "an lr factor, a finite float >= 0 (1.0 = the optimizer's lr)."
         )
     return schedule
+
+
+__all__ = [
+    "LRScheduler",
+    "as_schedule",
+    "constant",
+    "cosine",
+    "cosine_with_restarts",
+    "inverse_sqrt",
+    "linear",
+    "polynomial",
+]

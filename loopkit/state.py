@@ -11,16 +11,16 @@ Glossary:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
-from ._types import OptimizerFactory, Schedule
-from .precision import Precision, as_precision
+from ._types import OptimizerFactory, Schedule, Strategy
+from .precision import Precision, PrecisionName, as_precision
 from .schedules import as_schedule
+from .strategies import SingleDevice, check_strategy
 
 Number = int | float | torch.Tensor
 
@@ -108,8 +108,8 @@ class TrainState:
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    strategy: Any
-    schedule: Any
+    strategy: Strategy
+    schedule: Schedule | torch.optim.lr_scheduler.LRScheduler
     precision: Precision
     seed: int
     base_lrs: tuple[float, ...]
@@ -133,8 +133,8 @@ class TrainState:
         *,
         optimizer: torch.optim.Optimizer | OptimizerFactory,
         schedule: Schedule | torch.optim.lr_scheduler.LRScheduler | None = None,
-        precision: Precision | str = "fp32",
-        strategy: Any = None,
+        precision: Precision | PrecisionName = "fp32",
+        strategy: Strategy | None = None,
         seed: int = 0,
     ) -> TrainState:
         """Prepare `model` with `strategy` and build the initial record.
@@ -151,11 +151,10 @@ class TrainState:
 
         Raises:
             TypeError: model is not an nn.Module, optimizer is neither an optimizer nor a
-                callable, or seed is not an int.
+                callable, seed is not an int, or the strategy lacks members of the
+                Strategy protocol (each one is named).
             ValueError: the optimizer has no parameters, or holds parameters `model` lacks.
         """
-        from .strategies import SingleDevice, check_strategy
-
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
                 f"TrainState.create(model={type(model).__name__}): expected a torch.nn.Module."
@@ -256,22 +255,6 @@ _FIELD_NAMES = tuple(f.name for f in fields(TrainState))
 _PUBLIC_FIELDS = frozenset(n for n in _FIELD_NAMES if not n.startswith("_"))
 
 
-def deep_copy_training_objects(values: dict[str, Any]) -> dict[str, Any]:
-    """Deep-copy model, optimizer, schedule and tensors of a record's fields together.
-
-    One `deepcopy` call over all of them shares the memo, so the copied optimizer refers to
-    the copied model's parameters. Gradients are copied explicitly (Parameter's deepcopy
-    drops them).
-    """
-    params = [p for p in values["model"].parameters()]
-    grads = [p.grad for p in params]
-    keep = {k: values[k] for k in ("strategy", "precision", "params")}
-    copied = copy.deepcopy({k: v for k, v in values.items() if k not in keep})
-    for new_p, g in zip(copied["model"].parameters(), grads):
-        new_p.grad = None if g is None else g.detach().clone()
-    return {**copied, **keep}
-
-
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> tuple[torch.nn.Parameter, ...]:
     return tuple(p for group in optimizer.param_groups for p in group["params"])
 
@@ -310,3 +293,6 @@ def _check_optimizer(
             "Are all parameters frozen (requires_grad=False)? Unfreeze some or check the "
             "factory."
         )
+
+
+__all__ = ["Number", "StaleStateError", "TrainState", "Window"]

@@ -7,11 +7,12 @@ optimizer_step())` applied to each of k micro-batches in turn:
 - `accumulate(k)` closes the window after k micro-batches, normalising its gradients;
 - `clip` and `optimizer_step` act on closed windows only and pass open ones through.
 
-How the loss is normalised: micro-batch i contributes `sum_i / c_1` to the gradients,
-where c_1 is the first micro-batch's item count. Closing multiplies them by
-`c_1 / (c_1 + ... + c_k)`, so the window's gradient is that of `sum(sum_i) / sum(c_i)`:
-the mean loss over every item, however the items were split. A one-micro-batch window
-needs no rescaling at all, so `accumulate(1)` costs nothing over a hand-written loop.
+How the loss is normalised (loopkit.normalise, the one place that does this arithmetic):
+micro-batch i contributes `sum_i / c_1` to the gradients, where c_1 is the first
+micro-batch's item count. Closing multiplies them by `c_1 / (c_1 + ... + c_k)`, so the
+window's gradient is that of `sum(sum_i) / sum(c_i)`: the mean loss over every item,
+however the items were split. A one-micro-batch window needs no rescaling at all, so
+`accumulate(1)` costs nothing over a hand-written loop.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import torch
 
 from ._batch import batch_size
 from ._rng import micro_step_seed, seed_devices_
-from ._types import Batch, LossFn
-from .loss import as_loss
+from ._types import Batch, LossFn, Transform
+from .compose import parts_of
+from .normalise import closing_factor
 from .state import TrainState, Window
 
 LRScheduler = torch.optim.lr_scheduler.LRScheduler
@@ -72,29 +74,18 @@ class _Forward:
         # the window's size is not known yet: syncing more often is redundant, not wrong).
         # Decided before the forward: DDP's forward already arms (or skips) the all-reduce.
         size = window.size
-        sync = size is None or state.micro_step + 1 >= size
-        fused = getattr(strategy, "forward_backward", None)  # a missing name costs ~20 ns
-        if fused is not None:
-            return self._fused(fused, state, batch, n_samples, sync)
-        with strategy.gradient_sync(state.model, sync):
-            with state.precision.autocast(strategy.device):
-                value, count, is_mean = as_loss(self.loss_fn(state.model, batch), n_samples, self)
-            if state.step == 0 and state.micro_step == 0 and isinstance(count, torch.Tensor):
-                _check_count_once(count, self)
-            first = window.ref_count is None
-            # The reference count is global (summed over ranks), so every rank scales alike
-            # and a data-parallel gradient sum stays exact; on one device it is `count`.
-            ref: Any = strategy.reduce_count(count) if first else window.ref_count
-            if is_mean:
-                scaled = value if ref is count else value * (count / ref)
-            else:
-                scaled = value / ref
-            if state.loss_scale is not None:
-                scaled_for_backward = scaled * state.loss_scale
-            else:
-                scaled_for_backward = scaled
-            strategy.backward(state.model, scaled_for_backward, sync=sync)
-        scaled = scaled.detach()
+        first = window.ref_count is None
+        scaled, count, ref = strategy.forward_backward(
+            state.model,
+            batch,
+            self.loss_fn,
+            precision=state.precision,
+            n_samples=n_samples,
+            ref_count=window.ref_count,
+            sync=size is None or state.micro_step + 1 >= size,
+            loss_scale=state.loss_scale,
+            check_count=state.step == 0 and state.micro_step == 0,
+        )
         return state._advance(
             self,
             {
@@ -110,63 +101,8 @@ class _Forward:
             },
         )
 
-    def _fused(
-        self, fused: Any, state: TrainState, batch: Batch, n_samples: int, sync: bool
-    ) -> TrainState:
-        """Forward and backward in one strategy call (a pipeline runs both in its schedule).
-
-        `strategy.forward_backward` normalises like the branch above: gradients of
-        sum / ref, where ref is the window's reference count or, on its first micro-batch,
-        this micro-batch's global count; it returns (loss share / ref, count share, ref).
-        """
-        window = state.window
-        first = window.ref_count is None
-        scaled, count, ref = fused(
-            state.model,
-            batch,
-            self.loss_fn,
-            n_samples=n_samples,
-            ref_count=window.ref_count,
-            sync=sync,
-        )
-        return state._advance(
-            self,
-            {
-                "micro_step": state.micro_step + 1,
-                "samples_seen": state.samples_seen + n_samples,
-                "tokens_seen": state.tokens_seen + count,
-                "window": Window(
-                    loss=scaled if first else window.loss + scaled,
-                    count=count if first else window.count + count,
-                    ref_count=ref,
-                    size=window.size,
-                ),
-            },
-        )
-
     def __repr__(self) -> str:
         return f"forward({_name(self.loss_fn)})"
-
-
-def _check_count_once(count: torch.Tensor, where: object) -> None:
-    # host sync: once per run, on the first micro-batch, to catch a broken item count early.
-    value = float(count)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(
-            f"{where}: loss_fn returned Loss.count={value!r} on the first micro-batch; the "
-            "item count must be a finite number > 0. Check the mask or ignore_index."
-        )
-
-
-def _ratio(ref_count: Any, count: Any) -> Any:
-    """`ref_count / count`, in float64 where the device has it.
-
-    Integer count tensors divide to float32 (the default dtype), e.g. 1/3 off by 3e-8:
-    float64 training would see gradients that depend on the micro-batch split.
-    """
-    if isinstance(count, torch.Tensor) and count.device.type != "mps":
-        return torch.as_tensor(ref_count, device=count.device).double() / count
-    return ref_count / count  # type: ignore[operator]
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +138,7 @@ class _Accumulate:
             total = window.ref_count
         else:
             total = state.strategy.reduce_count(window.count)
-        factor = None if total is window.ref_count else _ratio(window.ref_count, total)
+        factor = closing_factor(window.ref_count, total)  # type: ignore[arg-type]
         found_inf = None
         # The gradient list is built only where it is used: a one-micro-batch fp32/bf16
         # window (factor None) skips the walk over every parameter.
@@ -342,14 +278,14 @@ class _SkipNonfinite:
         if state.strategy.world_size > 1:
             # Each rank holds only its share of the loss: every rank must skip if any
             # rank's is bad, or their weights would part ways. One tiny all-reduce.
-            found = (state.strategy.reduce_count(found) > 0).float()
+            found = (torch.as_tensor(state.strategy.reduce_count(found)) > 0).float()
         return state._advance(self, {"window": replace(window, found_inf=found)})
 
     def __repr__(self) -> str:
         return "skip_nonfinite()"
 
 
-def skip_nonfinite() -> _SkipNonfinite:
+def skip_nonfinite() -> Transform:
     """Mark a closed window whose loss (or recorded grad norm) is NaN/inf to be skipped.
 
     Put it after `accumulate` (and after `clip`, to check the gradient norm too).
@@ -359,7 +295,7 @@ def skip_nonfinite() -> _SkipNonfinite:
     return _SkipNonfinite()
 
 
-def forward(loss_fn: LossFn) -> _Forward:
+def forward(loss_fn: LossFn) -> Transform:
     """Run forward and backward of one micro-batch and add it to the open gradient window.
 
     The forward runs under the state's autocast policy; randomness (dropout) is seeded from
@@ -380,7 +316,7 @@ def forward(loss_fn: LossFn) -> _Forward:
     return _Forward(loss_fn)
 
 
-def accumulate(k: int) -> _Accumulate:
+def accumulate(k: int) -> Transform:
     """Close the gradient window every k micro-batches, normalising it by its item count.
 
     After closing, gradients are those of the mean loss over every item of the k
@@ -393,7 +329,7 @@ def accumulate(k: int) -> _Accumulate:
     return _Accumulate(k)
 
 
-def clip(max_norm: float, norm_type: float = 2.0) -> _Clip:
+def clip(max_norm: float, norm_type: float = 2.0) -> Transform:
     """Clip the closed window's gradients to a global norm of at most `max_norm`.
 
     Records the norm before clipping as `metrics["train/grad_norm"]` (on device). Open
@@ -405,10 +341,56 @@ def clip(max_norm: float, norm_type: float = 2.0) -> _Clip:
     return _Clip(max_norm, norm_type)
 
 
-def optimizer_step() -> _OptimizerStep:
+def optimizer_step() -> Transform:
     """Apply a closed window: set the lr from the schedule, step, zero the gradients.
 
     `step` counts closed windows, including fp16 windows skipped on overflow (those are
     counted in `skipped_steps` and shrink the loss scale instead). Open windows pass through.
     """
     return _OptimizerStep()
+
+
+_BUILT_IN = (_Forward, _Accumulate, _Clip, _OptimizerStep, _SkipNonfinite)
+
+
+def window_size_of(step: Transform, *, where: str = "fit") -> int | None:
+    """Check that a step made of loopkit's transforms can train; return its accumulate(k).
+
+    A chain of built-in transforms that never closes a window (no `accumulate`) or never
+    applies one (no `optimizer_step` after it) would run forever without an update: that
+    is an error before any work. A step with parts of the user's own (or conditionals)
+    cannot be read this way; it returns the `accumulate(k)` it holds at the top level, if
+    any, and the loop checks at run time instead.
+
+    Raises:
+        ValueError: naming what the chain lacks and the chain that fixes it.
+    """
+    parts = parts_of(step)
+    ks = [p.k for p in parts if isinstance(p, _Accumulate)]
+    if not parts or not all(isinstance(p, _BUILT_IN) for p in parts):
+        return ks[0] if ks else None
+    names = [type(p) for p in parts]
+    fix = "e.g. chain(forward(loss_fn), accumulate(1), clip(1.0), optimizer_step())"
+    if _Forward in names and _Accumulate not in names:
+        raise ValueError(
+            f"{where}(step={step!r}): the chain never closes a gradient window (no accumulate(k)), "
+            f"so the optimizer would never step and nothing would train. Add it: {fix}."
+        )
+    if _Accumulate in names and (
+        _OptimizerStep not in names or names.index(_OptimizerStep) < names.index(_Accumulate)
+    ):
+        raise ValueError(
+            f"{where}(step={step!r}): the chain closes gradient windows but never applies them "
+            f"(no optimizer_step() after accumulate), so nothing would train. {fix}."
+        )
+    return ks[0] if ks else None
+
+
+__all__ = [
+    "accumulate",
+    "clip",
+    "forward",
+    "optimizer_step",
+    "skip_nonfinite",
+    "window_size_of",
+]

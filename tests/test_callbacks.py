@@ -24,6 +24,7 @@ from loopkit.callbacks import (
     check_callbacks,
     collect_log_metrics,
     dispatch,
+    improved,
     infer_mode,
     peak_flops_for,
 )
@@ -192,6 +193,28 @@ def test_mode_that_cannot_be_inferred_asks_for_mode(name):
     assert EarlyStopping(name, mode="max").mode == "max"
 
 
+@pytest.mark.parametrize(
+    ("value", "best", "mode", "min_delta", "expected"),
+    [
+        (0.5, None, "min", 0.0, True),  # anything but NaN beats nothing
+        (0.5, None, "max", 0.0, True),
+        (math.nan, None, "min", 0.0, False),  # NaN never improves
+        (math.nan, 0.5, "max", 0.0, False),
+        (0.4, 0.5, "min", 0.0, True),
+        (0.5, 0.5, "min", 0.0, False),  # a tie is not an improvement
+        (0.6, 0.5, "min", 0.0, False),
+        (0.6, 0.5, "max", 0.0, True),
+        (0.5, 0.5, "max", 0.0, False),
+        (0.45, 0.5, "min", 0.05, False),  # must beat the best by more than min_delta
+        (0.44, 0.5, "min", 0.05, True),
+        (0.56, 0.5, "max", 0.05, True),
+        (-math.inf, 0.5, "min", 0.0, True),
+    ],
+)
+def test_improved_is_the_one_rule(value, best, mode, min_delta, expected):
+    assert improved(value, best, mode, min_delta) is expected
+
+
 def test_explicit_mode_overrides_the_name_and_is_checked():
     assert EarlyStopping("eval/loss", mode="max").mode == "max"
     with pytest.raises(ValueError, match=r"EarlyStopping\(mode='minimum'\)"):
@@ -250,7 +273,7 @@ eval_values = st.lists(
 
 
 def _state(step):
-    return SimpleNamespace(step=step, epoch=0, strategy=SimpleNamespace(rank=0))
+    return SimpleNamespace(step=step, epoch=0, strategy=SimpleNamespace(rank=0, is_main=True))
 
 
 @given(
@@ -326,7 +349,9 @@ def test_early_stopping_keeps_asking_to_stop_after_patience_runs_out():
 
 
 def _model_state(model, step, rank=0):
-    return SimpleNamespace(step=step, epoch=0, model=model, strategy=SimpleNamespace(rank=rank))
+    return SimpleNamespace(
+        step=step, epoch=0, model=model, strategy=SimpleNamespace(rank=rank, is_main=rank == 0)
+    )
 
 
 def test_best_model_keeps_and_saves_the_weights_of_the_best_eval(tmp_path):
@@ -408,7 +433,7 @@ def _perf_state(samples, tokens, device="cpu"):
         step=0,
         samples_seen=samples,
         tokens_seen=tokens,
-        strategy=SimpleNamespace(device=torch.device(device), rank=0),
+        strategy=SimpleNamespace(device=torch.device(device), rank=0, is_main=True),
     )
 
 

@@ -9,7 +9,9 @@ import json
 import math
 import pickle
 import re
+import resource
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -806,8 +808,39 @@ def test_a_pickle_payload_is_rejected_without_running(tmp_path, capsys, target, 
 # --- disk full ----------------------------------------------------------------------------
 
 
-def _enospc():
-    return OSError(errno.ENOSPC, "No space left on device")
+def _fail_writes_of(where, monkeypatch):
+    """Make the save of step 4 fail at file `where` as the real libraries do on a full disk.
+
+    safetensors raises its own SafetensorError ("... (os error 28)"), open() an OSError.
+    """
+    real_save_file, real_open = safetensors.torch.save_file, open
+
+    def save_file(tensors, filename, metadata=None):
+        if "step-00000004" in filename and filename.endswith(where):
+            Path(filename).write_bytes(b"\0" * 10)  # a partial write, then the disk is full
+            raise safetensors.SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
+        return real_save_file(tensors, filename, metadata)
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if "step-00000004" in str(file) and str(file).endswith(where) and "w" in mode:
+            real_open(file, mode).close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(ckpt, "open", fake_open, raising=False)
+
+
+def _assert_step_2_survives(tmp_path):
+    assert hidden(tmp_path) == []  # the partial tmp dir was removed
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".loopkit.lock") == [
+        "latest",
+        ckpt.step_dir_name(2),
+    ]
+    assert (tmp_path / "latest").read_text() == ckpt.step_dir_name(2)
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / ckpt.step_dir_name(2)
 
 
 @pytest.mark.parametrize(
@@ -816,38 +849,55 @@ def _enospc():
 def test_disk_full_is_a_clear_error_and_the_previous_checkpoint_survives(
     tmp_path, monkeypatch, capsys, where
 ):
-    real_save_file, real_open = safetensors.torch.save_file, open
-
-    def save_file(tensors, filename, metadata=None):
-        if "step-00000004" in filename and filename.endswith(where):
-            Path(filename).write_bytes(b"\0" * 10)  # a partial write, then the disk is full
-            raise _enospc()
-        return real_save_file(tensors, filename, metadata)
-
-    def fake_open(file, mode="r", *args, **kwargs):
-        if "step-00000004" in str(file) and str(file).endswith(where) and "w" in mode:
-            real_open(file, mode).close()
-            raise _enospc()
-        return real_open(file, mode, *args, **kwargs)
-
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-    monkeypatch.setattr(ckpt, "open", fake_open, raising=False)
+    _fail_writes_of(where, monkeypatch)
     with pytest.raises(
-        OSError,
-        match="could not write step 4 .the disk is full.; earlier checkpoints are untouched",
+        lk.CheckpointError,
+        match="could not write step 4: .* .the disk is full; errno 28 ENOSPC.; earlier "
+        "checkpoints are untouched",
     ) as error:
         lk.fit(model32(), dataset(), max_steps=6, checkpoint_dir=tmp_path, save_every=2, **BASE)
     assert error.value.errno == errno.ENOSPC
-    assert hidden(tmp_path) == []  # the partial tmp dir was removed
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", ckpt.step_dir_name(2)]
-    assert (tmp_path / "latest").read_text() == ckpt.step_dir_name(2)
-    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / ckpt.step_dir_name(2)
+    assert error.value.path == tmp_path / ckpt.step_dir_name(4) / where
+    assert str(error.value.path) in str(error.value)
+    _assert_step_2_survives(tmp_path)
     # Space freed: the run resumes from step 2 and ends where an unbroken run does.
     monkeypatch.undo()
     capsys.readouterr()
     actual = lk.fit(model32(), dataset(), max_steps=6, checkpoint_dir=tmp_path, resume=True, **BASE)
     assert "skipping" not in capsys.readouterr().out
     assert_runs_equal(actual, lk.fit(model32(), dataset(), max_steps=6, **BASE))
+
+
+@pytest.mark.parametrize(
+    "where", ["model.safetensors", "state.safetensors", "state.json", "manifest.json"]
+)
+def test_a_real_write_failure_rlimit_fsize_is_a_checkpoint_error(tmp_path, monkeypatch, where):
+    """The kernel refuses the write (RLIMIT_FSIZE: EFBIG) inside the real libraries."""
+    real_tensors, real_bytes = ckpt._write_tensors, ckpt._write_bytes
+
+    def limited(real, path_index):
+        def write(*args):
+            path = str(args[path_index])
+            if "step-00000004" not in path or not path.endswith(where):
+                return real(*args)
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (8, hard))
+            try:
+                return real(*args)
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+                signal.signal(signal.SIGXFSZ, handler)
+
+        return write
+
+    monkeypatch.setattr(ckpt, "_write_tensors", limited(real_tensors, 1))
+    monkeypatch.setattr(ckpt, "_write_bytes", limited(real_bytes, 0))
+    with pytest.raises(lk.CheckpointError, match="errno 27 EFBIG") as error:
+        lk.fit(model32(), dataset(), max_steps=6, checkpoint_dir=tmp_path, save_every=2, **BASE)
+    assert error.value.errno == errno.EFBIG
+    assert error.value.path == tmp_path / ckpt.step_dir_name(4) / where
+    _assert_step_2_survives(tmp_path)
 
 
 # --- rotation -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import importlib
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -86,7 +87,7 @@ class SumsNet(Net):
 
 
 def args_for(tmp_path: Path, **overrides) -> TrainingArguments:
-    base = dict(
+    base: dict[str, Any] = dict(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=4,
         learning_rate=0.05,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import csv
+import importlib
 import json
 import math
 import traceback
@@ -48,17 +50,30 @@ class Recorder:
         return lambda state, *args: self.calls.append((name, state.step))
 
 
-@given(max_steps=st.integers(1, 12), k=st.integers(1, 3), log_every=st.integers(1, 5),
-       eval_every=st.integers(1, 6))
+@given(
+    max_steps=st.integers(1, 12),
+    k=st.integers(1, 3),
+    log_every=st.integers(1, 5),
+    eval_every=st.integers(1, 6),
+)
 def test_counts_do_exactly_what_they_say(max_steps, k, log_every, eval_every):
     recorder = Recorder()
-    result = lk.fit(mlp(), dataset(), max_steps=max_steps, accumulate=k, log_every=log_every,
-                    eval_data=dataset(16, seed=1), eval_every=eval_every,
-                    callbacks=[recorder], **BASE)
+    result = lk.fit(
+        mlp(),
+        dataset(),
+        max_steps=max_steps,
+        accumulate=k,
+        log_every=log_every,
+        eval_data=dataset(16, seed=1),
+        eval_every=eval_every,
+        callbacks=[recorder],
+        **BASE,
+    )
     state = result.state
     assert state.step == max_steps and result.stopped_by == "max_steps"
     assert state.samples_seen == max_steps * k * 8
-    assert state.epoch == (max_steps * k - 1) // 8  # 8 micro-batches per epoch; no epoch end after the stop
+    # 8 micro-batches per epoch; no epoch end after the stop
+    assert state.epoch == (max_steps * k - 1) // 8
     logs = [h["step"] for h in result.history if "train/loss" in h]
     assert logs == [s for s in range(1, max_steps + 1) if s % log_every == 0]
     evals = [h["step"] for h in result.history if "eval/loss" in h]
@@ -77,7 +92,8 @@ def test_epochs_run_whole_passes(epochs):
     result = lk.fit(mlp(), dataset(60), epochs=epochs, callbacks=[recorder], **BASE)
     assert result.state.step == epochs * math.ceil(60 / 8)
     assert result.state.epoch == epochs and result.stopped_by == "epochs"
-    assert [h for h, _ in recorder.calls if h.startswith("on_epoch")] == ["on_epoch_start", "on_epoch_end"] * epochs
+    epoch_events = [h for h, _ in recorder.calls if h.startswith("on_epoch")]
+    assert epoch_events == ["on_epoch_start", "on_epoch_end"] * epochs
     assert recorder.calls[0][0] == "on_fit_start" and recorder.calls[-1][0] == "on_fit_end"
 
 
@@ -85,10 +101,13 @@ def test_fit_equals_hand_written_loop():
     data = dataset(48)
     result = lk.fit(mlp(), data, max_steps=6, accumulate=2, clip=0.5, log_every=100, **BASE)
     x, y = data.tensors
-    windows = [[(x[i:i + 8], y[i:i + 8]), (x[i + 8:i + 16], y[i + 8:i + 16])]
-               for i in range(0, 48, 16)] * 2
-    expected = reference_train(mlp(), windows, window_cross_entropy, max_norm=0.5,
-                               make_optimizer=sgd)
+    windows = [
+        [(x[i : i + 8], y[i : i + 8]), (x[i + 8 : i + 16], y[i + 8 : i + 16])]
+        for i in range(0, 48, 16)
+    ] * 2
+    expected = reference_train(
+        mlp(), windows, window_cross_entropy, max_norm=0.5, make_optimizer=sgd
+    )
     for (name, p), q in zip(result.state.model.named_parameters(), expected.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
 
@@ -117,9 +136,16 @@ def test_early_stopping_stops_at_the_right_eval():
     def score(outputs, batch):
         return torch.tensor(next(scores))
 
-    result = lk.fit(mlp(), dataset(), max_steps=50, eval_data=dataset(8, seed=1), eval_every=2,
-                    metrics={"score": score},
-                    callbacks=[lk.EarlyStopping(monitor="eval/score", patience=3)], **BASE)
+    result = lk.fit(
+        mlp(),
+        dataset(),
+        max_steps=50,
+        eval_data=dataset(8, seed=1),
+        eval_every=2,
+        metrics={"score": score},
+        callbacks=[lk.EarlyStopping(monitor="eval/score", patience=3)],
+        **BASE,
+    )
     evals = [h["step"] for h in result.history if "eval/score" in h]
     assert evals == [2, 4, 6, 8, 10]
     assert result.state.step == 10 and result.stopped_by not in ("max_steps", "epochs")
@@ -140,6 +166,7 @@ def test_no_host_sync_on_steps_that_do_not_log(monkeypatch):
             if ours and not any("torch/utils/data" in f or "torchdata" in f for f in files):
                 syncs.append(current["step"])
             return original(self, *args, **kwargs)
+
         return wrapped
 
     for name in ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy"):
@@ -153,8 +180,18 @@ def test_no_host_sync_on_steps_that_do_not_log(monkeypatch):
         x, y = batch
         return F.cross_entropy(model(x), y)
 
-    lk.fit(mlp(), dataset(), loss_fn=mean_loss, optimizer=sgd, batch_size=8, progress=False,
-           max_steps=12, log_every=4, clip=1.0, callbacks=[Where()])
+    lk.fit(
+        mlp(),
+        dataset(),
+        loss_fn=mean_loss,
+        optimizer=sgd,
+        batch_size=8,
+        progress=False,
+        max_steps=12,
+        log_every=4,
+        clip=1.0,
+        callbacks=[Where()],
+    )
     assert syncs, "the log steps must pull metrics to the host"
     assert set(syncs) <= {4, 8, 12}, f"host syncs at steps {sorted(set(syncs))}"
 
@@ -162,8 +199,16 @@ def test_no_host_sync_on_steps_that_do_not_log(monkeypatch):
 def test_log_files_match_history(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    result = lk.fit(mlp(), dataset(), max_steps=6, log_every=2, log_dir=tmp_path,
-                    eval_data=dataset(16, seed=1), eval_every=3, **BASE)
+    result = lk.fit(
+        mlp(),
+        dataset(),
+        max_steps=6,
+        log_every=2,
+        log_dir=tmp_path,
+        eval_data=dataset(16, seed=1),
+        eval_every=3,
+        **BASE,
+    )
     logged = [h for h in result.history if "train/loss" in h]
     events = EventAccumulator(str(tmp_path)).Reload()
     tb = events.Scalars("train/loss")
@@ -183,9 +228,11 @@ def test_log_files_match_history(tmp_path):
 
 def test_config_from_toml_and_mapping(tmp_path):
     path = tmp_path / "fit.toml"
-    path.write_text('max_steps = 3\nbatch_size = 8\nprogress = false\nshuffle = false\n'
-                    'optimizer = {name = "SGD", lr = 0.1}\n'
-                    'schedule = {name = "linear", warmup_steps = 1, total_steps = 3}\n')
+    path.write_text(
+        "max_steps = 3\nbatch_size = 8\nprogress = false\nshuffle = false\n"
+        'optimizer = {name = "SGD", lr = 0.1}\n'
+        'schedule = {name = "linear", warmup_steps = 1, total_steps = 3}\n'
+    )
     config = lk.FitConfig.from_file(path)
     a = lk.fit(mlp(), dataset(), config=config, loss_fn=loss_fn)
     b = lk.fit(mlp(), dataset(), **config.__class__.from_dict({**dict(config), "loss_fn": loss_fn}))
@@ -198,12 +245,31 @@ def test_config_from_toml_and_mapping(tmp_path):
 
 
 BAD_FIELDS = [
-    ("max_steps", 0), ("max_steps", 1.5), ("epochs", -1), ("batch_size", "8"),
-    ("accumulate", 0), ("accumulate", True), ("clip", 0.0), ("clip", float("inf")),
-    ("precision", "fp8"), ("eval_every", 0), ("log_every", 0), ("seed", -1), ("seed", "0"),
-    ("progress", "yes"), ("compile", 1), ("num_workers", -2), ("mode", "up"),
-    ("monitor", "loss"), ("optimizer", 3), ("schedule", 3), ("metrics", "accuracy"),
-    ("callbacks", None), ("step", 5), ("log_dir", 3), ("samples_per_step", 0),
+    ("max_steps", 0),
+    ("max_steps", 1.5),
+    ("epochs", -1),
+    ("batch_size", "8"),
+    ("accumulate", 0),
+    ("accumulate", True),
+    ("clip", 0.0),
+    ("clip", float("inf")),
+    ("precision", "fp8"),
+    ("eval_every", 0),
+    ("log_every", 0),
+    ("seed", -1),
+    ("seed", "0"),
+    ("progress", "yes"),
+    ("compile", 1),
+    ("num_workers", -2),
+    ("mode", "up"),
+    ("monitor", "loss"),
+    ("optimizer", 3),
+    ("schedule", 3),
+    ("metrics", "accuracy"),
+    ("callbacks", None),
+    ("step", 5),
+    ("log_dir", 3),
+    ("samples_per_step", 0),
 ]
 
 
@@ -242,7 +308,56 @@ def test_bad_inputs_fail_before_training(tmp_path):
 
 def test_monitor_of_a_missing_metric_fails_before_training():
     with pytest.raises(ValueError, match="eval/acc'.*available"):
-        lk.fit(mlp(), dataset(), eval_data=dataset(8, seed=1), metrics=["accuracy"],
-               callbacks=[lk.EarlyStopping(monitor="eval/acc", mode="max")], **BASE)
+        lk.fit(
+            mlp(),
+            dataset(),
+            eval_data=dataset(8, seed=1),
+            metrics=["accuracy"],
+            callbacks=[lk.EarlyStopping(monitor="eval/acc", mode="max")],
+            **BASE,
+        )
     with pytest.raises(ValueError, match="no eval_data"):
         lk.fit(mlp(), dataset(), callbacks=[lk.EarlyStopping(monitor="eval/loss")], **BASE)
+
+
+# --- fit is built from public parts -------------------------------------------------------
+
+FIT_PIECES = ("_cadence", "_eval_tracking", "_nonfinite_watch", "_resume", "_saving")
+"""fit's own private modules: the named pieces its loop calls."""
+
+PRIVATE_ALLOWED = {("_batch", "first_tensor")}
+"""Private helpers fit may use: the batch probe behind samples_per_step (nothing public
+finds a batch's first tensor)."""
+
+
+def _public_names() -> set[str]:
+    names = set(lk.__all__)
+    for path in Path(lk.__file__).parent.glob("*.py"):
+        if not path.stem.startswith("_"):
+            names |= set(importlib.import_module(f"loopkit.{path.stem}").__all__)
+    for package in ("strategies",):
+        names |= set(importlib.import_module(f"loopkit.{package}").__all__)
+    return names
+
+
+@pytest.mark.parametrize("module", ["fit", *FIT_PIECES])
+def test_fit_and_its_pieces_import_only_public_names(module):
+    public = _public_names()
+    path = Path(lk.__file__).parent / f"{module}.py"
+    private = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.ImportFrom) and node.level == 1):
+            continue
+        if module == "fit" and node.module in FIT_PIECES:
+            continue  # fit's own pieces, checked themselves
+        private += [
+            f"{node.module}.{alias.name}"
+            for alias in node.names
+            if alias.name not in public and (node.module, alias.name) not in PRIVATE_ALLOWED
+        ]
+    assert not private, f"loopkit/{module}.py imports private names: {private}"
+
+
+def test_the_public_names_check_can_fail():
+    assert "first_tensor" not in _public_names()
+    assert "_set_epoch" not in _public_names() and "fit" in _public_names()

@@ -5,19 +5,31 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import loopkit as lk
 from loopkit.callbacks import dispatch
-from loopkit.logging import CSV_COLUMNS, CSVLogger, JSONLLogger, ProgressBar, TensorBoardLogger
+from loopkit.logging import (
+    CSV_COLUMNS,
+    LOGGER_NAME,
+    CSVLogger,
+    JSONLLogger,
+    ProgressBar,
+    TensorBoardLogger,
+)
 
 
 def _state(step, epoch=0, rank=0):
-    return SimpleNamespace(step=step, epoch=epoch, strategy=SimpleNamespace(rank=rank))
+    return SimpleNamespace(
+        step=step, epoch=epoch, strategy=SimpleNamespace(rank=rank, is_main=rank == 0)
+    )
 
 
 class FakeClock:
@@ -197,3 +209,75 @@ def test_progress_bar_validates_refresh_every():
 def test_loggers_reject_non_paths(cls):
     with pytest.raises(TypeError, match=cls.__name__):
         cls(3)
+
+
+# --- loopkit's own messages: the "loopkit" logger, shown on stdout unless configured ------
+
+
+def _message_fit(**kwargs):
+    """A fit whose setup says one thing ("accumulate=4 (32 samples per step / ...)")."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g, dtype=torch.float64)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    model = torch.nn.Linear(4, 2).to(torch.float64)
+    lk.fit(
+        model,
+        data,
+        loss_fn=lambda model, batch: lk.cross_entropy(model(batch[0]), batch[1]),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        batch_size=8,
+        samples_per_step=32,
+        max_steps=1,
+        progress=False,
+        **kwargs,
+    )
+
+
+ACCUMULATE = "accumulate=4 (32 samples per step / 8 per micro-batch)"
+
+
+def test_messages_go_to_the_loopkit_logger_and_to_stdout_by_default(capsys, caplog):
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+        _message_fit()
+    assert capsys.readouterr().out == f"loopkit: {ACCUMULATE}\n"
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        ("loopkit.fit", logging.INFO, ACCUMULATE)
+    ]
+
+
+def test_a_console_handler_the_user_configured_shows_each_message_once(capsys):
+    handler = logging.StreamHandler(sys.stderr)  # what logging.basicConfig() adds
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        _message_fit()
+    finally:
+        root.removeHandler(handler)
+    captured = capsys.readouterr()
+    assert captured.out == ""  # loopkit's own console handler stepped aside
+    assert captured.err == f"loopkit.fit INFO {ACCUMULATE}\n"
+
+
+def test_messages_are_silenced_by_the_loggers_level(capsys):
+    logger = logging.getLogger(LOGGER_NAME)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        _message_fit()
+    finally:
+        logger.setLevel(level)
+    assert capsys.readouterr().out == ""
+
+
+class _OffMain(lk.SingleDevice):
+    """A single device that says it is not the main rank, as rank 1 of a run would."""
+
+    is_main = False
+
+
+def test_messages_come_from_the_main_rank_only(capsys, caplog):
+    with caplog.at_level(logging.DEBUG, logger=LOGGER_NAME):
+        _message_fit(strategy=_OffMain("cpu"))
+    assert capsys.readouterr().out == ""
+    assert caplog.records == []

@@ -7,7 +7,7 @@ import torch
 
 import loopkit as lk
 from loopkit.testing import assert_states_close, assert_trees_close, tolerance_for
-from loopkit.testing.strategies import MLPFactory
+from loopkit.testing.search import MLPFactory
 
 
 def test_structure_is_compared_before_values() -> None:

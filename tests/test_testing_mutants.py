@@ -1,8 +1,8 @@
 """The checks in loopkit.testing catch real bugs: each planted defect (a mutant) fails its
 check, and the correct code passes the same check with the same pieces.
 
-Mutants are written the way a user would write them: small transforms, strategies and
-resume functions outside loopkit, never edits to loopkit itself.
+Mutants are written the way a user would write them: small transforms, distribution
+strategies and resume functions outside loopkit, never edits to loopkit itself.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import loopkit as lk
+from loopkit.strategies.common import local_eval_forward, local_forward_backward, whole_model_state
 from loopkit.testing import (
     check_accumulation_invariance,
     check_determinism,
@@ -29,7 +30,7 @@ from loopkit.testing import (
     default_resume,
 )
 from loopkit.testing.pytest_plugin import loopkit_check  # noqa: F401 - the fixture
-from loopkit.testing.strategies import MLPFactory, TransformerFactory, make_token_batch
+from loopkit.testing.search import MLPFactory, TransformerFactory, make_token_batch
 
 # --- shared pieces (module level: the strategy check pickles them into spawned processes) --
 
@@ -350,18 +351,26 @@ def test_resume_equivalence_catches_a_forgotten_fp16_scaler() -> None:
 
 
 class AllReduceDP:
-    """A user's data-parallel strategy: sum gradients over ranks on a window's last
-    micro-batch, count items globally."""
+    """A user's data-parallel strategy, written from the Strategy protocol alone: sum
+    gradients over ranks on a window's last micro-batch, count items globally."""
 
     is_sharded = False
+    timeout_s: float | None = None
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self.dp_rank, self.dp_world_size = self.rank, self.world_size  # every rank a replica
+        self.is_main = self.rank == 0
+
+    # The usual whole-model behaviour, from loopkit's shared free functions.
+    forward_backward = local_forward_backward
+    eval_forward = staticmethod(local_eval_forward)
+    full_model_state = staticmethod(whole_model_state)
 
     def setup(self, model: torch.nn.Module, optimizer: Any, precision: Any) -> Any:
-        from loopkit.strategies._common import build_optimizer
+        from loopkit.strategies.common import build_optimizer
 
         return model, build_optimizer(model, optimizer)
 
@@ -397,7 +406,7 @@ class AllReduceDP:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
 
     def snapshot(self, fields: dict[str, Any]) -> dict[str, Any]:
-        from loopkit.state import deep_copy_training_objects
+        from loopkit.strategies.common import deep_copy_training_objects
 
         return deep_copy_training_objects(fields)
 

@@ -10,7 +10,6 @@ Everything here is a thin layer over `loopkit.fit()` and loopkit's public transf
 
 from __future__ import annotations
 
-from ._parts import default_data_collator as default_data_collator
 from .args import TrainingArguments as TrainingArguments
 from .callbacks import DefaultFlowCallback as DefaultFlowCallback
 from .callbacks import EarlyStoppingCallback as EarlyStoppingCallback
@@ -19,8 +18,9 @@ from .callbacks import ProgressCallback as ProgressCallback
 from .callbacks import TrainerCallback as TrainerCallback
 from .callbacks import TrainerControl as TrainerControl
 from .callbacks import TrainerState as TrainerState
-from .trainer import EvalPrediction as EvalPrediction
-from .trainer import PredictionOutput as PredictionOutput
+from .evaluation import EvalPrediction as EvalPrediction
+from .evaluation import PredictionOutput as PredictionOutput
+from .inputs import default_data_collator as default_data_collator
 from .trainer import Trainer as Trainer
 from .trainer import TrainOutput as TrainOutput
 

@@ -10,11 +10,13 @@ import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
-INTERVALS = ("no", "steps", "epoch")
-SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
-SCHEDULERS = (
+IntervalStrategy = Literal["no", "steps", "epoch"]
+"""When to log or evaluate (HF's IntervalStrategy)."""
+SaveStrategy = Literal["no", "steps", "epoch", "best"]
+"""When to save a checkpoint (HF's SaveStrategy)."""
+SchedulerType = Literal[
     "linear",
     "cosine",
     "cosine_with_restarts",
@@ -22,10 +24,13 @@ SCHEDULERS = (
     "constant",
     "constant_with_warmup",
     "inverse_sqrt",
-)
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "sgd")
-REPORT_TO = ("none", "tensorboard", "all")
-PIPELINE_SCHEDULES = (
+]
+"""The learning-rate schedules, with HF's formulas (loopkit.schedules)."""
+OptimizerName = Literal["adamw_torch", "adamw_torch_fused", "adamw_hf", "sgd"]
+"""The built-in optimizers (HF's OptimizerNames that loopkit provides)."""
+ReportTarget = Literal["none", "tensorboard", "all"]
+"""Where logs go besides the callbacks."""
+PipelineSchedule = Literal[
     "GPipe",
     "1F1B",
     "Interleaved1F1B",
@@ -33,7 +38,15 @@ PIPELINE_SCHEDULES = (
     "InterleavedZeroBubble",
     "ZBVZeroBubble",
     "DualPipeV",
-)
+]
+"""torch.distributed.pipelining schedules, by loopkit.strategies.Pipeline's names."""
+
+INTERVALS: tuple[str, ...] = get_args(IntervalStrategy)
+SAVE_STRATEGIES: tuple[str, ...] = get_args(SaveStrategy)
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerType)
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+REPORT_TO: tuple[str, ...] = get_args(ReportTarget)
+PIPELINE_SCHEDULES: tuple[str, ...] = get_args(PipelineSchedule)
 
 # HF fields this façade accepts so that scripts run unchanged, but that change nothing here
 # (documented in docs/migrating.md). Anything else unknown is an error.
@@ -87,7 +100,7 @@ class TrainingArguments:
     do_train: bool = False
     do_eval: bool = False
     do_predict: bool = False
-    eval_strategy: str = "no"
+    eval_strategy: IntervalStrategy = "no"
     prediction_loss_only: bool = False
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
@@ -102,16 +115,16 @@ class TrainingArguments:
     max_grad_norm: float | None = 1.0
     num_train_epochs: float = 3.0
     max_steps: int = -1
-    lr_scheduler_type: str = "linear"
+    lr_scheduler_type: SchedulerType = "linear"
     lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     logging_dir: str | None = None
-    logging_strategy: str = "steps"
+    logging_strategy: IntervalStrategy = "steps"
     logging_first_step: bool = False
     logging_steps: float = 500
     logging_nan_inf_filter: bool = True
-    save_strategy: str = "steps"
+    save_strategy: SaveStrategy = "steps"
     save_steps: float = 500
     save_total_limit: int | None = None
     save_safetensors: bool = True
@@ -136,9 +149,9 @@ class TrainingArguments:
     metric_for_best_model: str | None = None
     greater_is_better: bool | None = None
     ignore_data_skip: bool = False
-    optim: str = "adamw_torch"
+    optim: OptimizerName = "adamw_torch"
     group_by_length: bool = False
-    report_to: str | list[str] | None = "none"
+    report_to: ReportTarget | list[ReportTarget] | None = "none"
     resume_from_checkpoint: str | bool | None = None
     gradient_checkpointing: bool = False
     include_num_input_tokens_seen: bool = False
@@ -150,13 +163,18 @@ class TrainingArguments:
     # loopkit: pipeline parallelism, mapped onto loopkit.strategies.Pipeline(...).
     pipeline_split_spec: list[str] | None = None
     pipeline_chunks: int | None = None
-    pipeline_schedule: str = "1F1B"
+    pipeline_schedule: PipelineSchedule = "1F1B"
     # HF's name before 4.46; accepted and moved to eval_strategy.
-    evaluation_strategy: str | None = None
+    evaluation_strategy: IntervalStrategy | None = None
 
     def __post_init__(self) -> None:
         self._resolve_aliases()
-        self._check_kinds()
+        self._check_numbers()
+        self._check_counts()
+        self._check_flags()
+        self._check_scheduler()
+        self._check_choices()
+        self._check_pipeline()
         self._check_strategies()
         self._check_best_model()
         self._check_unsupported()
@@ -190,7 +208,7 @@ class TrainingArguments:
             if self.save_total_limit <= 0:
                 self.save_total_limit = None  # HF: <= 0 means no limit
 
-    def _check_kinds(self) -> None:
+    def _check_numbers(self) -> None:
         for name in (
             "per_device_train_batch_size",
             "per_device_eval_batch_size",
@@ -222,6 +240,8 @@ class TrainingArguments:
             raise _bad(
                 "max_grad_norm", self.max_grad_norm, "must be a float >= 0 (0 or None: no clipping)"
             )
+
+    def _check_counts(self) -> None:
         if not _is_int(self.max_steps):
             raise _bad("max_steps", self.max_steps, "must be an int (-1: train num_train_epochs)")
         if self.max_steps <= 0 and not (
@@ -242,6 +262,8 @@ class TrainingArguments:
             raise _bad("data_seed", self.data_seed, "must be None or an int >= 0")
         if self.save_total_limit is not None and not _is_int(self.save_total_limit):
             raise _bad("save_total_limit", self.save_total_limit, "must be None or an int")
+
+    def _check_flags(self) -> None:
         for name in (
             "bf16",
             "fp16",
@@ -263,6 +285,8 @@ class TrainingArguments:
                 "TrainingArguments(bf16=True, fp16=True): choose one mixed precision. bf16 "
                 "where the hardware has it (no loss scaling needed), else fp16."
             )
+
+    def _check_scheduler(self) -> None:
         if self.lr_scheduler_type not in SCHEDULERS:
             raise _bad(
                 "lr_scheduler_type",
@@ -317,6 +341,8 @@ class TrainingArguments:
             and not (_is_int(kwargs["timescale"]) and kwargs["timescale"] >= 1)
         ):
             raise _bad("lr_scheduler_kwargs", dict(kwargs), "timescale must be None or an int >= 1")
+
+    def _check_choices(self) -> None:
         if self.optim not in OPTIMIZERS:
             raise _bad(
                 "optim",
@@ -338,6 +364,8 @@ class TrainingArguments:
                 f"loopkit reports to {', '.join(map(repr, REPORT_TO))}",
                 "For another service, add a TrainerCallback whose on_log sends the logs.",
             )
+
+    def _check_pipeline(self) -> None:
         if self.pipeline_chunks is not None and not (
             _is_int(self.pipeline_chunks) and self.pipeline_chunks >= 1
         ):
@@ -526,3 +554,20 @@ def _jsonable(value: Any) -> Any:
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainingArguments))
 NO_EFFECT_FIELDS = _NO_EFFECT
 """Accepted HF fields that change nothing in loopkit (listed in docs/migrating.md)."""
+
+__all__ = [
+    "INTERVALS",
+    "NO_EFFECT_FIELDS",
+    "OPTIMIZERS",
+    "PIPELINE_SCHEDULES",
+    "REPORT_TO",
+    "SAVE_STRATEGIES",
+    "SCHEDULERS",
+    "IntervalStrategy",
+    "OptimizerName",
+    "PipelineSchedule",
+    "ReportTarget",
+    "SaveStrategy",
+    "SchedulerType",
+    "TrainingArguments",
+]

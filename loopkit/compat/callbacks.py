@@ -32,6 +32,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._types import Mode
+from ..callbacks import improved
+
 HF_HOOKS: tuple[str, ...] = (
     "on_init_end",
     "on_train_begin",
@@ -367,10 +370,12 @@ class EarlyStoppingCallback(TrainerCallback):
     def check_metric_value(
         self, args: Any, state: TrainerState, control: TrainerControl, metric_value: float
     ) -> None:
-        better = (lambda a, b: a > b) if args.greater_is_better else (lambda a, b: a < b)
-        if state.best_metric is None or (
-            better(metric_value, state.best_metric)
-            and abs(metric_value - state.best_metric) > self.early_stopping_threshold
+        mode: Mode = "max" if args.greater_is_better else "min"
+        best = state.best_metric
+        # HF's rule: better than the best (loopkit's `improved`), by more than the threshold.
+        if best is None or (
+            improved(metric_value, best, mode)
+            and abs(metric_value - best) > self.early_stopping_threshold
         ):
             self.early_stopping_patience_counter = 0
         else:

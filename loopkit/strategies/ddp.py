@@ -13,11 +13,15 @@ from torch.nn.parallel import DistributedDataParallel
 from .._batch import move
 from .._types import Batch, OptimizerFactory
 from ..precision import Precision
-from ._common import (
+from .common import (
     build_optimizer,
+    deep_copy_training_objects,
+    local_eval_forward,
+    local_forward_backward,
     raise_if_comm_error,
     reduce_count_over_ranks,
     reduce_metrics_over_ranks,
+    whole_model_state,
 )
 from .env import DEFAULT_TIMEOUT_S, init_distributed
 
@@ -91,6 +95,8 @@ class DDP:
             )
         env, self.device = init_distributed(device, timeout_s=timeout_s, where="DDP")
         self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
+        self.dp_rank, self.dp_world_size = self.rank, self.world_size  # every rank a replica
+        self.is_main = self.rank == 0
         self.timeout_s = float(timeout_s)
         self._non_blocking = self.device.type == "cuda"
         self._wrap_kwargs: dict[str, Any] = {
@@ -126,6 +132,12 @@ class DDP:
         # still fits; a factory is built over the wrapped model's parameters.
         wrapped = self._wrap(model.to(self.device))
         return wrapped, build_optimizer(wrapped, optimizer)
+
+    # The usual behaviour, shared with SingleDevice and FSDP (loopkit.strategies.common).
+    forward_backward = local_forward_backward
+    eval_forward = staticmethod(local_eval_forward)
+
+    full_model_state = staticmethod(whole_model_state)
 
     def to_device(self, batch: Batch) -> Batch:
         return move(batch, self.device, self._non_blocking)
@@ -175,8 +187,6 @@ class DDP:
         The copy is a full DDP replica that trains on its own. Wrapping is a collective,
         so every rank must snapshot at the same point (as SPMD code does anyway).
         """
-        from ..state import deep_copy_training_objects
-
         copied = deep_copy_training_objects({**fields, "model": fields["model"].module})
         copied["model"] = self._wrap(copied["model"])
         return copied

@@ -12,11 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _sharded
 from .._batch import move
 from .._types import Batch, OptimizerFactory
 from ..precision import Precision
-from ._common import (
+from .common import (
     build_optimizer,
+    local_eval_forward,
+    local_forward_backward,
     raise_if_comm_error,
     reduce_count_over_ranks,
     reduce_metrics_over_ranks,
@@ -190,6 +193,8 @@ class FSDP:
         self.sync_module_states = sync_module_states
         env, self.device = init_distributed(device, timeout_s=timeout_s, where="FSDP")
         self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
+        self.dp_rank, self.dp_world_size = self.rank, self.world_size  # every rank a replica
+        self.is_main = self.rank == 0
         self.timeout_s = float(timeout_s)
         self._non_blocking = self.device.type == "cuda"
         self._mesh: Any = None
@@ -321,6 +326,14 @@ class FSDP:
         return model, built
 
     # ------------------------------------------------------------------------ the step
+
+    # The usual behaviour, shared with SingleDevice and DDP (loopkit.strategies.common).
+    forward_backward = local_forward_backward
+    eval_forward = staticmethod(local_eval_forward)
+
+    def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The full weights gathered on rank 0 ({} elsewhere): a collective."""
+        return _sharded.full_model_state(model)
 
     def to_device(self, batch: Batch) -> Batch:
         return move(batch, self.device, self._non_blocking)

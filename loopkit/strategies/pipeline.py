@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import math
 import weakref
@@ -14,11 +13,23 @@ import torch
 from torch import nn
 
 from .._batch import move
-from .._types import Batch, LossFn, OptimizerFactory
-from ..loss import as_loss
+from .._types import Batch, Count, LossFn, OptimizerFactory, Predict
+from ..normalise import check_first_count, divide_grads_, reference_count
 from ..precision import Precision
-from ._common import (
+from ._pipeline_chunks import (
+    Autocast,
+    ChunkLoss,
+    ModelCalledError,
+    Recorder,
+    StandIn,
+    chunks,
+    signature,
+    summed,
+)
+from ._pipeline_split import assemble, check_split_points, plan_stages
+from .common import (
     build_optimizer,
+    deep_copy_training_objects,
     raise_if_comm_error,
     reduce_count_over_ranks,
     reduce_metrics_over_ranks,
@@ -41,7 +52,6 @@ _SCHEDULES: dict[str, tuple[str, str]] = {
     "ZBVZeroBubble": ("ScheduleZBVZeroBubble", "v"),
     "DualPipeV": ("ScheduleDualPipeV", "v"),
 }
-_SPLIT_SIDES = ("beginning", "end")
 _MAX_SCHEDULES = 8  # cached schedules per model (one per batch shape and train/eval)
 
 NEEDS_FACTORY = (
@@ -70,295 +80,10 @@ def _schedule_name(value: object) -> str:
     )
 
 
-def _split_side(name: str, value: object) -> str:
-    side = getattr(value, "name", value)  # a torch SplitPoint enum member
-    if isinstance(side, str) and side.lower() in _SPLIT_SIDES:
-        return side.lower()
-    raise ValueError(
-        f"Pipeline(split_points={{{name!r}: {value!r}}}): the side must be 'beginning' (a "
-        "new stage starts at that module) or 'end' (a new stage starts after it), or a "
-        "torch.distributed.pipelining.SplitPoint."
-    )
-
-
-def _check_split_points(split_points: object) -> dict[str, str]:
-    if isinstance(split_points, Mapping):
-        items = list(split_points.items())
-    elif isinstance(split_points, (list, tuple)):
-        items = [(name, "beginning") for name in split_points]
-    else:
-        raise TypeError(
-            f"Pipeline(split_points={split_points!r}): module names where new stages start, "
-            "as a dict {'layers.4': 'beginning'} or a list ['layers.4'] (each a 'beginning')."
-        )
-    if not items:
-        raise ValueError(
-            "Pipeline(split_points=[]): give at least one split point, e.g. ['layers.4'] "
-            "(two stages), or train with SingleDevice/DDP/FSDP."
-        )
-    checked: dict[str, str] = {}
-    for name, side in items:
-        if not isinstance(name, str) or not name:
-            raise TypeError(
-                f"Pipeline(split_points=...): {name!r} is not a module name such as 'layers.4'."
-            )
-        if name in checked:
-            raise ValueError(f"Pipeline(split_points=...): {name!r} is given twice.")
-        checked[name] = _split_side(name, side)
-    return checked
-
-
 def _check_int(name: str, value: object, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"Pipeline({name}={value!r}): expected an int >= {low}.")
     return value
-
-
-# ------------------------------------------------------------------ splitting a Sequential
-
-
-def _expands(module: nn.Module) -> bool:
-    """Whether `module` is a plain nn.Sequential: its children run in order, nothing else."""
-    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-
-
-def _units(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], set[str]]:
-    """The modules a plain nn.Sequential tree runs in order (nested Sequentials flattened).
-
-    Returns (units as (path, module), the paths of the flattened Sequentials).
-    """
-    units: list[tuple[str, nn.Module]] = []
-    containers: set[str] = set()
-
-    def walk(seq: nn.Module, prefix: str) -> None:
-        own = [n for n, _ in seq.named_parameters(recurse=False)]
-        own += [n for n, _ in seq.named_buffers(recurse=False)]
-        if own:
-            raise ValueError(
-                f"Pipeline(split_points=...): the Sequential {prefix.rstrip('.') or 'model'!r} "
-                f"holds tensors of its own ({own}); only its children can be placed on stages."
-            )
-        for name, child in seq.named_children():
-            path = f"{prefix}{name}"
-            if _expands(child):
-                containers.add(path)
-                walk(child, f"{path}.")
-            else:
-                units.append((path, child))
-
-    walk(model, "")
-    return units, containers
-
-
-def _plan(model: nn.Module, split_points: Mapping[str, str]) -> list[list[str]]:
-    """The unit paths of each stage, in order, cut at `split_points`.
-
-    Raises:
-        TypeError: the model is not a plain nn.Sequential.
-        ValueError: a split point names no module, a module inside a unit, or leaves a
-            stage empty.
-    """
-    shown = repr(dict(split_points))
-    if not _expands(model):
-        raise TypeError(
-            f"Pipeline(split_points={shown}): splitting by module name needs an nn.Sequential "
-            f"(nested Sequentials are fine), whose children run one after another; "
-            f"{type(model).__name__} has its own forward. Build the model as an "
-            "nn.Sequential, or pass split_fn=... to build each stage yourself."
-        )
-    units, containers = _units(model)
-    paths = [p for p, _ in units]
-    cuts: dict[int, str] = {}
-    for name, side in split_points.items():
-        inside = [i for i, p in enumerate(paths) if p == name or p.startswith(f"{name}.")]
-        if name not in containers and name not in paths:
-            known = [n for n, _ in model.named_modules() if n]
-            owner = next((p for p in paths if name.startswith(f"{p}.")), None)
-            if owner is not None and name in known:
-                why = (
-                    f"it is inside {owner!r} ({type(model.get_submodule(owner)).__name__}), "
-                    "whose forward runs as one piece; split before or after "
-                    f"{owner!r} instead"
-                )
-            else:
-                close = difflib.get_close_matches(name, paths + sorted(containers), n=3)
-                why = "no such module" + (f" (did you mean {close}?)" if close else "")
-            raise ValueError(
-                f"Pipeline(split_points={shown}): {name!r}: {why}. Split points name "
-                f"modules the Sequential runs in order: {_short(paths)}."
-            )
-        cut = inside[0] if side == "beginning" else inside[-1] + 1
-        if cut in (0, len(paths)):
-            raise ValueError(
-                f"Pipeline(split_points={shown}): {name!r} at its {side} would leave the "
-                f"{'first' if cut == 0 else 'last'} stage empty; name a module inside the model."
-            )
-        if cut in cuts:
-            raise ValueError(
-                f"Pipeline(split_points={shown}): {cuts[cut]!r} and {name!r} cut at the same "
-                "place, which would leave a stage empty; drop one of them."
-            )
-        cuts[cut] = name
-    bounds = [0, *sorted(cuts), len(paths)]
-    return [paths[a:b] for a, b in zip(bounds, bounds[1:])]
-
-
-def _short(names: Sequence[str], limit: int = 12) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return f"[{shown}{', ...' if len(names) > limit else ''}]"
-
-
-def _assemble(root: nn.Module, keep: Sequence[str]) -> nn.Sequential:
-    """A Sequential tree of `root`'s units in `keep`, under their original names.
-
-    The units are the same module objects (no copy), and the tree mirrors `root`'s nested
-    Sequentials, so every parameter keeps its full name ("layers.4.fc.weight").
-    """
-    wanted = set(keep)
-
-    def build(seq: nn.Module, prefix: str) -> nn.Sequential:
-        out = nn.Sequential()
-        for name, child in seq.named_children():
-            path = f"{prefix}{name}"
-            if _expands(child):
-                sub = build(child, f"{path}.")
-                if len(sub):
-                    out.add_module(name, sub)
-            elif path in wanted:
-                out.add_module(name, child)
-        return out
-
-    return build(root, "")
-
-
-# ------------------------------------------------------------------ per-step helpers
-
-
-class _ModelCalledError(Exception):
-    """Raised by _Recorder to stop loss_fn once the model's inputs are known."""
-
-
-class _Recorder:
-    """Stands in for the model inside loss_fn to read what the model is called with."""
-
-    def __init__(self) -> None:
-        self.args: tuple[Any, ...] | None = None
-        self.kwargs: dict[str, Any] = {}
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.args, self.kwargs = args, kwargs
-        raise _ModelCalledError
-
-
-class _StandIn:
-    """Stands in for the model inside loss_fn: returns the pipeline's output, once."""
-
-    def __init__(self, output: Any) -> None:
-        self.output, self.calls = output, 0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls += 1
-        if self.calls > 1:
-            raise RuntimeError(
-                "Pipeline: loss_fn called the model twice on one micro-batch; under a "
-                "pipeline the model runs once per micro-batch (its output comes from the "
-                "last stage). Call the model once in loss_fn."
-            )
-        return self.output
-
-
-def _leaves(batch: Any) -> list[Any]:
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, Mapping):
-        return [x for v in batch.values() for x in _leaves(v)]
-    if isinstance(batch, (list, tuple)):
-        return [x for v in batch for x in _leaves(v)]
-    return [batch]
-
-
-def _signature(batch: Any) -> tuple[Any, ...]:
-    """Shapes and dtypes of a batch: stages keep buffers sized for one such signature."""
-    return tuple(
-        (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
-        for x in _leaves(batch)
-    )
-
-
-def _chunks(batch: Any, n: int, size: int) -> list[Any]:
-    """Cut every tensor of `batch` with `size` rows into n equal pieces along dim 0.
-
-    Others (0-d tensors, numbers, strings) are shared by every piece. The pieces match the
-    schedule's own split of the inputs (torch.tensor_split along dim 0), since n divides size.
-    """
-    if isinstance(batch, torch.Tensor):
-        if batch.ndim and batch.shape[0] == size:
-            return list(batch.tensor_split(n))
-        return [batch] * n
-    if isinstance(batch, Mapping):
-        parts = {k: _chunks(v, n, size) for k, v in batch.items()}
-        return [type(batch)({k: v[i] for k, v in parts.items()}) for i in range(n)]  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        cols = [_chunks(v, n, size) for v in batch]
-        return [type(batch)(*(c[i] for c in cols)) for i in range(n)]
-    if isinstance(batch, (list, tuple)):
-        cols = [_chunks(v, n, size) for v in batch]
-        return [type(batch)(c[i] for c in cols) for i in range(n)]
-    return [batch] * n
-
-
-class _ChunkLoss:
-    """The schedule's loss_fn(output, target): the user's loss of one chunk, normalised.
-
-    The target the schedule hands over is the chunk's index (a tensor arange(n), split by
-    the schedule like any target), so the loss reads the matching chunk of the batch.
-    Contributions are recorded per call; metadata inference at a schedule's first step
-    calls it once more with a placeholder output, before the real chunks, so a step's
-    chunks are its last n records.
-    """
-
-    def __init__(self, precision: Precision, device: torch.device) -> None:
-        self.precision, self.device = precision, device
-        self.loss_fn: LossFn | None = None
-        self.chunks: list[Any] = []
-        self.size = 0
-        self.ref: Any = None
-        self.records: list[tuple[torch.Tensor, Any]] = []
-
-    def start(self, loss_fn: LossFn, chunks: list[Any], size: int, ref: Any) -> None:
-        self.loss_fn, self.chunks, self.size, self.ref = loss_fn, chunks, size, ref
-        self.records = []
-
-    def __call__(self, output: Any, index: torch.Tensor) -> torch.Tensor:
-        assert self.loss_fn is not None
-        chunk = self.chunks[int(index[0])]  # index lives on the CPU: no device sync
-        stand_in = _StandIn(output)
-        with self.precision.autocast(self.device):
-            returned = self.loss_fn(stand_in, chunk)  # type: ignore[arg-type]
-            value, count, is_mean = as_loss(returned, self.size, "Pipeline")
-        if stand_in.calls == 0:
-            raise RuntimeError(
-                "Pipeline: loss_fn did not call the model; under a pipeline the loss reads "
-                "the last stage's output through the model call in loss_fn."
-            )
-        # Sum over the chunk's items: a scalar mean counts as mean * (rows of the chunk).
-        total = value * count if is_mean else value
-        self.records.append((total.detach(), count))
-        # Normalised in the graph when the window's reference count is known already;
-        # the first micro-batch of a window divides the gradients after the step instead.
-        return total if self.ref is None else total / self.ref
-
-
-class _Autocast(nn.Module):
-    """Runs a stage module under the state's autocast policy (forward only, not backward)."""
-
-    def __init__(self, module: nn.Module, precision: Precision, device: torch.device) -> None:
-        super().__init__()
-        self.module, self._precision, self._device = module, precision, device
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with self._precision.autocast(self._device):
-            return self.module(*args, **kwargs)
 
 
 class _Prepared:
@@ -370,7 +95,7 @@ class _Prepared:
         self,
         stage_paths: list[list[str]] | None,
         stage_modules: list[nn.Module],
-        loss: _ChunkLoss,
+        loss: ChunkLoss,
     ) -> None:
         self.stage_paths = stage_paths
         self.stage_modules = stage_modules
@@ -467,7 +192,7 @@ class Pipeline:
         self.split_points: dict[str, str] | None = None
         self.split_fn = split_fn
         if split_points is not None:
-            self.split_points = _check_split_points(split_points)
+            self.split_points = check_split_points(split_points)
             stages = len(self.split_points) + 1
             if n_stages is not None and n_stages != stages:
                 raise ValueError(
@@ -537,6 +262,7 @@ class Pipeline:
         self.dp_world_size = self.world_size // self.pp_size
         # Mesh ("pp", "dp"), row-major: rank = pp_rank * dp_world_size + dp_rank.
         self.pp_rank, self.dp_rank = divmod(self.rank, self.dp_world_size)
+        self.is_main = self.rank == 0
         self.stage_indices: tuple[int, ...]
         if style == "v":
             self.stage_indices = (self.pp_rank, 2 * self.pp_size - 1 - self.pp_rank)
@@ -560,7 +286,6 @@ class Pipeline:
         self._prepared: weakref.WeakKeyDictionary[nn.Module, _Prepared] = (
             weakref.WeakKeyDictionary()
         )
-        self._checked_count = False
 
     def _where(self) -> str:
         spec = self.split_points if self.split_points is not None else "split_fn"
@@ -583,9 +308,9 @@ class Pipeline:
                 "Use precision='bf16' (no loss scaling) or 'fp32'."
             )
         if self.split_points is not None:
-            plan = _plan(model, self.split_points)
+            plan = plan_stages(model, self.split_points)
             mine = [path for s in self.stage_indices for path in plan[s]]
-            rank_model: nn.Module = _assemble(model, mine)
+            rank_model: nn.Module = assemble(model, mine)
             stage_paths: list[list[str]] | None = [plan[s] for s in self.stage_indices]
         else:
             assert self.split_fn is not None
@@ -615,8 +340,8 @@ class Pipeline:
         if stage_paths is None:
             modules = [rank_model]
         else:
-            modules = [_assemble(rank_model, paths) for paths in stage_paths]
-        prepared = _Prepared(stage_paths, modules, _ChunkLoss(precision, self.device))
+            modules = [assemble(rank_model, paths) for paths in stage_paths]
+        prepared = _Prepared(stage_paths, modules, ChunkLoss(precision, self.device))
         self._prepared[rank_model] = prepared
         return prepared
 
@@ -656,7 +381,7 @@ class Pipeline:
         precision = prepared.loss.precision
         stages = []
         for index, module in zip(self.stage_indices, prepared.stage_modules, strict=True):
-            runs = module if precision.dtype is None else _Autocast(module, precision, self.device)
+            runs = module if precision.dtype is None else Autocast(module, precision, self.device)
             stages.append(
                 PipelineStage(runs, index, self.n_stages, self.device, group=self.pp_group)
             )
@@ -694,10 +419,10 @@ class Pipeline:
 
     def _inputs(self, loss_fn: LossFn, batch: Batch) -> tuple[Any, ...]:
         """The model's inputs for this batch: the arguments of loss_fn's model call."""
-        recorder = _Recorder()
+        recorder = Recorder()
         try:
             loss_fn(recorder, batch)  # type: ignore[arg-type]
-        except _ModelCalledError:
+        except ModelCalledError:
             pass
         if recorder.args is None:
             raise RuntimeError(
@@ -726,17 +451,21 @@ class Pipeline:
         batch: Batch,
         loss_fn: LossFn,
         *,
+        precision: Precision,
         n_samples: int,
-        ref_count: Any,
+        ref_count: Count | None,
         sync: bool,
-    ) -> tuple[torch.Tensor, Any, Any]:
+        loss_scale: torch.Tensor | None,
+        check_count: bool,
+    ) -> tuple[torch.Tensor, Count, Count]:
         """Run one schedule step (forward and backward of every chunk) over `batch`.
 
         Gradients become those of (sum of the chunk losses) / ref, where ref is `ref_count`
         (the window's reference count) or, for a window's first micro-batch, this batch's
         item count summed over every rank (one all-reduce, which also brings the last
-        stage's count to the others). With `sync`, data-parallel replicas then sum their
-        gradients.
+        stage's count to the others), divided after the step. With `sync`, data-parallel
+        replicas then sum their gradients. The stages run under the precision given at
+        setup; `loss_scale` is always None (fp16 is refused at setup).
 
         Returns:
             (this rank's share of sum / ref, detached: the loss on the last stage, zero on
@@ -744,54 +473,31 @@ class Pipeline:
         """
         prepared = self._get(model)
         self._check_batch(n_samples, self.n_microbatches)
-        schedule, n = self._schedule(prepared, (_signature(batch), n_samples), True)
+        schedule, n = self._schedule(prepared, (signature(batch), n_samples), True)
         args = self._inputs(loss_fn, batch) if self.has_first_stage else ()
         loss = prepared.loss
-        chunks = _chunks(batch, n, n_samples) if self.has_last_stage else []
-        loss.start(loss_fn, chunks, n_samples // n, ref_count)
+        pieces = chunks(batch, n, n_samples) if self.has_last_stage else []
+        loss.start(loss_fn, pieces, n_samples // n, ref_count)
         target = torch.arange(n) if self.has_last_stage else None
         try:
             schedule.step(*args, target=target, return_outputs=False)
         except Exception as error:
             raise_if_comm_error(error, self, "the pipeline schedule step")
             raise
+        records = loss.take(n)
         if self.has_last_stage:
-            records = loss.records[-n:]
-            local = torch.stack([total.double() for total, _ in records]).sum()
+            local, count = summed(records)
             local = local.to(records[0][0].dtype)
-            count: Any = records[0][1]
-            for _, c in records[1:]:
-                count = count + c
         else:
-            local = torch.zeros((), device=self.device)
-            count = 0
-        loss.records = []
+            local, count = torch.zeros((), device=self.device), 0
+        ref = reference_count(count, ref_count, self)
         if ref_count is None:
-            ref = self.reduce_count(count)
-            if not self._checked_count:
-                # host sync: once per run, to catch a broken item count early.
-                value = float(ref)
-                if not (math.isfinite(value) and value > 0):
-                    raise ValueError(
-                        f"{self!r}: loss_fn returned item counts summing to {value!r} over the "
-                        "first micro-batch; the count must be a finite number > 0. Check "
-                        "the mask or ignore_index."
-                    )
-                self._checked_count = True
-            self._divide_grads(prepared.params, ref)
-        else:
-            ref = ref_count
+            if check_count:
+                check_first_count(ref, self)
+            divide_grads_(prepared.params, ref)  # type: ignore[arg-type]  # a device tensor
         if sync and self.dp_world_size > 1:
             self._sum_over_replicas(prepared.params)
         return local / ref, count, ref
-
-    def _divide_grads(self, params: Sequence[nn.Parameter], ref: torch.Tensor) -> None:
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in params:
-            if p.grad is not None:
-                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-        for dtype, grads in by_dtype.items():
-            torch._foreach_div_(grads, ref.to(dtype))
 
     def _sum_over_replicas(self, params: Sequence[nn.Parameter]) -> None:
         # One all-reduce per dtype over a flat buffer: loopkit has already divided by the
@@ -857,19 +563,22 @@ class Pipeline:
         model: nn.Module,
         batch: Batch,
         loss_fn: LossFn | None,
-        predict: Callable[[nn.Module, Any], Any] | None,
+        predict: Predict | None,
+        *,
         n_samples: int,
-    ) -> tuple[tuple[torch.Tensor, Any] | None, Any]:
+        want_outputs: bool,
+        sum_dtype: torch.dtype,
+    ) -> tuple[tuple[torch.Tensor, Count] | None, Any]:
         """Run `batch` forward through the pipeline (no backward; call under no_grad).
 
         Returns:
             ((loss sum, item count) or None, outputs or None): on the last stage the loss
-            summed over the batch's items (None without loss_fn) and what the metrics
-            read: `predict(stand-in, batch)` if given, else the model's output; None for
-            both on the other stages, which contribute nothing to the sums.
+            summed over the batch's items (None without loss_fn) and, if `want_outputs`,
+            what the metrics read: `predict(stand-in, batch)` if given, else the model's
+            output; None for both on the other stages, which add nothing to the sums.
         """
         prepared = self._get(model)
-        schedule, n = self._schedule(prepared, (_signature(batch), n_samples), False)
+        schedule, n = self._schedule(prepared, (signature(batch), n_samples), False)
         self._check_batch(n_samples, n)
         if self.has_first_stage:
             reader = loss_fn if loss_fn is not None else predict
@@ -885,28 +594,27 @@ class Pipeline:
         else:
             args = ()
         loss = prepared.loss
-        chunks = _chunks(batch, n, n_samples) if self.has_last_stage else []
+        pieces = chunks(batch, n, n_samples) if self.has_last_stage else []
         record = loss_fn if loss_fn is not None else _no_loss
-        loss.start(record, chunks, n_samples // n, None)
+        loss.start(record, pieces, n_samples // n, None)
         target = torch.arange(n) if self.has_last_stage else None
         try:
             outputs = schedule.eval(*args, target=target)
         except Exception as error:
             raise_if_comm_error(error, self, "the pipeline's forward pass (evaluation)")
             raise
-        records, loss.records = loss.records[-n:], []
+        records = loss.take(n)
         if not self.has_last_stage:
             return None, None
-        summed = None
+        loss_total = None
         if loss_fn is not None:
-            total = torch.stack([t.double() for t, _ in records]).sum()
-            count: Any = records[0][1]
-            for _, c in records[1:]:
-                count = count + c
-            summed = (total, count)
+            total, count = summed(records)
+            loss_total = (total.to(sum_dtype), count)
+        if not want_outputs:
+            return loss_total, None
         if predict is not None:
-            outputs = predict(_StandIn(outputs), batch)  # type: ignore[arg-type]
-        return summed, outputs
+            outputs = predict(StandIn(outputs), batch)  # type: ignore[arg-type]
+        return loss_total, outputs
 
     # ------------------------------------------------------------------------ weights
 
@@ -963,8 +671,6 @@ class Pipeline:
 
         Local only (no communication); the copy's first step sets up its stages anew.
         """
-        from ..state import deep_copy_training_objects
-
         prepared = self._get(fields["model"])
         copied = deep_copy_training_objects(fields)
         self._prepare(copied["model"], prepared.stage_paths, prepared.loss.precision)

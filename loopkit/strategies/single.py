@@ -9,11 +9,16 @@ from typing import Any
 import torch
 
 from .._batch import move
-from .._types import Batch, OptimizerFactory
+from .._types import Batch, Count, OptimizerFactory
 from ..precision import Precision
-from ._common import build_optimizer
+from .common import (
+    build_optimizer,
+    deep_copy_training_objects,
+    local_eval_forward,
+    local_forward_backward,
+    whole_model_state,
+)
 
-Count = int | float | torch.Tensor
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: nullcontext keeps no state
 
 
@@ -36,7 +41,11 @@ class SingleDevice:
 
     rank = 0
     world_size = 1
+    dp_rank = 0
+    dp_world_size = 1
+    is_main = True
     is_sharded = False
+    timeout_s: float | None = None
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         try:
@@ -61,6 +70,11 @@ class SingleDevice:
         # non_blocking from pinned host memory overlaps the copy with compute on CUDA.
         return move(batch, self.device, self._non_blocking)
 
+    # The usual behaviour, shared with DDP and FSDP (loopkit.strategies.common).
+    forward_backward = local_forward_backward
+    eval_forward = staticmethod(local_eval_forward)
+    full_model_state = staticmethod(whole_model_state)
+
     def gradient_sync(
         self, model: torch.nn.Module, enabled: bool
     ) -> contextlib.AbstractContextManager[object]:
@@ -82,9 +96,10 @@ class SingleDevice:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, foreach=True)
 
     def snapshot(self, fields: dict[str, Any]) -> dict[str, Any]:
-        from ..state import deep_copy_training_objects
-
         return deep_copy_training_objects(fields)
 
     def __repr__(self) -> str:
         return f"SingleDevice(device={str(self.device)!r})"
+
+
+__all__ = ["SingleDevice", "default_device"]

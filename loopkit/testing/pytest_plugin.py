@@ -8,13 +8,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from .bound_checks import Checker
+
+__all__ = ["loopkit_check"]
+
 
 @pytest.fixture
-def loopkit_check(tmp_path: Path) -> Callable[..., Any]:
+def loopkit_check(tmp_path: Path) -> Callable[..., Checker]:
     """`loopkit_check(make_model, loss_fn, **settings)` -> a Checker whose resume check
     writes into this test's tmp_path.
 
@@ -24,6 +27,4 @@ def loopkit_check(tmp_path: Path) -> Callable[..., Any]:
             check = loopkit_check(make_model, loss_fn, make_step=my_make_step)
             check.all(batch=batch)
     """
-    from .checker import Checker  # imported when used: loading the plugin stays cheap
-
     return functools.partial(Checker, directory=tmp_path / "loopkit-checkpoints")

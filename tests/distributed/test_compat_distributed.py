@@ -3,6 +3,7 @@ and compute_metrics sees the whole eval set, gathered across ranks, in dataset o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from _models import TIMEOUT_S
 from _ranks import run_ranks
 
 from loopkit.compat import EvalPrediction, Trainer, TrainingArguments
-from loopkit.strategies import DDP, FSDP, SingleDevice
+from loopkit.strategies import DDP, FSDP, SingleDevice, Strategy
 
 pytestmark = pytest.mark.distributed
 
@@ -54,7 +55,7 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return (full() if callable(full) else tensor).detach().clone()
 
 
-STRATEGIES = {
+STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "DDP": lambda: DDP(device="cpu", timeout_s=TIMEOUT_S),
     "FSDP": lambda: FSDP(device="cpu", timeout_s=TIMEOUT_S),
 }

@@ -1,4 +1,4 @@
-"""loopkit's own chain, property-tested with the checks and strategies it ships to users.
+"""loopkit's own chain, property-tested with the checks and search strategies it ships to users.
 
 The same `loopkit.testing` functions a user calls on their step run here on loopkit's
 default chain (forward, accumulate, clip, optimizer_step), with hypothesis drawing models,
@@ -23,8 +23,8 @@ from loopkit.testing import (
     check_no_stale_reuse,
     check_resume_equivalence,
     default_step,
+    search,
 )
-from loopkit.testing import strategies as lkst
 
 VOCAB, MAX_LEN = 11, 6
 
@@ -48,9 +48,9 @@ def adamw(params) -> torch.optim.Optimizer:
 
 
 @given(
-    make_model=lkst.small_mlps(d_in=4, d_out=3),
-    batch=lkst.classification_batches(batch_size=8, d_in=4, n_classes=3),
-    split=lkst.splits(total=8, max_parts=4),
+    make_model=search.small_mlps(d_in=4, d_out=3),
+    batch=search.classification_batches(batch_size=8, d_in=4, n_classes=3),
+    split=search.splits(total=8, max_parts=4),
     loss_fn=st.sampled_from([classification_loss, mean_loss]),
     max_norm=st.sampled_from([None, 0.05, 1.0]),
 )
@@ -65,19 +65,19 @@ def test_default_chain_is_split_invariant(make_model, batch, split, loss_fn, max
 
 
 @given(
-    make_model=lkst.tiny_transformers(vocab_size=VOCAB, max_len=MAX_LEN),
-    batch=lkst.padded_token_batches(batch_size=4, max_len=MAX_LEN, vocab_size=VOCAB),
-    split=lkst.splits(total=4, max_parts=3),
+    make_model=search.tiny_transformers(vocab_size=VOCAB, max_len=MAX_LEN),
+    batch=search.padded_token_batches(batch_size=4, max_len=MAX_LEN, vocab_size=VOCAB),
+    split=search.splits(total=4, max_parts=3),
 )
 def test_padded_token_batches_are_split_invariant(make_model, batch, split) -> None:
     check_accumulation_invariance(make_model, token_loss, batches=batch, splits=[split], steps=2)
 
 
 @given(
-    make_model=lkst.small_mlps(d_in=4, d_out=3, dropout=None),
-    batch=lkst.classification_batches(batch_size=6, d_in=4, n_classes=3),
-    split=lkst.splits(total=6, max_parts=3),
-    seed=lkst.seeds(),
+    make_model=search.small_mlps(d_in=4, d_out=3, dropout=None),
+    batch=search.classification_batches(batch_size=6, d_in=4, n_classes=3),
+    split=search.splits(total=6, max_parts=3),
+    seed=search.seeds(),
 )
 def test_default_chain_is_deterministic_with_dropout(make_model, batch, split, seed) -> None:
     check_determinism(
@@ -91,14 +91,14 @@ def test_default_chain_is_deterministic_with_dropout(make_model, batch, split, s
 
 
 @given(
-    precision=lkst.precisions(),
-    schedule=lkst.schedules(total_steps=4),
+    precision=search.precisions(),
+    schedule=search.schedules(total_steps=4),
     save_at=st.integers(0, 3),
-    split=lkst.splits(total=6, max_parts=2),
-    seed=lkst.seeds(),
+    split=search.splits(total=6, max_parts=2),
+    seed=search.seeds(),
 )
 def test_default_chain_resumes_exactly(precision, schedule, save_at, split, seed) -> None:
-    make_model = lkst.MLPFactory(d_in=4, hidden=(8,), d_out=3, dropout=0.1, dtype=torch.float32)
+    make_model = search.MLPFactory(d_in=4, hidden=(8,), d_out=3, dropout=0.1, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     batches = [
         (torch.randn(6, 4, generator=gen), torch.randint(0, 3, (6,), generator=gen))
@@ -119,9 +119,9 @@ def test_default_chain_resumes_exactly(precision, schedule, save_at, split, seed
 
 
 @given(
-    schedule=lkst.schedules(total_steps=3),
+    schedule=search.schedules(total_steps=3),
     max_norm=st.sampled_from([None, 0.05, 2.0]),
-    split=lkst.splits(total=8, max_parts=3),
+    split=search.splits(total=8, max_parts=3),
 )
 def test_default_chain_matches_the_reference_loop(schedule, max_norm, split) -> None:
     gen = torch.Generator().manual_seed(1)
@@ -133,7 +133,7 @@ def test_default_chain_matches_the_reference_loop(schedule, max_norm, split) -> 
         for _ in range(3)
     ]
     check_matches_reference(
-        lkst.MLPFactory(d_in=4, hidden=(8,), d_out=3),
+        search.MLPFactory(d_in=4, hidden=(8,), d_out=3),
         classification_loss,
         batches=batches,
         split=split,
@@ -156,7 +156,7 @@ def with_wrappers(loss_fn, k: int) -> lk.Transform:
 
 def test_default_chain_refuses_consumed_records() -> None:
     batch = (torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 3)
-    make_model = lkst.MLPFactory(d_in=4, hidden=(8,), d_out=3)
+    make_model = search.MLPFactory(d_in=4, hidden=(8,), d_out=3)
     result = check_no_stale_reuse(
         make_model,
         classification_loss,
@@ -168,7 +168,7 @@ def test_default_chain_refuses_consumed_records() -> None:
 
 
 def test_tiny_transformer_gets_gradients_everywhere_and_learns() -> None:
-    make_model = lkst.TransformerFactory(vocab_size=VOCAB, max_len=MAX_LEN, n_layers=2)
-    batch = lkst.make_token_batch([6, 3, 5, 1], width=MAX_LEN, vocab_size=VOCAB, seed=0)
+    make_model = search.TransformerFactory(vocab_size=VOCAB, max_len=MAX_LEN, n_layers=2)
+    batch = search.make_token_batch([6, 3, 5, 1], width=MAX_LEN, vocab_size=VOCAB, seed=0)
     check_gradient_flow(make_model, token_loss, batch=batch)
     check_loss_decreases(make_model, token_loss, batch=batch, optimizer=adamw, steps=15)

@@ -1,4 +1,7 @@
-"""Checker: bind a model factory and loss_fn once, then run any check in one line."""
+"""Checker: bind a model factory and loss_fn once, then run any check in one line.
+
+The `loopkit_check` pytest fixture (loopkit.testing.pytest_plugin) hands out Checkers.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +10,20 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ._spawn import check_strategy_equivalence
-from .checks import (
-    CheckResult,
-    check_accumulation_invariance,
-    check_determinism,
-    check_gradient_flow,
-    check_loss_decreases,
-    check_matches_reference,
-    check_no_stale_reuse,
-    check_resume_equivalence,
-)
+from .accumulation import check_accumulation_invariance
+from .determinism import check_determinism
+from .reference import check_matches_reference
+from .result import CheckResult
+from .resume import check_resume_equivalence
+from .sanity import check_gradient_flow, check_loss_decreases
+from .stale_reuse import check_no_stale_reuse
+from .strategy_equivalence import check_strategy_equivalence
+
+__all__ = ["Checker"]
 
 
 def _accepts(check: Callable[..., Any]) -> set[str]:
+    """The keyword arguments `check` takes (through its search-strategy wrapper)."""
     return set(inspect.signature(inspect.unwrap(check)).parameters) | {"max_examples"}
 
 
@@ -34,7 +37,7 @@ class Checker:
     Example:
         >>> import torch, loopkit as lk
         >>> from loopkit.testing import Checker
-        >>> from loopkit.testing.strategies import MLPFactory
+        >>> from loopkit.testing.search import MLPFactory
         >>> check = Checker(MLPFactory(d_in=4, hidden=(8,), d_out=3),
         ...                 lambda model, b: lk.cross_entropy(model(b[0]), b[1]))
         >>> batch = (torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 3)

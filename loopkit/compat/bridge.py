@@ -1,79 +1,63 @@
 """The bridge from fit()'s events to the HF-style callbacks and the Trainer's flow.
 
-fit() runs the loop; the Trainer adds two loopkit callbacks and a few observer transforms:
+fit() runs the loop; the Trainer adds two loopkit callbacks (and the `notify` transforms
+of the step chain, see steps.py):
 
-- `Bridge` (a loopkit callback) turns fit's events into HF events, runs HF's
-  log / evaluate / save flow after each step and epoch, and asks fit to save (or to end
-  the epoch) with `loopkit.callbacks.Request`;
+- `Bridge` turns fit's events into HF events, runs HF's log / evaluate / save flow after
+  each step and epoch, and asks fit to save (or to end the epoch) with
+  `loopkit.callbacks.Request`;
 - `StopWhenAsked` (the callback after it) returns the Stop the Bridge decided on, in the
-  same event as the Bridge's Request, so that fit saves first and then stops;
-- `notify(...)` transforms inside the step chain fire on_step_begin, on_substep_end,
-  on_pre_optimizer_step and on_optimizer_step; they read the record and return it as is.
+  same event as the Bridge's Request, so that fit saves first and then stops.
+
+The bridge sees the Trainer only through `TrainerHost`, the few members it reads and
+writes; the Trainer implements it.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ..callbacks import Request, Stop
-from ..checkpoint import list_checkpoints, rotate_checkpoints, step_dir_name
+from ..checkpoint import step_dir_name
 from ..metrics import accumulator_dtype
 from ..state import TrainState
+from .args import TrainingArguments
+from .callbacks import CallbackHandler, TrainerControl, TrainerState
+from .checkpoints import rotate_like_hf, update_best_checkpoint, update_best_metric
+from .steps import RunLength
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class _Notify:
-    bridge: Any
-    event: str
+class TrainerHost(Protocol):
+    """What the bridge needs of the Trainer: its HF-side state, logging and evaluation.
 
-    def __call__(self, state: TrainState, batch: Any, /) -> TrainState:
-        window = state.window
-        if self.event == "on_step_begin":
-            fire = state.micro_step == 0 and not window.closed  # a window's first micro-batch
-        elif self.event == "on_substep_end":
-            fire = state.micro_step > 0 and not window.closed  # inside a window, not its last
-        elif self.event == "on_pre_optimizer_step":
-            fire = window.closed  # after clip, before optimizer_step
-        else:  # on_optimizer_step: right after optimizer_step applied a window
-            fire = state.micro_step == 0 and not window.closed
-        if fire:
-            self.bridge.fire(self.event)
-        return state  # observes only: the record is not consumed
-
-    def __repr__(self) -> str:
-        return f"notify({self.event!r})"
-
-
-def notify(bridge: Any, event: str) -> _Notify:
-    """A transform that calls the HF `event` on the Trainer's callbacks when it applies."""
-    return _Notify(bridge, event)
-
-
-@dataclass(frozen=True, slots=True)
-class LastWindowOfEpoch:
-    """Predicate: is this optimizer step the last (short) one of its epoch?
-
-    HF closes an epoch's last window early when the epoch's micro-batches are not a multiple
-    of gradient_accumulation_steps; with `windows_per_epoch` windows per epoch that is step
-    number windows_per_epoch - 1 (mod windows_per_epoch).
+    Attributes:
+        args: the run's TrainingArguments (read).
+        state: the TrainerState; the bridge updates it, and replaces it on resume.
+        control: the TrainerControl the callbacks steer with; replaced by each event.
+        callback_handler: the HF callbacks, called in order.
     """
 
-    windows_per_epoch: int
-    is_last: bool
+    args: TrainingArguments
+    state: TrainerState
+    control: TrainerControl
+    callback_handler: CallbackHandler
 
-    def __call__(self, state: TrainState) -> bool:
-        last = state.step % self.windows_per_epoch == self.windows_per_epoch - 1
-        return last == self.is_last
+    def log(self, logs: dict[str, float]) -> None:
+        """Record `logs` in state.log_history and call on_log."""
+        ...
 
-    def __repr__(self) -> str:
-        kind = "last" if self.is_last else "not_last"
-        return f"{kind}_window_of({self.windows_per_epoch})"
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate on the eval dataset; log the metrics, call on_evaluate, return them."""
+        ...
+
+    def attach_train_state(self, state: TrainState) -> None:
+        """Use fit's live record from now on (evaluation's model; the callbacks' kwargs)."""
+        ...
 
 
 class StopWhenAsked:
@@ -82,10 +66,10 @@ class StopWhenAsked:
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
 
-    def on_fit_start(self, state: Any, hparams: Any) -> Stop | None:
+    def on_fit_start(self, state: TrainState, hparams: Any) -> Stop | None:
         return self.bridge.take_stop()
 
-    def on_epoch_end(self, state: Any) -> Stop | None:
+    def on_epoch_end(self, state: TrainState) -> Stop | None:
         return self.bridge.take_stop()
 
     def __repr__(self) -> str:
@@ -93,31 +77,29 @@ class StopWhenAsked:
 
 
 class Bridge:
-    """fit() events -> HF events and HF's log/evaluate/save flow (see the module docstring)."""
+    """fit() events -> HF events and HF's log/evaluate/save flow (see the module docstring).
 
-    def __init__(
-        self,
-        trainer: Any,
-        *,
-        max_steps: int,
-        num_train_epochs: int,
-        batches_per_epoch: int | None,
-        accumulation: int,
-    ) -> None:
-        self.trainer = trainer
-        self.max_steps = max_steps
-        self.num_train_epochs = num_train_epochs
-        self.batches_per_epoch = batches_per_epoch
-        self.accumulation = accumulation
+    Args:
+        host: the Trainer.
+        run: the run's length (steps, epochs, batches per epoch, accumulation).
+    """
+
+    def __init__(self, host: TrainerHost, run: RunLength) -> None:
+        self.host = host
+        self.max_steps = run.max_steps
+        self.num_train_epochs = run.epochs or 0
+        self.batches_per_epoch = run.batches_per_epoch
+        self.accumulation = run.accumulation
         self.windows_per_epoch = (
-            None if batches_per_epoch is None else math.ceil(batches_per_epoch / accumulation)
+            None
+            if run.batches_per_epoch is None
+            else math.ceil(run.batches_per_epoch / run.accumulation)
         )
         self.loss_since_log: Any = 0.0  # device tensor between logs (no per-step sync)
         self.loss_total = 0.0  # host float: the losses of every logged step
         self.last_logged = 0
         self.steps_in_epoch = 0
         self.saved_step = -1  # the step of the newest checkpoint this run wrote or resumed
-        self.live: TrainState | None = None
         self.resumed = False
         self._keep_epoch_counters = False
         self._stop: Stop | None = None
@@ -125,20 +107,21 @@ class Bridge:
     # -- helpers -----------------------------------------------------------------------
 
     @property
-    def args(self) -> Any:
-        return self.trainer.args
+    def args(self) -> TrainingArguments:
+        return self.host.args
 
     def fire(self, event: str, **kwargs: Any) -> None:
-        trainer = self.trainer
-        trainer.control = trainer.callback_handler.call(
-            event, trainer.args, trainer.state, trainer.control, **kwargs
+        """Call HF `event` on the Trainer's callbacks; keep the control they return."""
+        host = self.host
+        host.control = host.callback_handler.call(
+            event, host.args, host.state, host.control, **kwargs
         )
 
     def take_stop(self) -> Stop | None:
         stop, self._stop = self._stop, None
         return stop
 
-    def _epoch_fraction(self, state: TrainState) -> float:
+    def _epoch_fraction(self) -> float:
         if self.batches_per_epoch is None:  # no length: HF counts max_steps windows per epoch
             return self.steps_in_epoch / max(1, self.max_steps)
         done = min(self.steps_in_epoch * self.accumulation, self.batches_per_epoch)
@@ -147,30 +130,25 @@ class Bridge:
     def _at_last_window(self) -> bool:
         return self.windows_per_epoch is not None and self.steps_in_epoch >= self.windows_per_epoch
 
-    def _see(self, state: TrainState) -> None:
-        self.live = state
-        self.trainer._live_state = state
-
     # -- fit events --------------------------------------------------------------------
 
     def on_fit_start(self, state: TrainState, hparams: Any) -> None:
-        self._see(state)
-        trainer, ts = self.trainer, self.trainer.state
-        trainer._share(state)
+        self.host.attach_train_state(state)
+        ts, args = self.host.state, self.args
         if not self.resumed:
             ts.epoch, ts.global_step = 0.0, 0
         ts.max_steps = self.max_steps
         ts.num_train_epochs = self.num_train_epochs
-        ts.train_batch_size = self.args.per_device_train_batch_size
-        ts.compute_steps(self.args, self.max_steps)
-        ts.is_world_process_zero = int(getattr(state.strategy, "rank", 0)) == 0
+        ts.train_batch_size = args.per_device_train_batch_size
+        ts.compute_steps(args, self.max_steps)
+        ts.is_world_process_zero = state.strategy.is_main
         ts.is_local_process_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0
         self.fire("on_train_begin")
         if ts.global_step >= self.max_steps:  # a finished run resumed: nothing to train
             self._stop = Stop(f"max_steps ({self.max_steps}) reached")
 
     def on_epoch_start(self, state: TrainState) -> None:
-        self._see(state)
+        self.host.attach_train_state(state)
         if self._keep_epoch_counters:  # resumed inside (or at the end of) an epoch
             self._keep_epoch_counters = False
         else:
@@ -178,66 +156,54 @@ class Bridge:
         self.fire("on_epoch_begin")
 
     def on_step_end(self, state: TrainState) -> Request | None:
-        self._see(state)
-        ts, metrics = self.trainer.state, state.metrics
-        loss = metrics["train/loss"]
+        self.host.attach_train_state(state)
+        ts = self.host.state
+        loss = state.metrics["train/loss"]
         if isinstance(loss, torch.Tensor):  # stays on device until a log step
             loss = loss.detach().to(accumulator_dtype(loss.device))
         self.loss_since_log = self.loss_since_log + loss
         self.steps_in_epoch += 1
         ts.global_step = state.step
-        ts.epoch = state.epoch + self._epoch_fraction(state)
+        ts.epoch = state.epoch + self._epoch_fraction()
         self.fire("on_step_end")
         return self._flow(state, at_epoch_end=False)
 
     def on_epoch_end(self, state: TrainState) -> Request | None:
-        self._see(state)
+        self.host.attach_train_state(state)
         self.fire("on_epoch_end")
         request = self._flow(state, at_epoch_end=True)
         self.steps_in_epoch = 0
         return request
 
     def on_checkpoint_saved(self, state: TrainState, path: str) -> None:
-        self._see(state)
+        self.host.attach_train_state(state)
         self.saved_step = state.step
-        self._after_save(state, Path(path))
+        self._after_save(Path(path))
 
     def on_fit_end(self, state: TrainState) -> None:
-        self._see(state)
+        self.host.attach_train_state(state)
 
     # -- HF's _maybe_log_save_evaluate -------------------------------------------------
 
     def _flow(self, state: TrainState, *, at_epoch_end: bool) -> Request | None:
-        trainer, ts = self.trainer, self.trainer.state
-        if trainer.control.should_log and ts.global_step > self.last_logged:
-            # Each rank holds its share of the loss (its items / the global count): the
-            # global value is their sum. host sync: at log steps only.
-            shares = state.strategy.reduce_metrics({"train/loss": self.loss_since_log})
-            loss = float(shares["train/loss"])
-            self.loss_since_log = 0.0
-            logs: dict[str, float] = {"loss": round(loss / (ts.global_step - self.last_logged), 4)}
-            norm = state.metrics.get("train/grad_norm")
-            if norm is not None:
-                logs["grad_norm"] = float(norm)
-            logs["learning_rate"] = float(state.metrics.get("train/lr", 0.0))
-            self.loss_total += loss
-            self.last_logged = ts.global_step
-            trainer.log(logs)
-        if trainer.control.should_evaluate:
-            metrics = trainer.evaluate()
-            new_best = trainer._determine_best_metric(metrics)
+        host = self.host
+        if host.control.should_log and host.state.global_step > self.last_logged:
+            self._log(state)
+        if host.control.should_evaluate:
+            metrics = host.evaluate()
+            new_best = update_best_metric(self.args, host.state, metrics)
             if self.args.save_strategy == "best":
-                trainer.control.should_save = new_best
+                host.control.should_save = new_best
         request = Request()
-        if trainer.control.should_save:
-            trainer._update_best_checkpoint(ts.global_step)
+        if host.control.should_save:
+            update_best_checkpoint(self.args, host.state, host.state.global_step)
             if state.step == self.saved_step:
                 # This step is on disk already (a step save right before this epoch end, or
                 # the checkpoint resumed from): fit writes it once; HF's events still run.
-                self._after_save(state, Path(self.args.output_dir) / step_dir_name(state.step))
+                self._after_save(Path(str(self.args.output_dir)) / step_dir_name(state.step))
             else:
                 request = request | Request(save=True)
-        control = trainer.control
+        control = host.control
         if at_epoch_end:
             if control.should_training_stop:
                 self._stop = Stop(f"should_training_stop at step {state.step}")
@@ -248,37 +214,51 @@ class Bridge:
             request = request | Request(end_epoch=True)
         return None if request == Request() else request
 
-    def _after_save(self, state: TrainState, path: Path) -> None:
-        trainer = self.trainer
-        if trainer.state.is_world_process_zero:
-            trainer._rotate_checkpoints()
+    def _log(self, state: TrainState) -> None:
+        ts = self.host.state
+        # Each rank holds its share of the loss (its items / the global count): the
+        # global value is their sum. host sync: at log steps only.
+        shares = state.strategy.reduce_metrics({"train/loss": self.loss_since_log})
+        loss = float(shares["train/loss"])
+        self.loss_since_log = 0.0
+        logs: dict[str, float] = {"loss": round(loss / (ts.global_step - self.last_logged), 4)}
+        norm = state.metrics.get("train/grad_norm")
+        if norm is not None:
+            logs["grad_norm"] = float(norm)
+        logs["learning_rate"] = float(state.metrics.get("train/lr", 0.0))
+        self.loss_total += loss
+        self.last_logged = ts.global_step
+        self.host.log(logs)
+
+    def _after_save(self, path: Path) -> None:
+        ts = self.host.state
+        if ts.is_world_process_zero:
+            rotate_like_hf(self.args, ts)
             if path.is_dir():
-                trainer.state.save_to_json(path / "trainer_state.json")
+                ts.save_to_json(path / "trainer_state.json")
         self.fire("on_save")
 
     # -- resume ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the HF side needs to resume exactly; JSON-able (fit saves it)."""
-        trainer = self.trainer
+        host = self.host
         return {
-            "trainer_state": _plain(trainer.state.to_dict()),
-            "control": _plain(trainer.control.state()["args"]),
-            "callbacks": _callback_states(trainer.callback_handler.callbacks),
+            "trainer_state": _plain(host.state.to_dict()),
+            "control": _plain(host.control.state()["args"]),
+            "callbacks": _callback_states(host.callback_handler.callbacks),
             "loss_since_log": float(self.loss_since_log),  # host sync: at saves only
             "loss_total": self.loss_total,
             "last_logged": self.last_logged,
             "steps_in_epoch": self.steps_in_epoch,
-            "saved_step": trainer.state.global_step,  # this state is saved at this step
+            "saved_step": host.state.global_step,  # this state is saved at this step
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        from .callbacks import TrainerControl, TrainerState
-
-        trainer = self.trainer
-        trainer.state = TrainerState(**saved["trainer_state"])
-        trainer.control = TrainerControl(**saved["control"])
-        _load_callback_states(trainer.callback_handler.callbacks, saved["callbacks"])
+        host = self.host
+        host.state = TrainerState(**saved["trainer_state"])
+        host.control = TrainerControl(**saved["control"])
+        _load_callback_states(host.callback_handler.callbacks, saved["callbacks"])
         self.loss_since_log = float(saved["loss_since_log"])
         self.loss_total = float(saved["loss_total"])
         self.last_logged = int(saved["last_logged"])
@@ -286,6 +266,13 @@ class Bridge:
         self.saved_step = int(saved["saved_step"])
         self.resumed = True
         self._keep_epoch_counters = True
+
+    def unlogged_loss(self, state: TrainState) -> float:
+        """The loss of every step since the last log, summed over ranks (one host sync)."""
+        unlogged = self.loss_since_log
+        if isinstance(unlogged, torch.Tensor):  # this rank's share: sum over ranks
+            unlogged = state.strategy.reduce_metrics({"train/loss": unlogged})["train/loss"]
+        return float(unlogged)
 
     def __repr__(self) -> str:
         return f"Bridge(max_steps={self.max_steps})"
@@ -335,16 +322,4 @@ def _load_callback_states(callbacks: list[Any], states: list[Any]) -> None:
                 setattr(callback, key, value)
 
 
-def rotate_like_hf(output_dir: str, limit: int, best: str | None) -> None:
-    """Keep `limit` checkpoints as HF's save_total_limit does, never deleting the best.
-
-    HF keeps the newest `limit` checkpoints, except that the best one is always kept: then
-    it keeps the best plus the newest limit - 1 others (with limit 1: the best and the
-    newest, so that training can resume).
-    """
-    newest = {p.resolve() for p in list_checkpoints(output_dir)[:limit]}
-    best_path = None if best is None else Path(best)
-    if best_path is None or not best_path.is_dir() or best_path.resolve() in newest:
-        rotate_checkpoints(output_dir, limit)
-    else:
-        rotate_checkpoints(output_dir, max(1, limit - 1), keep=[best_path])
+__all__ = ["Bridge", "StopWhenAsked", "TrainerHost"]

@@ -1,0 +1,345 @@
+"""Evaluation and prediction of the Trainer façade on loopkit.evaluate, gathered over ranks.
+
+One pass of `loopkit.evaluate` computes HF's eval loss (the model's mean loss per batch,
+weighted by the batch size) and keeps each batch's predictions and labels on device
+(`PredictionCollector`); afterwards they are brought to the host as numpy arrays,
+gathered from every rank in dataset order, and given to `compute_metrics` as an
+`EvalPrediction`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from .._types import LossFn, Predict
+from ..evaluate import evaluate
+from ..precision import Precision
+from ..strategies import Strategy
+from .args import TrainingArguments
+
+PAD_INDEX = -100  # what HF pads predictions and labels of different lengths with
+
+_COLLECTOR_KEY = "loopkit_compat_predictions"
+
+
+class PredictionOutput(NamedTuple):
+    """What Trainer.predict() returns, as in HF."""
+
+    predictions: Any
+    label_ids: Any
+    metrics: dict[str, float] | None
+
+
+class EvalPrediction:
+    """What compute_metrics receives: numpy predictions and label ids over the whole eval
+    set (every rank's part, in dataset order), as HF's EvalPrediction.
+
+    Unpacks like a tuple: `predictions, label_ids = eval_pred`.
+    """
+
+    def __init__(
+        self, predictions: Any, label_ids: Any, inputs: Any = None, losses: Any = None
+    ) -> None:
+        self.predictions = predictions
+        self.label_ids = label_ids
+        self.inputs = inputs
+        self.losses = losses
+        self.elements = (predictions, label_ids) + tuple(
+            x for x in (inputs, losses) if x is not None
+        )
+
+    def __iter__(self) -> Any:
+        return iter(self.elements)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.elements[index]
+
+    def __len__(self) -> int:
+        return len(self.elements)
+
+    def __repr__(self) -> str:
+        preds, labels = (
+            getattr(x, "shape", type(x).__name__) for x in (self.predictions, self.label_ids)
+        )
+        return f"EvalPrediction(predictions={preds}, label_ids={labels})"
+
+
+ComputeMetrics = Callable[[EvalPrediction], Mapping[str, Any]]
+"""`EvalPrediction -> {name: value}`, HF's compute_metrics."""
+
+
+@dataclass
+class EvalView:
+    """What loopkit.evaluate reads of a TrainState: model, strategy, precision."""
+
+    model: torch.nn.Module
+    strategy: Strategy
+    precision: Precision
+
+    def check_fresh(self) -> None:
+        return None
+
+
+def check_eval_settings(
+    args: TrainingArguments, eval_dataset: Any, compute_metrics: ComputeMetrics | None
+) -> None:
+    """Refuse eval settings that cannot work: evaluations without data, a metric never computed.
+
+    Raises:
+        ValueError: eval_strategy without an eval dataset, or metric_for_best_model other
+            than the loss without compute_metrics.
+    """
+    if args.eval_strategy != "no" and eval_dataset is None:
+        raise ValueError(
+            f"TrainingArguments(eval_strategy={args.eval_strategy!r}): needs "
+            "Trainer(eval_dataset=...); pass one or set eval_strategy='no'."
+        )
+    metric = args.metric_for_best_model
+    if metric is not None and metric.removeprefix("eval_") != "loss" and compute_metrics is None:
+        raise ValueError(
+            f"TrainingArguments(metric_for_best_model={metric!r}): the eval metrics are only "
+            "'loss' without Trainer(compute_metrics=...); pass compute_metrics returning "
+            f"{metric.removeprefix('eval_')!r}, or use 'loss'."
+        )
+
+
+def prediction_tensors(
+    outputs: Any, has_loss: bool, ignore_keys: Sequence[str] = ()
+) -> tuple[torch.Tensor, ...]:
+    """The prediction tensors in a model's outputs, as HF's prediction_step picks them.
+
+    A dict (or ModelOutput): every value but "loss" and `ignore_keys`; a tuple/list: all
+    but the first element when it is the loss; an object: `.logits`, else its tensor
+    fields but `.loss`; a tensor: itself.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return (outputs,)
+    if isinstance(outputs, Mapping):
+        return tuple(
+            v
+            for k, v in outputs.items()
+            if k != "loss" and k not in ignore_keys and isinstance(v, torch.Tensor)
+        )
+    if isinstance(outputs, (tuple, list)):
+        values = outputs[1:] if has_loss else outputs
+        return tuple(v for v in values if isinstance(v, torch.Tensor))
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return (logits,)
+    if dataclasses.is_dataclass(outputs):
+        return tuple(
+            getattr(outputs, f.name)
+            for f in dataclasses.fields(outputs)
+            if f.name != "loss" and isinstance(getattr(outputs, f.name), torch.Tensor)
+        )
+    raise TypeError(
+        f"Trainer.evaluate: cannot find predictions in the model's output "
+        f"({type(outputs).__name__}); return a tensor, a dict, a tuple or an object with "
+        "`.logits`."
+    )
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A host numpy copy; bf16/fp16 become float32 (numpy has no bfloat16, HF does the same)."""
+    tensor = tensor.detach()
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.float()
+    return tensor.cpu().numpy()
+
+
+def pad_concat(arrays: Sequence[np.ndarray], pad: int = PAD_INDEX) -> np.ndarray:
+    """Concatenate (at least one array) along dim 0, padding the other dims with `pad`."""
+    if all(a.shape[1:] == arrays[0].shape[1:] for a in arrays):
+        return np.concatenate(arrays, axis=0)
+    ndim = arrays[0].ndim
+    shape = [sum(a.shape[0] for a in arrays)] + [
+        max(a.shape[d] for a in arrays) for d in range(1, ndim)
+    ]
+    out = np.full(shape, pad, dtype=np.result_type(*[a.dtype for a in arrays]))
+    row = 0
+    for a in arrays:
+        out[(slice(row, row + a.shape[0]),) + tuple(slice(0, s) for s in a.shape[1:])] = a
+        row += a.shape[0]
+    return out
+
+
+class PredictionCollector:
+    """A loopkit Metric that keeps every batch's predictions and labels (on device).
+
+    evaluate() calls update(outputs, batch) once per batch; its compute() is a placeholder
+    (the Trainer pops it). Nothing is summed across ranks: `gather_in_order` does that afterwards.
+
+    Args:
+        labels_of: the label tensors of a batch.
+        preprocess: HF's preprocess_logits_for_metrics `(logits, labels) -> logits`, or None.
+        ignore_keys: output keys that are not predictions.
+        has_loss: whether a tuple output starts with the loss.
+    """
+
+    def __init__(
+        self,
+        labels_of: Callable[[Any], tuple[torch.Tensor, ...]],
+        preprocess: Callable[[Any, Any], Any] | None,
+        ignore_keys: Sequence[str],
+        has_loss: bool,
+    ) -> None:
+        self.labels_of = labels_of
+        self.preprocess = preprocess
+        self.ignore_keys = tuple(ignore_keys)
+        self.has_loss = has_loss
+        self.predictions: list[tuple[torch.Tensor, ...]] = []
+        self.labels: list[tuple[torch.Tensor, ...]] = []
+
+    def reset(self) -> None:
+        self.predictions, self.labels = [], []
+
+    def update(self, outputs: Any, batch: Any) -> None:
+        logits: Any = prediction_tensors(outputs, self.has_loss, self.ignore_keys)
+        labels = self.labels_of(batch)
+        if self.preprocess is not None:
+            joined = logits[0] if len(logits) == 1 else logits
+            joined = self.preprocess(joined, labels[0] if len(labels) == 1 else labels)
+            logits = (joined,) if isinstance(joined, torch.Tensor) else tuple(joined)
+        self.predictions.append(tuple(t.detach() for t in logits))
+        self.labels.append(tuple(t.detach() for t in labels))
+
+    def compute(self) -> float:
+        return 0.0
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return []
+
+    def gathered(self, strategy: Strategy, n_items: int | None) -> tuple[Any, Any]:
+        """(predictions, label_ids) over every rank, as HF gives them; then reset.
+
+        One array per output position, or a tuple of them; label_ids is None without labels.
+        """
+        preds = gather_in_order(concat_batches(self.predictions), strategy, n_items)
+        labels = gather_in_order(concat_batches(self.labels), strategy, n_items)
+        self.reset()
+        predictions = preds[0] if len(preds) == 1 else tuple(preds)
+        label_ids = None if not labels else labels[0] if len(labels) == 1 else tuple(labels)
+        return predictions, label_ids
+
+
+def concat_batches(parts: list[tuple[torch.Tensor, ...]]) -> list[np.ndarray]:
+    """Per output position, the batches concatenated (padded) as numpy arrays."""
+    if not parts:
+        return []
+    return [pad_concat([to_numpy(p[i]) for p in parts]) for i in range(len(parts[0]))]
+
+
+def gather_in_order(
+    arrays: list[np.ndarray], strategy: Strategy, n_items: int | None
+) -> list[np.ndarray]:
+    """Every rank's arrays in dataset order, truncated to `n_items` (one process: as is).
+
+    The eval loader's DistributedSampler deals item i to rank i % world_size (after padding
+    the dataset to a multiple of it), so rank r's j-th row is item j * world_size + r.
+    """
+    world = strategy.world_size
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = torch.device(strategy.device)
+        arrays = [_all_gather_interleaved(a, world, device) for a in arrays]
+    if n_items is not None:
+        arrays = [a[:n_items] for a in arrays]
+    return arrays
+
+
+def _all_gather_interleaved(array: np.ndarray, world: int, device: torch.device) -> np.ndarray:
+    dist = torch.distributed
+    shape = torch.tensor(array.shape, dtype=torch.int64, device=device)
+    shapes = [torch.zeros_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    sizes = torch.stack(shapes).cpu()
+    biggest = sizes.max(dim=0).values.tolist()
+    padded = np.full(biggest, PAD_INDEX, dtype=array.dtype)
+    padded[tuple(slice(0, s) for s in array.shape)] = array
+    local = torch.from_numpy(padded).to(device)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    rows = [p.cpu().numpy()[: int(sizes[r, 0])] for r, p in enumerate(parts)]
+    per_rank = max(r.shape[0] for r in rows)
+    out = np.full([per_rank * world] + biggest[1:], PAD_INDEX, dtype=array.dtype)
+    for r, part in enumerate(rows):
+        out[r : r + world * part.shape[0] : world] = part
+    return out
+
+
+class EvalResult(NamedTuple):
+    """One evaluation pass: gathered predictions and labels (or None), metrics, items."""
+
+    predictions: Any
+    label_ids: Any
+    metrics: dict[str, float]
+    n_items: int | None
+
+
+def eval_items(dataset: Any, args: TrainingArguments) -> int | None:
+    """Items an evaluation reports on: len(dataset), or None (no length, or drop_last)."""
+    if hasattr(dataset, "__len__") and not args.dataloader_drop_last:
+        return len(dataset)
+    return None
+
+
+def run_evaluation(
+    view: EvalView,
+    loader: Any,
+    *,
+    loss_fn: LossFn | None,
+    predict: Predict,
+    collector: PredictionCollector | None,
+    compute_metrics: ComputeMetrics | None,
+    prefix: str,
+    n_items: int | None,
+) -> EvalResult:
+    """Evaluate once over `loader`: `<prefix>_loss` (with `loss_fn`) and compute_metrics' values.
+
+    With `collector`, the predictions and labels of the whole set are gathered over the
+    ranks (`view.strategy`) and cut to `n_items`; compute_metrics then sees them when there
+    are labels. Without `loss_fn`, `predict` gives the outputs the collector reads.
+    """
+    values = evaluate(
+        view,
+        loader,
+        None if collector is None else {_COLLECTOR_KEY: collector},
+        loss_fn=loss_fn,
+        predict=None if loss_fn is not None else predict,
+    )
+    metrics: dict[str, float] = {}
+    if "eval/loss" in values:
+        metrics[f"{prefix}_loss"] = values["eval/loss"]
+    if collector is None:
+        return EvalResult(None, None, metrics, n_items)
+    predictions, label_ids = collector.gathered(view.strategy, n_items)
+    if compute_metrics is not None and label_ids is not None:
+        computed = compute_metrics(EvalPrediction(predictions, label_ids))
+        for key, value in dict(computed).items():
+            name = key if key.startswith(f"{prefix}_") else f"{prefix}_{key}"
+            metrics[name] = value.item() if hasattr(value, "item") else value
+    return EvalResult(predictions, label_ids, metrics, n_items)
+
+
+__all__ = [
+    "PAD_INDEX",
+    "ComputeMetrics",
+    "EvalPrediction",
+    "EvalResult",
+    "EvalView",
+    "PredictionCollector",
+    "PredictionOutput",
+    "check_eval_settings",
+    "eval_items",
+    "gather_in_order",
+    "pad_concat",
+    "prediction_tensors",
+    "run_evaluation",
+    "concat_batches",
+    "to_numpy",
+]

@@ -1,0 +1,167 @@
+"""Loss adapters: HF-style model outputs and `compute_loss` as loopkit loss functions.
+
+An HF-style model computes its own loss when the batch holds labels; the Trainer's
+`compute_loss` returns it. fit() wants `loss_fn(model, batch) -> Loss(sum, count)` so
+that it can normalise each window over its items: `TrainLoss` turns one into the other.
+`EvalLoss` and `ForwardOutputs` do the same for evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._types import LossFn
+from ..loss import Loss
+from .inputs import BatchReader, call_model
+
+ComputeLoss = Callable[..., Any]
+"""`compute_loss(model, inputs, num_items_in_batch=...)`: the Trainer's (maybe overridden)."""
+
+
+def loss_of(outputs: Any) -> torch.Tensor:
+    """The loss in a model's outputs: `outputs["loss"]`, `outputs.loss` or `outputs[0]`.
+
+    Raises:
+        ValueError: the outputs hold no loss tensor (with the two ways to fix it).
+    """
+    if isinstance(outputs, Mapping):
+        loss = outputs.get("loss")
+    elif isinstance(outputs, (tuple, list)):
+        loss = outputs[0] if outputs else None
+    else:
+        loss = getattr(outputs, "loss", None)
+    if not isinstance(loss, torch.Tensor):
+        keys = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
+        raise ValueError(
+            f"Trainer: the model returned no loss (its output: {keys}). Put the labels in the "
+            "batch under 'labels' so the model computes its loss (the HF convention), or pass "
+            "Trainer(loss_fn=lambda model, batch: ...)."
+        )
+    return loss
+
+
+def model_loss(
+    model: torch.nn.Module,
+    inputs: Any,
+    *,
+    compute_loss_func: Callable[..., torch.Tensor] | None,
+    label_name: str,
+    num_items_in_batch: Any = None,
+) -> tuple[torch.Tensor, Any]:
+    """HF's Trainer.compute_loss: (loss, outputs) of `model` on `inputs`.
+
+    With `compute_loss_func` (and a dict batch) the labels are taken out of the inputs and
+    the loss is `compute_loss_func(outputs, labels, num_items_in_batch=...)`; otherwise it
+    is the model's own loss, with `num_items_in_batch` passed on when given.
+    """
+    if compute_loss_func is not None and isinstance(inputs, Mapping):
+        inputs = dict(inputs)
+        labels = inputs.pop(label_name, None)
+        outputs = call_model(model, inputs)
+        return compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch), outputs
+    kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+    outputs = call_model(model, inputs, **kwargs)
+    return loss_of(outputs), outputs
+
+
+def passes_num_items(
+    reader: BatchReader,
+    *,
+    compute_loss_func: Callable[..., torch.Tensor] | None,
+    compute_loss_overridden: bool,
+) -> bool:
+    """Whether the model normalises its own loss by num_items_in_batch (HF's check).
+
+    True with a compute_loss_func; False when compute_loss is overridden (it decides
+    itself); else the model's `accepts_loss_kwargs`, or whether forward takes
+    `num_items_in_batch`.
+    """
+    if compute_loss_func is not None:
+        return True
+    if compute_loss_overridden:
+        return False
+    accepts = getattr(reader.model, "accepts_loss_kwargs", None)
+    if accepts is not None:
+        return bool(accepts)
+    names, _ = reader.forward_parameters()
+    return "num_items_in_batch" in names
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class TrainLoss:
+    """The training loss_fn: Loss(sum, count), so fit normalises each window as HF does now.
+
+    HF divides the summed loss of a window by its item count (labels != -100, all
+    micro-batches and ranks). With a model that takes `num_items_in_batch`, it is called
+    with 1, so its loss is the sum and the count is exact; a model returning a mean over
+    its items counts mean * items. A user's `loss_fn` is used as it is.
+
+    Attributes:
+        compute_loss: the Trainer's compute_loss (a subclass may override it).
+        reader: how batches are read (columns, labels, item count).
+        pass_num_items: call compute_loss with num_items_in_batch=1 (see passes_num_items).
+        loss_fn: the user's loopkit loss_fn, which replaces all of the above; or None.
+    """
+
+    compute_loss: ComputeLoss
+    reader: BatchReader
+    pass_num_items: bool
+    loss_fn: LossFn | None = None
+
+    def __call__(self, model: torch.nn.Module, batch: Any, /) -> Any:
+        if self.loss_fn is not None:
+            return self.loss_fn(model, batch)
+        inputs = self.reader.prepare(batch)
+        count = self.reader.item_count(inputs)
+        if self.pass_num_items:
+            loss = self.compute_loss(model, inputs, num_items_in_batch=1)
+            if count is None:
+                raise ValueError(
+                    "Trainer: the model takes num_items_in_batch but the batch has no labels "
+                    f"({self.reader.label_names}) to count items from; pass loss_fn=... ."
+                )
+            return Loss(loss, count)
+        loss = self.compute_loss(model, inputs)
+        return loss if count is None else Loss(loss * count, count)
+
+    def __repr__(self) -> str:  # short: fit records the step's repr with each checkpoint
+        return "trainer_loss"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EvalLoss:
+    """HF's eval loss: the model's mean loss per batch, weighted by the batch's samples."""
+
+    compute_loss: ComputeLoss
+    reader: BatchReader
+    loss_fn: LossFn | None = None
+
+    def __call__(self, model: torch.nn.Module, batch: Any, /) -> Any:
+        if self.loss_fn is not None:
+            return self.loss_fn(model, batch)
+        return self.compute_loss(model, self.reader.prepare(batch))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ForwardOutputs:
+    """The model's outputs on a batch without labels (what the prediction metrics read)."""
+
+    reader: BatchReader
+
+    def __call__(self, model: torch.nn.Module, batch: Any, /) -> Any:
+        return call_model(model, self.reader.prepare(batch))
+
+
+__all__ = [
+    "ComputeLoss",
+    "EvalLoss",
+    "ForwardOutputs",
+    "TrainLoss",
+    "loss_of",
+    "model_loss",
+    "passes_num_items",
+]
