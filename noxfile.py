@@ -16,17 +16,20 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *session.posargs)
 
 
+LINTED = ("loopkit", "tests")
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Check formatting and lint with ruff."""
+    """Check formatting and lint with ruff, over the package and its tests."""
     session.install("ruff")
-    session.run("ruff", "format", "--check", "loopkit", *session.posargs)
-    session.run("ruff", "check", "loopkit", *session.posargs)
+    session.run("ruff", "format", "--check", *LINTED, *session.posargs)
+    session.run("ruff", "check", *LINTED, *session.posargs)
 
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """Type-check the package with mypy."""
+    """Type-check the package and its tests with mypy (the files are in pyproject's [tool.mypy])."""
     session.install(*CONSTRAINTS, ".[dev]")
     session.run("mypy", *session.posargs)
 

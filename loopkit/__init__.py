@@ -13,17 +13,21 @@ from .callbacks import BestModel as BestModel
 from .callbacks import Callback as Callback
 from .callbacks import EarlyStopping as EarlyStopping
 from .callbacks import LRMonitor as LRMonitor
+from .callbacks import Request as Request
 from .callbacks import Stop as Stop
 from .callbacks import ThroughputMonitor as ThroughputMonitor
 from .checkpoint import CheckpointError as CheckpointError
+from .checkpoint import CheckpointMismatchError as CheckpointMismatchError
 from .checkpoint import load_checkpoint as load_checkpoint
 from .checkpoint import save_checkpoint as save_checkpoint
 from .checkpoint import save_model as save_model
+from .compiled import compile_step as compile_step
 from .compose import chain as chain
 from .compose import every as every
 from .compose import identity as identity
 from .compose import when as when
 from .config import FitConfig as FitConfig
+from .data import DataTimeoutError as DataTimeoutError
 from .evaluate import evaluate as evaluate
 from .fit import FitResult as FitResult
 from .fit import fit as fit
@@ -42,6 +46,7 @@ from .params import freeze as freeze
 from .params import param_groups as param_groups
 from .precision import Precision as Precision
 from .precision import set_tf32 as set_tf32
+from .run_lock import DirectoryLockedError as DirectoryLockedError
 from .state import StaleStateError as StaleStateError
 from .state import TrainState as TrainState
 from .state import Window as Window
@@ -64,7 +69,10 @@ __all__ = [
     "CSVLogger",
     "Callback",
     "CheckpointError",
+    "CheckpointMismatchError",
     "DDP",
+    "DataTimeoutError",
+    "DirectoryLockedError",
     "DistributedError",
     "EarlyStopping",
     "FSDP",
@@ -80,6 +88,7 @@ __all__ = [
     "Pipeline",
     "Precision",
     "ProgressBar",
+    "Request",
     "Schedule",
     "SingleDevice",
     "StaleStateError",
@@ -94,6 +103,7 @@ __all__ = [
     "accumulate",
     "chain",
     "clip",
+    "compile_step",
     "cross_entropy",
     "evaluate",
     "every",

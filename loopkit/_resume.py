@@ -1,4 +1,9 @@
-"""fit()'s resume: what a checkpoint carries besides the record, and loading it back."""
+"""fit()'s resume: what a checkpoint carries besides the record, and loading it back.
+
+It never destroys a run: a checkpoint that is valid but does not fit is an error (not a
+fresh start over the old files), a fresh run refuses a directory that holds another run's
+checkpoints, and a resume from an older checkpoint moves the newer ones aside, whole.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, read_extra
+from .checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
+    list_checkpoints,
+    load_checkpoint,
+    read_extra,
+    read_meta,
+    step_dir_name,
+    write_pointer,
+)
+from .run_lock import run_id_of
 from .state import TrainState
 
 logger = logging.getLogger("loopkit.fit")
@@ -53,12 +68,14 @@ class Resumed:
         history: the history up to the checkpoint.
         best: the best evaluation up to it, or None.
         evaluated_at: the step of the last evaluation before it (-1: none).
+        run_id: the id of the run it continues (None: saved before run ids were recorded).
     """
 
     state: TrainState
     history: list[dict[str, float]]
     best: dict[str, float] | None
     evaluated_at: int
+    run_id: str | None = None
 
 
 def resume(
@@ -72,10 +89,15 @@ def resume(
     """Load the checkpoint fit's `resume=` asks for; None when there is none to start from.
 
     `source=True` tries the checkpoints in `checkpoint_dir` newest first, skipping (and
-    saying why) each one that is invalid or does not fit this run; an explicit path must
-    load. The data position and the callbacks' state are restored in place.
+    saying why) each one that is invalid (incomplete, corrupt); a valid one that does not
+    fit this model, optimizer, precision or kind of schedule stops the run. An explicit
+    path must load; then the newer checkpoints of the same run in `checkpoint_dir` (the
+    future it abandons) are moved aside, whole (see `set_aside_newer`). The data position
+    and the callbacks' state are restored in place.
 
     Raises:
+        CheckpointMismatchError: (source=True) the newest valid checkpoint does not fit;
+            the message names the first mismatches and the ways out.
         CheckpointError: an explicit path does not load.
         ValueError: the checkpoint holds a data position `loader` cannot restore, or state
             for another number of callbacks.
@@ -87,13 +109,17 @@ def resume(
     extra = read_extra(path)  # parsed fine by load_checkpoint already
     _restore_data_position(loader, extra.get("data"), path)
     _restore_callbacks(callbacks, extra.get("callbacks") or [], path)
+    run_id = read_meta(path).get("run_id")
     if state.strategy.is_main:
         logger.info("resumed from %s (step %s, epoch %s).", path, state.step, state.epoch)
+        if source is not True and checkpoint_dir is not None:
+            set_aside_newer(checkpoint_dir, state.step, path)
     return Resumed(
         state=state,
         history=list(extra.get("history") or []),
         best=extra.get("best"),
         evaluated_at=int(extra.get("evaluated_at", -1)),
+        run_id=run_id if isinstance(run_id, str) else None,
     )
 
 
@@ -111,6 +137,12 @@ def _load_first_valid(
     for path in candidates:
         try:
             return load_checkpoint(path, state), path  # validates first; touches nothing if bad
+        except CheckpointMismatchError as error:
+            if source is not True:
+                raise  # a bad explicit path raises; no fallback
+            # A valid checkpoint of another model: an older one would not fit either, and
+            # starting fresh would write over that run. Stop and say how to go on.
+            raise _does_not_fit(path, checkpoint_dir, error) from error
         except CheckpointError as error:
             if source is not True:
                 raise  # a bad explicit path raises; no fallback
@@ -119,6 +151,70 @@ def _load_first_valid(
     if state.strategy.is_main:
         logger.info("no valid checkpoint in %s; starting fresh.", checkpoint_dir)
     return None
+
+
+def _does_not_fit(
+    path: Path, checkpoint_dir: str | os.PathLike[str] | None, error: CheckpointError
+) -> CheckpointMismatchError:
+    """resume=True's error for a valid checkpoint that does not fit: what and the ways out."""
+    run = run_id_of(path)
+    return CheckpointMismatchError(
+        f"fit(resume=True): the newest valid checkpoint in checkpoint_dir="
+        f"{str(checkpoint_dir)!r} ({path.name}, run {run}) does not fit this run: {error} "
+        "Nothing was trained and no checkpoint was changed. To continue that run, build the same "
+        "model and optimizer. To start a new run, pass another checkpoint_dir, or move the "
+        "old run's checkpoints away and pass resume=False.",
+        path=path,
+    )
+
+
+def set_aside_newer(checkpoint_dir: str | os.PathLike[str], step: int, resumed: Path) -> list[Path]:
+    """Move the checkpoints after `step` (a resume's abandoned future) aside, whole.
+
+    They stay on disk, unchanged, in `<checkpoint_dir>/abandoned-after-step-<step>[-N]/`,
+    where neither resume=True nor rotation looks; a warning names them. Left in place they
+    would count as the newest checkpoints: resume=True after a crash would continue the
+    abandoned future, and rotation would delete the new checkpoints before them. If
+    `latest` named one of them, it names the resumed checkpoint (when in this directory)
+    or is removed. Returns their new paths.
+    """
+    directory = Path(checkpoint_dir)
+    newer = [p for p in list_checkpoints(directory) if int(p.name.split("-")[1]) > step]
+    if not newer:
+        return []
+    base = directory / f"abandoned-after-{step_dir_name(step)}"
+    target, n = base, 1
+    while target.exists():
+        n += 1
+        target = base.with_name(f"{base.name}-{n}")
+    target.mkdir()
+    moved = []
+    for path in newer:
+        os.rename(path, target / path.name)  # one atomic rename each: nothing half-moved
+        moved.append(target / path.name)
+    _repoint_latest(directory, {p.name for p in newer}, resumed)
+    logger.warning(
+        "resumed from %s, an older checkpoint than %s of the same run: moved them, unchanged, "
+        "to %s (resume=True and rotation ignore it; delete it when you no longer need them).",
+        resumed.name,
+        ", ".join(p.name for p in newer),
+        target,
+    )
+    return moved
+
+
+def _repoint_latest(directory: Path, moved: set[str], resumed: Path) -> None:
+    pointer = directory / "latest"
+    try:
+        named = pointer.read_text().strip()
+    except OSError:
+        return
+    if named not in moved:
+        return
+    if resumed.parent.resolve() == directory.resolve():
+        write_pointer(directory, resumed.name)
+    else:
+        pointer.unlink(missing_ok=True)
 
 
 def _restore_data_position(loader: Any, position: Any, path: Path) -> None:
@@ -144,4 +240,4 @@ def _restore_callbacks(callbacks: Sequence[Any], saved: Sequence[Any], path: Pat
             callback.load_state_dict(callback_state)
 
 
-__all__ = ["Resumed", "checkpoint_extra", "resume"]
+__all__ = ["Resumed", "checkpoint_extra", "resume", "set_aside_newer"]

@@ -11,7 +11,7 @@ or registering. fit() calls them in this order (see docs/callbacks-and-logging.m
         on_eval_end(state, metrics)      after each evaluation ("eval/loss", ...)
         on_checkpoint_saved(state, path)
       on_epoch_end(state)
-    on_fit_end(state)
+    on_fit_end(state, reason)            reason: FitResult.stopped_by ("max_steps", "SIGTERM", ...)
 
 A hook returns None, or `Stop(reason)` to ask fit() to stop after the current step.
 `on_step_end` and `on_epoch_end` may also return `Request(log=..., evaluate=..., save=...,
@@ -22,6 +22,7 @@ Hooks read the TrainState; they never call `state.replace` or step it.
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import math
 import numbers
@@ -140,7 +141,8 @@ class Callback:
 
     Optional: any object with some of these methods is a callback too. Each hook may return
     `Stop(reason)`, and `on_step_end` / `on_epoch_end` also `Request(...)`; anything else but
-    None is an error.
+    None is an error. A subclass's methods named `on_*` must be hooks: a misspelled one is
+    an error naming the hook it meant (name helper methods otherwise).
     """
 
     def on_fit_start(self, state: Any, hparams: dict[str, object]) -> Stop | None:
@@ -172,7 +174,12 @@ class Callback:
         return None
 
     def on_fit_end(self, state: Any) -> Stop | None:
-        """Called once after the last step (also after a Stop)."""
+        """Called once after the last step (also after a Stop or a stop signal).
+
+        Override it as `on_fit_end(self, state, reason="")` to also get why the fit ended
+        (FitResult.stopped_by: "max_steps", "epochs", a Stop's reason, or "SIGINT",
+        "SIGTERM", "SIGUSR1"); the one-argument form keeps working.
+        """
         return None
 
 
@@ -221,7 +228,7 @@ def dispatch(
         hook = getattr(callback, hook_name, None)
         if hook is None:
             continue
-        result = hook(*args)
+        result = hook(*_arguments_for(hook, hook_name, args))
         if result is None:
             continue
         if isinstance(result, Stop):
@@ -243,6 +250,25 @@ def dispatch(
             f"({_short_repr(result)}); a hook must return None or loopkit.Stop(reason).{hint}"
         )
     return first
+
+
+_OPTIONAL_ARGUMENTS: dict[str, int] = {"on_fit_end": 1}
+"""Hooks whose last arguments a callback may leave out: `on_fit_end(state)` is still called
+(without the reason) where `on_fit_end(state, reason)` is not defined."""
+
+
+def _arguments_for(hook: Callable[..., Any], hook_name: str, args: tuple[Any, ...]) -> tuple:
+    """`args`, less the optional trailing ones `hook`'s signature does not take."""
+    optional = _OPTIONAL_ARGUMENTS.get(hook_name, 0)
+    if not optional:
+        return args
+    try:
+        inspect.signature(hook).bind(*args)
+    except TypeError:
+        return args[: len(args) - optional]  # e.g. on_fit_end(self, state): no reason
+    except ValueError:  # no signature to read (a builtin): pass everything
+        pass
+    return args
 
 
 def collect_log_metrics(callbacks: Iterable[object], state: Any) -> dict[str, Any]:
@@ -286,8 +312,9 @@ def check_callbacks(callbacks: Iterable[object], where: str = "fit") -> tuple[ob
 
     Raises:
         TypeError: `callbacks` is not an iterable of objects (e.g. a single callback).
-        ValueError: a callback defines none of the hooks (the message suggests the hook a
-            misspelled method probably meant).
+        ValueError: a callback defines none of the hooks, or a `Callback` subclass has an
+            `on_*` method that is no hook (the message suggests the hook a misspelled
+            method probably meant).
     """
     if any(hasattr(callbacks, hook) for hook in HOOKS + CONTRIBUTOR_HOOKS):
         raise TypeError(
@@ -301,6 +328,9 @@ def check_callbacks(callbacks: Iterable[object], where: str = "fit") -> tuple[ob
         )
     result = tuple(callbacks)
     for callback in result:
+        if isinstance(callback, Callback):
+            _check_subclass_hooks(callback, where)
+            continue
         if any(callable(getattr(callback, h, None)) for h in HOOKS + CONTRIBUTOR_HOOKS):
             continue
         own = [n for n in dir(callback) if n.startswith("on_") and callable(getattr(callback, n))]
@@ -311,6 +341,27 @@ def check_callbacks(callbacks: Iterable[object], where: str = "fit") -> tuple[ob
             f"{', '.join(HOOKS + CONTRIBUTOR_HOOKS)}.{fix}"
         )
     return result
+
+
+def _check_subclass_hooks(callback: Callback, where: str) -> None:
+    """Refuse an `on_*` method of a Callback subclass that is no hook (a misspelled one).
+
+    A Callback subclass declares that it observes fit's events, and the base class defines
+    every hook, so a misspelled override would be silently never called. Helper methods
+    whose names do not start with `on_` are the user's own business.
+    """
+    for name in dir(type(callback)):
+        if not name.startswith("on_") or name in HOOKS:
+            continue
+        if not callable(getattr(callback, name, None)):
+            continue
+        hint = difflib.get_close_matches(name, HOOKS, n=1)
+        fix = f"Did you mean {hint[0]}?" if hint else f"The hooks are {', '.join(HOOKS)}."
+        raise ValueError(
+            f"{where}(callbacks=[..., {_short_repr(callback)}, ...]): "
+            f"{type(callback).__name__}.{name} is not a hook, so fit() would never call it. "
+            f"{fix} (Rename a helper method so that its name does not start with on_.)"
+        )
 
 
 def _short_repr(value: object, limit: int = 80) -> str:

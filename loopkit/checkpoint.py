@@ -178,7 +178,8 @@ def save_checkpoint(
 
     Raises:
         ValueError: the window is open (micro_step > 0).
-        OSError: the disk is full or unwritable; earlier checkpoints are untouched.
+        CheckpointError: a write failed (disk full, unwritable, a file too large): `.path`
+            names the file, `.errno` the reason; earlier checkpoints are untouched.
     """
     state.check_fresh()
     if state.micro_step != 0:
@@ -233,7 +234,7 @@ def save_checkpoint(
         _pause()
         _replace_dir(tmp, final)
         _fsync_path(directory)
-        _write_pointer(directory, final.name)
+        write_pointer(directory, final.name)
 
     try:
         _on_every_rank(strategy, make_tmp if is_main else None)
@@ -300,7 +301,9 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_pointer(directory: Path, name: str) -> None:
+def write_pointer(directory: str | os.PathLike[str], name: str) -> None:
+    """Point `<directory>/latest` at checkpoint `name`, atomically (temp file + rename)."""
+    directory = Path(directory)
     tmp = directory / f".latest.tmp-{os.getpid()}"
     _write_bytes(tmp, name.encode())
     os.replace(tmp, directory / "latest")
@@ -699,4 +702,5 @@ __all__ = [
     "step_dir_name",
     "unwrap",
     "validate_checkpoint",
+    "write_pointer",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -61,6 +62,18 @@ _CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
     "shuffle": (lambda v: isinstance(v, bool), "True or False"),
     "drop_last": (lambda v: isinstance(v, bool), "True or False"),
     "num_workers": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),  # type: ignore[operator]
+    "data_timeout_s": (
+        _optional(
+            lambda v: (
+                isinstance(v, numbers.Real)
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+                and v > 0  # type: ignore[operator]
+            )
+        ),
+        "a positive, finite number of seconds (the longest wait for a DataLoader worker's "
+        "batch), or None to wait forever",
+    ),
     "pin_memory": (lambda v: isinstance(v, bool), "True or False"),
     "monitor": (lambda v: isinstance(v, str) and "/" in v, "a metric key such as 'eval/loss'"),
     "mode": (lambda v: v in (None, "min", "max"), "None (inferred from monitor), 'min' or 'max'"),
@@ -95,6 +108,34 @@ _CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
     "predict": (_optional(callable), "None or a callable predict(model, batch)"),
     "collate_fn": (_optional(callable), "None or a callable collate_fn(samples)"),
 }
+
+
+def _check_directory(name: str, value: str | Path | None) -> None:
+    """Refuse a directory argument that can never hold files: "", a file, a path under a file.
+
+    Only looks (stat calls); whether it can be written is probed by fit before its first
+    step, since that needs creating it.
+    """
+    if value is None:
+        return
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(
+            f"FitConfig({name}={value!r}): must be None or a directory path; an empty path "
+            f"would write into the current directory. Pass e.g. {name}='runs/exp1'."
+        )
+    path = Path(value)
+    for place in (path, *path.parents):
+        try:
+            is_dir = stat.S_ISDIR(place.stat().st_mode)  # one stat: another run may create it
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if is_dir:
+            return
+        where = "is a file" if place == path else f"is under {str(place)!r}, a file"
+        raise ValueError(
+            f"FitConfig({name}={str(value)!r}): {where}, not a directory. Pass a "
+            "directory path (created if missing)."
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,6 +191,7 @@ class FitConfig(Mapping[str, Any]):
     shuffle: bool = True
     drop_last: bool = False
     num_workers: int = 0
+    data_timeout_s: float | None = 600.0
     pin_memory: bool = False
     collate_fn: Any = None
 
@@ -170,6 +212,8 @@ class FitConfig(Mapping[str, Any]):
                 f"FitConfig(eval_every={self.eval_every}): needs eval_data=...; pass the "
                 "evaluation data or drop eval_every."
             )
+        for name in ("checkpoint_dir", "log_dir"):
+            _check_directory(name, getattr(self, name))
         needs_dir = [n for n in ("save_every", "keep_last") if getattr(self, n) is not None] + [
             n for n in ("save_on_epoch_end", "keep_best") if getattr(self, n)
         ]

@@ -1,23 +1,125 @@
-"""Data loading: StatefulDataLoader construction (its state makes resume exact)."""
+"""Data loading: StatefulDataLoader construction (its state makes resume exact).
+
+How `fit(train_data=..., batch_size=...)` reads its data (the same rule holds for
+`eval_data` with `eval_batch_size`, which defaults to `batch_size`):
+
+- a DataLoader or StatefulDataLoader batches itself: used as is; with batch_size, an error;
+- a torch Dataset (map-style or iterable): batched by a StatefulDataLoader; needs batch_size;
+- any other object with `__len__` and `__getitem__` (a list, tuple, tensor, numpy array, an
+  HF dataset) is a sequence of *samples* when batch_size is given (batched like a Dataset),
+  and a sequence of ready batches without it (each element is one batch);
+- any other iterable (a generator, a torchdata nodes pipeline) yields ready batches: used as
+  is; with batch_size, an error;
+- a str, bytes or mapping (e.g. a dict of splits): an error.
+
+A sequence read as ready batches whose first element holds a 0-d tensor (a class label
+without a batch dimension) is a sequence of samples given without batch_size: an error.
+An eval batch size inherited from batch_size is no error for data that batches itself.
+"""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal
 
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 # torchdata 0.11 calls the deprecated torch.set_vital on every iterator it creates.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
+DataKind = Literal["loader", "dataset", "sequence", "batches"]
+"""How make_loader reads data: a loader, a torch Dataset, a sequence, or ready batches."""
 
-def is_loader(data: object) -> bool:
-    """Whether `data` already yields batches (a DataLoader or any non-Dataset iterable)."""
+
+class DataTimeoutError(RuntimeError):
+    """A DataLoader worker delivered no batch within the loader's timeout (data_timeout_s)."""
+
+
+def data_kind(data: object) -> DataKind:
+    """Which row of the module's table `data` falls in (batch_size decides the rest).
+
+    Raises:
+        TypeError: a str, bytes or mapping, or an object that is not iterable at all.
+    """
     if isinstance(data, (DataLoader, StatefulDataLoader)):
-        return True
-    return not isinstance(data, Dataset) and isinstance(data, Iterable)
+        return "loader"
+    if isinstance(data, Dataset):
+        return "dataset"
+    if isinstance(data, (str, bytes, Mapping)):
+        hint = " Pick one split, e.g. data['train']." if isinstance(data, Mapping) else ""
+        raise TypeError(
+            f"got a {type(data).__name__}; expected a torch Dataset, a sequence of samples, "
+            f"a DataLoader or an iterable of batches.{hint}"
+        )
+    if hasattr(type(data), "__len__") and hasattr(type(data), "__getitem__"):
+        return "sequence"
+    if isinstance(data, Iterable):
+        return "batches"
+    raise TypeError(
+        f"got {type(data).__name__}; expected a torch Dataset, a sequence of samples, a "
+        "DataLoader, a torchdata StatefulDataLoader or nodes pipeline, or any iterable of batches."
+    )
+
+
+def is_loader(data: object, batch_size: int | None = None) -> bool:
+    """Whether `data` is used as it is, as ready batches (see the module's table)."""
+    kind = data_kind(data)
+    return kind in ("loader", "batches") or (kind == "sequence" and batch_size is None)
+
+
+def _check_combination(
+    data: Any, kind: DataKind, batch_size: int | None, batch_size_inherited: bool, where: str
+) -> None:
+    """Refuse the combinations of data and batch_size that would silently misread the data."""
+    name = type(data).__name__
+    if batch_size is not None and not batch_size_inherited and kind in ("loader", "batches"):
+        what = (
+            f"a {name}, which batches itself (its batch_size is {data.batch_size})"
+            if kind == "loader"
+            else f"a {name}, an iterable read as ready batches"
+        )
+        fix = (
+            "pass its dataset (loader.dataset) with batch_size=..."
+            if kind == "loader"
+            else "pass a Dataset or a sequence of samples (a list) to have it batched"
+        )
+        raise ValueError(
+            f"{where}: got {what}; batch_size={batch_size} would have no effect. Drop "
+            f"batch_size=..., or {fix}."
+        )
+    if kind == "dataset" and batch_size is None:
+        raise ValueError(
+            f"{where}: a Dataset needs batch_size=..., e.g. fit(..., batch_size=32); or pass a "
+            "DataLoader that batches it."
+        )
+    if kind == "sequence" and batch_size is None and len(data) > 0:
+        try:
+            first = data[0]
+        except Exception:  # not indexable by position (a table keyed by column): no hint
+            return
+        scalar = _zero_dim_tensor(first)
+        if scalar is not None:
+            raise ValueError(
+                f"{where}: got a {name} without batch_size, so each element would be one "
+                f"batch, but element 0 holds a 0-d tensor ({scalar}): it is one sample, not a "
+                "batch. Pass batch_size=... to batch the samples, e.g. fit(..., batch_size=32)."
+            )
+
+
+def _zero_dim_tensor(element: Any) -> str | None:
+    """A 0-d tensor that is a sample or sits directly in one (a tuple, list or dict), as text."""
+    values: Any = [element]
+    if isinstance(element, Mapping):
+        values = list(element.values())
+    elif isinstance(element, (tuple, list)):
+        values = element
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.ndim == 0:
+            return f"tensor({value.item()!r})"
+    return None
 
 
 def make_loader(
@@ -32,35 +134,41 @@ def make_loader(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     rank: int = 0,
     world_size: int = 1,
+    timeout_s: float | None = None,
+    batch_size_inherited: bool = False,
     where: str = "fit(train_data=...)",
 ) -> Iterable[Any]:
-    """Return `data` if it already yields batches, else a StatefulDataLoader over it.
+    """Return `data` if it is used as ready batches, else a StatefulDataLoader over it.
 
-    A map-style dataset is read through torch's DistributedSampler (also with one rank):
-    each rank gets its own share, and epoch e's order is a pure function of (seed, e), so
-    with `sampler.set_epoch(e)` per epoch and the loader's `state_dict()` a run resumes
-    mid-epoch on exactly the next batch.
+    Which data is batched is the module's table. A map-style dataset (or sequence of
+    samples) is read through torch's DistributedSampler (also with one rank): each rank gets
+    its own share, and epoch e's order is a pure function of (seed, e), so with
+    `sampler.set_epoch(e)` per epoch and the loader's `state_dict()` a run resumes mid-epoch
+    on exactly the next batch.
+
+    Args:
+        timeout_s: with num_workers > 0, the longest wait for a worker's batch (torch's
+            DataLoader `timeout=`); None waits forever. Without workers there is none.
+        batch_size_inherited: batch_size was not asked for this data but inherited (fit's
+            eval_batch_size defaults to batch_size): a loader then ignores it without error.
 
     Raises:
-        ValueError: a Dataset without batch_size, or an empty map-style Dataset.
-        TypeError: data is neither a Dataset nor an iterable of batches.
+        ValueError: a Dataset without batch_size, batch_size with data that batches itself,
+            a sequence of samples without batch_size, or an empty map-style dataset.
+        TypeError: data is neither a Dataset, a sequence nor an iterable of batches.
     """
-    if is_loader(data):
+    try:
+        kind = data_kind(data)
+    except TypeError as error:
+        raise TypeError(f"{where}: {error}") from None
+    _check_combination(data, kind, batch_size, batch_size_inherited, where)
+    if kind in ("loader", "batches") or batch_size is None:
         return data  # type: ignore[no-any-return]
-    if not isinstance(data, Dataset):
-        raise TypeError(
-            f"{where}: got {type(data).__name__}; expected a torch Dataset, a DataLoader, a "
-            "torchdata StatefulDataLoader or nodes pipeline, or any iterable of batches."
-        )
-    if batch_size is None:
-        raise ValueError(
-            f"{where}: a Dataset needs batch_size=..., e.g. fit(..., batch_size=32); or pass a "
-            "DataLoader that batches it."
-        )
-    if not isinstance(data, IterableDataset) and len(data) == 0:  # type: ignore[arg-type]
+    is_iterable = isinstance(data, IterableDataset)
+    if not is_iterable and len(data) == 0:
         raise ValueError(f"{where}: the dataset is empty (len 0).")
     sampler: DistributedSampler[Any] | None = None
-    if not isinstance(data, IterableDataset):
+    if not is_iterable:
         sampler = DistributedSampler(
             data,
             num_replicas=world_size,
@@ -77,7 +185,61 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         collate_fn=collate_fn,
+        # torch allows a timeout only with worker processes (0 means none).
+        timeout=float(timeout_s) if timeout_s is not None and num_workers > 0 else 0.0,
     )
 
 
-__all__ = ["is_loader", "make_loader"]
+def iterate(loader: Iterable[Any], *, where: str = "fit(train_data=...)") -> Iterator[Any]:
+    """Yield the loader's batches; a worker's timeout becomes a DataTimeoutError.
+
+    torch raises a bare `RuntimeError("DataLoader timed out after ... seconds")` when a
+    worker delivers no batch within the loader's `timeout`; this names the worker and the
+    fixes instead, and stops the loader's workers (the stuck one included) at once.
+
+    Raises:
+        DataTimeoutError: a worker delivered no batch within the loader's timeout.
+    """
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as error:
+            if not str(error).startswith("DataLoader timed out"):
+                raise
+            raise _timeout_error(loader, iterator, where) from error
+        yield batch
+
+
+def _timeout_error(loader: Any, iterator: Any, where: str) -> DataTimeoutError:
+    """The DataTimeoutError for a timed-out multi-process iterator; stops its workers."""
+    # torch keeps these on its multi-process iterators (and torchdata's copy of them):
+    # `_task_info[i]` holds the id of the worker asked for batch i, the next one due is
+    # `_rcvd_idx`. Read defensively: they are not public.
+    due = getattr(iterator, "_rcvd_idx", None)
+    info = getattr(iterator, "_task_info", {}).get(due) or (None,)
+    workers = getattr(iterator, "_workers", [])
+    worker = "a worker"
+    if isinstance(info[0], int) and info[0] < len(workers):
+        worker = f"worker {info[0]} (pid {workers[info[0]].pid})"
+    dataset = type(getattr(loader, "dataset", None)).__name__
+    timeout_s = getattr(loader, "timeout", None)
+    # The loader keeps its iterator, and the stuck worker with it, as long as this error's
+    # traceback holds fit's frames; torch has no public call to stop an iterator's workers.
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
+    return DataTimeoutError(
+        f"{where}: DataLoader {worker} delivered no batch within {timeout_s} s (batch "
+        f"{due} of this epoch); it is probably stuck in {dataset}.__getitem__ or collate_fn. "
+        "Fixes: find the hang in the dataset (a lock, a network read, an endless loop); run "
+        "with num_workers=0 to see it in the main process's traceback; or raise "
+        "fit(data_timeout_s=...) (a DataLoader you pass: its timeout=) if batches are "
+        "legitimately this slow. Checkpoints already written are intact: resume=True "
+        "continues from the newest."
+    )
+
+
+__all__ = ["DataKind", "DataTimeoutError", "data_kind", "is_loader", "iterate", "make_loader"]

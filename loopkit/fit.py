@@ -27,9 +27,10 @@ import torch
 from ._batch import first_tensor
 from ._cadence import Cadence, Plan
 from ._eval_tracking import EvalTracker, Evaluator
+from ._interrupts import Interrupts
 from ._nonfinite_watch import NonfiniteWatch
 from ._resume import checkpoint_extra, resume
-from ._saving import CheckpointSaver
+from ._saving import CheckpointSaver, claim_run
 from ._types import Transform
 from .callbacks import (
     Mode,
@@ -40,14 +41,23 @@ from .callbacks import (
     dispatch,
     infer_mode,
 )
-from .compose import chain, identity
+from .checkpoint import step_dir_name
+from .compiled import compile_step
+from .compose import chain, identity, inner_of, parts_of
 from .config import FitConfig, resolve_named
-from .data import make_loader
+from .data import iterate, make_loader
 from .logging import CSVLogger, JSONLLogger, ProgressBar, TensorBoardLogger
 from .metrics import Accuracy, TopKAccuracy, as_metric, to_host
 from .state import TrainState, Window
 from .strategies import Strategy
-from .transforms import accumulate, clip, forward, optimizer_step, skip_nonfinite
+from .transforms import (
+    accumulate,
+    clip,
+    forward,
+    optimizer_step,
+    skip_nonfinite,
+    window_size_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +74,17 @@ class FitResult:
         history: one dict per log step and per evaluation: "step", "epoch", "time_s" and
             the metrics ("train/loss", "train/lr", "eval/loss", ...), as host floats.
         best: the best evaluation by `monitor` ({"step": ..., "eval/...": ...}), or None.
-        stopped_by: why training stopped: "max_steps", "epochs" or a callback's reason.
+        stopped_by: why training stopped: "max_steps", "epochs", a callback's reason, or
+            "SIGUSR1" (a SIGINT or SIGTERM stop raises instead; callbacks see it).
+        run_id: the run's id: new for a fresh run, the checkpoint's for a resumed one
+            (kept across resumes); every checkpoint records it.
     """
 
     state: TrainState
     history: list[dict[str, float]] = field(default_factory=list)
     best: dict[str, float] | None = None
     stopped_by: str = ""
+    run_id: str | None = None
 
     def __str__(self) -> str:
         lines = [
@@ -150,7 +164,7 @@ def _window_size(config: FitConfig, loader: Iterable[Any], strategy: Strategy) -
     target = config.samples_per_step or config.tokens_per_step
     if not target:
         return config.accumulate
-    batch = next(iter(loader))
+    batch = next(iterate(loader))
     tensor = first_tensor(batch)
     if tensor is None or tensor.ndim == 0:
         raise ValueError("fit(samples_per_step / tokens_per_step): batches hold no tensor.")
@@ -190,9 +204,9 @@ def fit(
 
     Args:
         model: the module to train.
-        train_data: a Dataset (batched by a StatefulDataLoader with `batch_size`), a
-            DataLoader, a torchdata StatefulDataLoader or nodes pipeline, or any iterable of
-            batches.
+        train_data: a Dataset or a sequence of samples (batched by a StatefulDataLoader
+            with `batch_size`), a DataLoader, a torchdata StatefulDataLoader or nodes
+            pipeline, or any iterable of batches (the rule: loopkit.data).
         config: a FitConfig or mapping of its fields; keyword arguments override it.
         **kwargs: FitConfig fields: loss_fn, optimizer, schedule, max_steps, epochs,
             batch_size, accumulate (or samples_per_step / tokens_per_step), clip, precision,
@@ -204,13 +218,17 @@ def fit(
 
     Raises:
         ValueError / TypeError: a bad argument, named in the message, before any training.
+        KeyboardInterrupt: SIGINT (Ctrl-C) stopped the run; raised after the checkpoint
+            at the end of the open window is saved (see docs/fit.md, "Interrupts").
+        SystemExit: SIGTERM stopped the run; code 143, after the same save. SIGUSR1
+            saves the same way and returns with `stopped_by="SIGUSR1"`.
     """
     cfg = _checked_config(config, kwargs)
+    if cfg.step is not None:
+        window_size_of(cfg.step)  # a chain that can never train is refused before any work
     metrics = _resolve_metrics(cfg.metrics)
     user_callbacks = check_callbacks(cfg.callbacks)
     _check_monitors(user_callbacks, metrics, has_eval=cfg.eval_data is not None)
-    if cfg.compile:
-        model.compile()  # in place: parameter names (and checkpoints) stay unprefixed
     state = TrainState.create(
         model,
         optimizer=resolve_named(cfg.optimizer, "optimizer"),
@@ -234,7 +252,13 @@ def fit(
     max_epochs = cfg.epochs if cfg.epochs is not None else (None if cfg.max_steps else 1)
     hparams = _hparams(cfg, loader, k, train_step, max_epochs)
     run = _Run(state, train_step, loader, callbacks, cfg, hparams, evaluator, mode)
-    return run.train(max_epochs)
+    if cfg.compile:  # the whole step, compiled (loopkit.compiled); checks above read the chain
+        run.train_step = compile_step(train_step)
+    with run.interrupts:  # stop signals end the run at a step boundary (loopkit._interrupts)
+        result = run.train(max_epochs)
+    if (exit_error := run.interrupts.exit_error()) is not None:
+        raise exit_error  # after a saved stop: KeyboardInterrupt (SIGINT), SystemExit(143)
+    return result
 
 
 def _checked_config(config: FitConfig | Mapping[str, Any] | None, kwargs: Any) -> FitConfig:
@@ -268,6 +292,7 @@ def _loaders(train_data: Any, cfg: FitConfig, strategy: Strategy) -> tuple[Any, 
         collate_fn=cfg.collate_fn,
         rank=strategy.dp_rank,
         world_size=strategy.dp_world_size,
+        timeout_s=cfg.data_timeout_s,
     )
     if cfg.eval_data is None:
         return loader, None
@@ -279,6 +304,8 @@ def _loaders(train_data: Any, cfg: FitConfig, strategy: Strategy) -> tuple[Any, 
         collate_fn=cfg.collate_fn,
         rank=strategy.dp_rank,
         world_size=strategy.dp_world_size,
+        timeout_s=cfg.data_timeout_s,
+        batch_size_inherited=cfg.eval_batch_size is None,
         where="fit(eval_data=...)",
     )
     return loader, eval_loader
@@ -362,6 +389,7 @@ class _Run:
         self.cadence = Cadence.of(cfg, has_eval=evaluator is not None)
         self.evaluator = evaluator
         self.evals = EvalTracker(cfg.monitor, mode)
+        self.interrupts = Interrupts(state.strategy)
         self.saver = None
         if cfg.checkpoint_dir is not None:
             self.saver = CheckpointSaver(
@@ -374,8 +402,27 @@ class _Run:
             chunk=_NONFINITE_CHUNK,
             max_skips=cfg.max_nonfinite_skips,
         )
+        # Micro-batches since the optimizer last stepped: more than the chain's longest
+        # window means the step never trains (host-side ints, no device sync).
+        self.open_micro_batches, self.max_open = 0, _largest_window(train_step)
 
     def train(self, max_epochs: int | None) -> FitResult:
+        """Claim the run's directories (loopkit._saving.claim_run), train, give them back."""
+        claim = claim_run(
+            checkpoint_dir=self.cfg.checkpoint_dir,
+            log_dir=self.cfg.log_dir,
+            resume=self.cfg.resume,
+            strategy=self.state.strategy,
+        )
+        self.claim, self.result.run_id = claim, claim.run_id
+        if self.saver is not None:
+            self.saver.run_id = claim.run_id  # recorded in every checkpoint
+        try:
+            return self._train(max_epochs)
+        finally:
+            claim.release()  # the OS would free the lock at exit; a caller may go on
+
+    def _train(self, max_epochs: int | None) -> FitResult:
         """Run the epochs until max_steps, max_epochs or a callback's Stop."""
         resumed = self._resume()
         stop = dispatch(self.callbacks, "on_fit_start", self.state, self.hparams)
@@ -408,8 +455,11 @@ class _Run:
         self.state = resumed.state
         self.result.history = resumed.history
         self.evals.best, self.evals.evaluated_at = resumed.best, resumed.evaluated_at
+        self.claim.adopt(resumed.run_id)  # the run continues under its own id
+        self.result.run_id = self.claim.run_id
         if self.saver is not None:
             self.saver.saved_at = self.state.step  # on disk already
+            self.saver.run_id = self.claim.run_id
         return True
 
     def _epoch(self, epoch: int, stop: Stop | None, *, may_be_empty: bool) -> Stop | None:
@@ -419,17 +469,21 @@ class _Run:
         """
         _set_epoch(self.loader, epoch)
         batches = 0
-        for batch in self.loader:
+        for batch in iterate(self.loader):
             batches += 1
             previous_step, previous_skips = self.state.step, self.state.skipped_steps
             self._train_step(batch, first_batch=batches == 1)
             if self.state.step == previous_step:
+                self._count_open_micro_batch()
                 continue  # a micro-batch inside an open window
+            self.open_micro_batches = 0
             self.watch.after_step(self.state, previous_step, previous_skips)
             requests: list[Request] = []
             stop = dispatch(self.callbacks, "on_step_end", self.state, requests=requests) or stop
             request = self.cadence.merge(requests)
             stop = self._act(self.cadence.after_step(self.state.step, request)) or stop
+            if self.interrupts.poll():  # with several ranks: one host collective per step
+                return Stop(self.interrupts.reason)
             if self._reached_max_steps() or stop is not None or request.end_epoch:
                 break
         if batches == 0 and not may_be_empty:
@@ -452,6 +506,12 @@ class _Run:
                     f"{error}); nothing was trained. Check loss_fn and the batch format."
                 ) from error
             raise
+
+    def _count_open_micro_batch(self) -> None:
+        """Count a micro-batch that left the optimizer step unchanged; refuse a stuck step."""
+        self.open_micro_batches += 1
+        if self.open_micro_batches > self.max_open:
+            raise _never_steps_error(self.train_step, self.open_micro_batches, self.state.step)
 
     def _end_epoch(self, epoch: int) -> Stop | None:
         """Count the epoch, then run its end events; return the latest Stop asked for."""
@@ -518,6 +578,8 @@ class _Run:
 
     def _finish(self, stop: Stop | None) -> FitResult:
         """Say why training stopped, check the losses, evaluate the last step, end the fit."""
+        if self.interrupts.poll():  # every rank polls here too: a late signal stops them all
+            return self._end_on_signal()
         if stop is not None:
             self.result.stopped_by = stop.reason
         elif not self.result.stopped_by:
@@ -525,10 +587,60 @@ class _Run:
         self.watch.check()
         if self.evaluator is not None and self.evals.evaluated_at != self.state.step:
             self._evaluate()
-        dispatch(self.callbacks, "on_fit_end", self.state)
+        dispatch(self.callbacks, "on_fit_end", self.state, self.result.stopped_by)
         self.result.state = self.state
         self.result.best = self.evals.best
         return self.result
+
+    def _end_on_signal(self) -> FitResult:
+        """Save this step (once), end the fit with the signal as reason, say how to resume.
+
+        No last evaluation: the time after SIGTERM is short, and the resumed run evaluates
+        where the uninterrupted one would.
+        """
+        self.result.stopped_by = self.interrupts.reason
+        saved = None
+        if self.saver is not None and self.state.micro_step == 0:
+            self._save()  # nothing written if this step is on disk already
+            saved = self.saver.directory / step_dir_name(self.state.step)
+        dispatch(self.callbacks, "on_fit_end", self.state, self.result.stopped_by)
+        self.result.state, self.result.best = self.state, self.evals.best
+        self.interrupts.announce(self.state.step, saved, self.cfg.checkpoint_dir)
+        return self.result
+
+
+_ACCUMULATE: type[Any] = type(accumulate(1))
+"""The class behind the public `accumulate` factory (its instances hold `k`)."""
+
+
+def _largest_window(step: Transform) -> int:
+    """The longest window (micro-batches) any `accumulate(k)` in `step` closes; 1 if none.
+
+    Looks through chains and conditionals (`every`, `when`); a part of the user's own is
+    opaque, so a window it closes itself must be no longer than this.
+    """
+    longest = 1
+    for part in parts_of(step):
+        inner = inner_of(part)
+        if inner is not None:
+            longest = max(longest, _largest_window(inner))
+        elif isinstance(part, _ACCUMULATE):
+            longest = max(longest, part.k)
+    return longest
+
+
+def _never_steps_error(step: Transform, micro_batches: int, at_step: int) -> ValueError:
+    """The error for a step chain under which the optimizer stopped stepping."""
+    longest = _largest_window(step)
+    return ValueError(
+        f"fit(step={step!r}): {micro_batches} micro-batches ran without an optimizer step "
+        f"(state.step stayed {at_step}; the chain's longest window is {longest} "
+        "micro-batch(es)), so nothing trains. The chain must close each window with "
+        "accumulate(k) and apply it with optimizer_step(), e.g. chain(forward(loss_fn), "
+        "accumulate(1), optimizer_step()). A part of your own that steps the optimizer must "
+        "return the record with `step` advanced; a longer window must show as accumulate(k) "
+        "in the chain."
+    )
 
 
 def _set_epoch(loader: Any, epoch: int) -> None:

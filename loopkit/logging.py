@@ -5,6 +5,12 @@ writes from the main rank only (fit() attaches loggers there; the loggers also c
 `state.strategy.is_main`), and never asks to stop. A record is one `on_log` or one
 `on_eval_end`: step, epoch, time_s (seconds since fit start) and the metrics.
 
+Logs continue across resumes, and no run's log is overwritten: a fit start past step 0
+(fit() resumed from a checkpoint) keeps the records through that step, drops later ones
+(logged after the checkpoint by work that was lost) and appends; TensorBoard purges the
+later events for readers. A fresh fit start (step 0) renames an earlier run's CSV/JSONL
+file to `path.N` and writes a new event file beside earlier ones.
+
 loopkit's own messages ("resumed from ...", "accumulate=4 (...)") go through the standard
 library's `logging`, to the "loopkit" logger and its children, from the main rank only.
 Unless you configure logging, they are printed to stdout as "loopkit: <message>", as
@@ -16,16 +22,19 @@ with `logging.basicConfig()`) already writes to the console. Silence them with
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import itertools
 import json
 import logging
 import math
 import numbers
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 PathLike = str | os.PathLike
 
@@ -125,12 +134,165 @@ def _record(state: Any, metrics: Mapping[str, float], watch: _Stopwatch) -> dict
     }
 
 
+_log = logging.getLogger(__name__)
+
+_NUMBERED = re.compile(r"\.(\d+)")
+"""The suffix of a log file an earlier fresh run set aside: metrics.csv.1, metrics.csv.2, ..."""
+
+
+def _resumed_step(state: Any) -> int | None:
+    """The step a fit start continues from, or None for a fresh run (step 0).
+
+    fit() resumes before `on_fit_start`, so a state past step 0 there is a resumed run; a
+    loop of your own that starts the loggers from such a state continues its logs too.
+    """
+    step = int(state.step)
+    return step if step > 0 else None
+
+
+def _replace_atomically(path: str, write: Callable[[IO[str]], None]) -> None:
+    """Write `path` anew through a temp file beside it, then rename the temp file over it.
+
+    A crash or a write error before the rename leaves `path` as it was (readers see the old
+    file or the new one, never a part of one). The temp file is fsync'd before the rename,
+    so a power loss cannot publish unwritten data either. Costs one fsync.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _set_aside(path: str, *, resumed: bool) -> str | None:
+    """Rename a non-empty `path` to `path.N` (N one above the highest taken); its new name.
+
+    A run never overwrites a log it does not continue (a fresh run's, or a resumed run's
+    when the file is no loopkit log): the old file keeps its bytes under the new name (a
+    rename in the same directory), and the run starts a new one.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            return None
+    except FileNotFoundError:
+        return None
+    directory, name = os.path.split(os.path.abspath(path))
+    taken = [
+        int(match.group(1))
+        for other in os.listdir(directory)
+        if other.startswith(name) and (match := _NUMBERED.fullmatch(other[len(name) :]))
+    ]
+    target = f"{path}.{max(taken, default=0) + 1}"
+    os.rename(path, target)
+    why = (
+        "it is no loopkit log this resumed run can continue"
+        if resumed
+        else "this fresh run (step 0) starts a new file; to continue a run instead, pass "
+        "resume=True with its checkpoint_dir"
+    )
+    _log.warning(
+        "%s held an earlier run's records; moved it to %s, unchanged: %s.", path, target, why
+    )
+    return target
+
+
+def _step_of(value: object) -> int | None:
+    """A record's step as an int, or None when it is not one (a torn or foreign line)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _keep_through(records: list[tuple[int | None, Any]], step: int) -> tuple[list[Any], int] | None:
+    """The records at steps <= `step` and how many others there were; None: not a log.
+
+    Each record comes with its step (None when it could not be read). Only the last one
+    may be unreadable, as a line torn by a crash mid-write is; any other unreadable
+    record means the file is not a loopkit log, so none of it is dropped.
+    """
+    kept = []
+    for index, (record_step, record) in enumerate(records):
+        if record_step is None and index < len(records) - 1:
+            return None
+        if record_step is not None and record_step <= step:
+            kept.append(record)
+    return kept, len(records) - len(kept)
+
+
+def _read_csv(path: str) -> tuple[list[str], list[tuple[int | None, dict[str, str]]]] | None:
+    """The header and the rows (each with its step) of a CSV log; None: no such log."""
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (FileNotFoundError, UnicodeDecodeError, csv.Error):
+        return None
+    if "step" not in header:
+        return None
+    # A row with too many fields has a None key; one with too few has None values.
+    return header, [
+        (None if None in row or None in row.values() else _step_of(row["step"]), row)
+        for row in rows
+    ]
+
+
+def _read_jsonl(path: str) -> list[tuple[int | None, str]] | None:
+    """The lines of a JSONL log, each with its record's step; None: no such file."""
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            lines = [line.rstrip("\r\n") for line in file]
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    records: list[tuple[int | None, str]] = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        step = _step_of(record.get("step")) if isinstance(record, dict) else None
+        records.append((step, line))
+    return records
+
+
+def _say_continued(path: str, step: int, kept: int, dropped: int) -> None:
+    _log.info(
+        "%s: continued after step %s (kept %s records; dropped %s written after the checkpoint).",
+        path,
+        step,
+        kept,
+        dropped,
+    )
+
+
 class TensorBoardLogger:
     """Write scalars to TensorBoard event files in `log_dir` (with tensorboardX).
 
-    At fit start the settings go in as text ("hparams", JSON) and in the HParams plugin
-    (numbers, bools and strings as they are; anything else as its str). Each log and eval
-    metric becomes a scalar at `state.step`. Eval ends and fit end flush; fit end closes.
+    At fit start the settings go in as text ("hparams", JSON, at the start step) and in the
+    HParams plugin (numbers, bools and strings as they are; anything else as its str). Each
+    log and eval metric becomes a scalar at `state.step`. Eval ends flush; each saved
+    checkpoint and the fit end close the event file, which is what writes every queued
+    event to disk (the next event opens a new file).
+
+    Each fit start opens a new event file; none is ever changed. A resumed fit (one that
+    starts past step 0) opens it with tensorboardX's `purge_step` at the step after the
+    resumed one, so readers drop the events an earlier run wrote after the checkpoint and
+    each step shows once. A fresh fit into a directory that already holds event files adds
+    its file beside them (as tensorboardX and Hugging Face do) and says so: TensorBoard
+    then draws both runs' points at the same steps, so give each run its own `log_dir`.
 
     Args:
         log_dir: the run directory (created if missing). View with
@@ -146,17 +308,39 @@ class TensorBoardLogger:
         self.flush_secs = flush_secs
         self._writer: Any = None
 
-    def _open(self) -> Any:
+    def _open(self, purge_step: int | None = None) -> Any:
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(logdir=self.log_dir, flush_secs=self.flush_secs)
+            # tensorboardX names an event file by the second and the host only, and opens it
+            # with "wb": a second writer in the same second would empty the first one's file
+            # (a run resumed within a second of its start did). Readers load a directory's
+            # files in name order and a purge acts on the files before it, so the suffix
+            # orders files of one second by creation time (in ns, fixed width), then keeps
+            # them apart (pid, number in this process).
+            suffix = f".{time.time_ns():020d}.{os.getpid()}.{next(_WRITER_IDS)}"
+            self._writer = SummaryWriter(
+                logdir=self.log_dir,
+                flush_secs=self.flush_secs,
+                purge_step=purge_step,
+                filename_suffix=suffix,
+            )
         return self._writer
 
     def on_fit_start(self, state: Any, hparams: Mapping[str, object]) -> None:
         if not state.strategy.is_main:
             return
-        writer = self._open()
+        self.on_fit_end(state)  # a writer left open: its file ends here
+        resumed = _resumed_step(state)
+        if resumed is None:
+            self._say_if_used()
+        else:
+            _log.info(
+                "%s: continued after step %s (TensorBoard drops the events written after it).",
+                self.log_dir,
+                resumed,
+            )
+        writer = self._open(purge_step=None if resumed is None else resumed + 1)
         text = json.dumps(dict(hparams), indent=2, sort_keys=True, default=repr)
         writer.add_text("hparams", f"```\n{text}\n```", int(state.step))
         from tensorboardX.summary import hparams as hparams_summary
@@ -164,6 +348,21 @@ class TensorBoardLogger:
         plain = {str(k): _hparam_value(v) for k, v in hparams.items()}
         for summary in hparams_summary(plain, {}):
             writer.file_writer.add_summary(summary)
+
+    def _say_if_used(self) -> None:
+        """Warn when a fresh run writes beside an earlier run's event files."""
+        try:
+            used = [name for name in os.listdir(self.log_dir) if "tfevents" in name]
+        except FileNotFoundError:
+            return
+        if used:
+            _log.warning(
+                "%s holds %s event file(s) of an earlier run; this fresh run (step 0) adds its "
+                "own beside them and changes none, but TensorBoard draws both runs at the same "
+                "steps. Give each run its own log_dir, or pass resume=True to continue a run.",
+                self.log_dir,
+                len(used),
+            )
 
     def _scalars(self, state: Any, metrics: Mapping[str, float]) -> None:
         writer = self._open()
@@ -180,6 +379,13 @@ class TensorBoardLogger:
             self._scalars(state, metrics)
             self._writer.flush()
 
+    def on_checkpoint_saved(self, state: Any, path: str) -> None:
+        # tensorboardX's flush() writes only what its writer thread has dequeued; close()
+        # drains the queue and fsyncs. Closing here puts every event through the checkpoint
+        # on disk, so a SIGKILL later loses none that a resume keeps. Cost: the next event
+        # opens a new file (one per checkpoint interval).
+        self.on_fit_end(state)
+
     def on_fit_end(self, state: Any) -> None:
         if self._writer is not None:
             self._writer.flush()
@@ -188,6 +394,10 @@ class TensorBoardLogger:
 
     def __repr__(self) -> str:
         return f"TensorBoardLogger({self.log_dir!r})"
+
+
+_WRITER_IDS = itertools.count()
+"""Numbers this process's event files (see TensorBoardLogger._open)."""
 
 
 def _hparam_value(value: object) -> bool | int | float | str:
@@ -206,8 +416,13 @@ class CSVLogger:
     Columns: CSV_COLUMNS, then every other key in the order first seen. A row leaves the
     columns it lacks empty. When a new key appears (eval metrics at the first eval) the
     file is rewritten once with the wider header from the rows kept in memory (a few
-    numbers per log step); otherwise each row is appended. The file is replaced at fit
-    start.
+    numbers per log step); otherwise each row is appended. Every rewrite goes through a
+    temp file and a rename, so a crash leaves the old file or the new one.
+
+    At fit start: a resumed fit (one that starts past step 0) keeps the file's rows through
+    the resumed step, drops the rows of later steps (written after the checkpoint, by work
+    that was lost) and appends after them. A fresh fit (step 0) renames a non-empty file to
+    `path.1` (`.2`, ... when taken) and starts a new one: no run's rows are overwritten.
 
     Args:
         path: the CSV file, e.g. "runs/exp1/log.csv" (directories are created).
@@ -227,10 +442,37 @@ class CSVLogger:
 
     def on_fit_start(self, state: Any, hparams: Mapping[str, object]) -> None:
         self._watch.restart()
+        self._columns = list(CSV_COLUMNS)
         self._rows.clear()
         self._written = False
-        if state.strategy.is_main:
-            self._rewrite()
+        if not state.strategy.is_main:
+            return
+        resumed = _resumed_step(state)
+        if resumed is None or not self._continue(resumed):
+            self._keep_earlier_file(resumed=resumed is not None)
+        self._rewrite()
+
+    def _keep_earlier_file(self, *, resumed: bool) -> None:
+        """Set the file aside as `path.N`, unless it holds no rows (a header only)."""
+        read = _read_csv(self.path)
+        if read is None or read[1]:
+            _set_aside(self.path, resumed=resumed)
+
+    def _continue(self, step: int) -> bool:
+        """Take the file's header and rows through `step`; False: no log to continue."""
+        read = _read_csv(self.path)
+        kept = None if read is None else _keep_through(read[1], step)
+        if read is None or kept is None:
+            return False
+        rows, dropped = kept
+        # Columns that only the dropped rows filled go, so the header is the one an
+        # uninterrupted run would have.
+        self._columns += [
+            key for key in read[0] if key not in self._columns and any(row[key] for row in rows)
+        ]
+        self._rows += [{key: row[key] for key in self._columns if key in row} for row in rows]
+        _say_continued(self.path, step, len(rows), dropped)
+        return True
 
     def _write_row(self, state: Any, metrics: Mapping[str, float]) -> None:
         if not state.strategy.is_main:
@@ -238,6 +480,8 @@ class CSVLogger:
         row = _record(state, metrics, self._watch)
         self._rows.append(row)
         new = [key for key in row if key not in self._columns]
+        if not self._written:  # no fit start: this is a fresh run
+            self._keep_earlier_file(resumed=False)
         if new or not self._written:
             self._columns.extend(new)
             self._rewrite()
@@ -246,13 +490,12 @@ class CSVLogger:
             csv.DictWriter(file, self._columns, restval="").writerow(row)
 
     def _rewrite(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w", newline="", encoding="utf-8") as file:
+        def write(file: IO[str]) -> None:
             writer = csv.DictWriter(file, self._columns, restval="")
             writer.writeheader()
             writer.writerows(self._rows)
-        os.replace(tmp, self.path)
+
+        _replace_atomically(self.path, write)
         self._written = True
 
     def on_log(self, state: Any, metrics: Mapping[str, float]) -> None:
@@ -269,7 +512,13 @@ class JSONLLogger:
     """Write one JSON object per line per log and eval record (step, epoch, time_s, metrics).
 
     Non-finite values are written as NaN/Infinity, as Python's json module reads them.
-    The file is replaced at fit start.
+
+    At fit start: a resumed fit (one that starts past step 0) keeps the file's lines through
+    the resumed step, byte for byte, drops the lines of later steps (written after the
+    checkpoint, by work that was lost) and appends after them; the kept lines are written
+    through a temp file and a rename, so a crash leaves the old file or the new one. A fresh
+    fit (step 0) renames a non-empty file to `path.1` (`.2`, ... when taken) and starts a
+    new one: no run's lines are overwritten.
 
     Args:
         path: the JSONL file, e.g. "runs/exp1/log.jsonl" (directories are created).
@@ -283,10 +532,25 @@ class JSONLLogger:
 
     def on_fit_start(self, state: Any, hparams: Mapping[str, object]) -> None:
         self._watch.restart()
-        if state.strategy.is_main:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if not state.strategy.is_main:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        resumed = _resumed_step(state)
+        if resumed is None or not self._continue(resumed):
+            _set_aside(self.path, resumed=resumed is not None)
             open(self.path, "w", encoding="utf-8").close()
-            self._started = True
+        self._started = True
+
+    def _continue(self, step: int) -> bool:
+        """Keep the file's lines through `step` (atomically); False: no log to continue."""
+        records = _read_jsonl(self.path)
+        kept = None if records is None else _keep_through(records, step)
+        if kept is None:
+            return False
+        lines, dropped = kept
+        _replace_atomically(self.path, lambda file: file.writelines(f"{x}\n" for x in lines))
+        _say_continued(self.path, step, len(lines), dropped)
+        return True
 
     def _write_row(self, state: Any, metrics: Mapping[str, float]) -> None:
         if not state.strategy.is_main:

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar, overload
 
 import torch
 import torch.nn.functional as F
 
 import loopkit as lk
 
+W = TypeVar("W")  # one window, as the reference loops hand it to `mean_loss`
 
-def mlp(seed: int = 0, d_in: int = 4, d_hidden: int = 8, d_out: int = 3,
-        dropout: float = 0.0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+
+def mlp(
+    seed: int = 0,
+    d_in: int = 4,
+    d_hidden: int = 8,
+    d_out: int = 3,
+    dropout: float = 0.0,
+    dtype: torch.dtype = torch.float64,
+) -> torch.nn.Module:
     """A small MLP with deterministic initial weights."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -29,8 +38,9 @@ def mlp(seed: int = 0, d_in: int = 4, d_hidden: int = 8, d_out: int = 3,
 class TinyLM(torch.nn.Module):
     """Embedding + GRU-free causal mixer: enough to exercise padded token losses."""
 
-    def __init__(self, vocab: int = 11, d: int = 8, seed: int = 0,
-                 dtype: torch.dtype = torch.float64) -> None:
+    def __init__(
+        self, vocab: int = 11, d: int = 8, seed: int = 0, dtype: torch.dtype = torch.float64
+    ) -> None:
         super().__init__()
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
@@ -46,7 +56,9 @@ class TinyLM(torch.nn.Module):
         return self.head(h)
 
 
-def classification_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> lk.Loss:
+def classification_loss(
+    model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> lk.Loss:
     x, y = batch
     return lk.cross_entropy(model(x), y)
 
@@ -57,8 +69,8 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> lk.Los
 
 def reference_train(
     model: torch.nn.Module,
-    windows: Sequence[Sequence[object]],
-    mean_loss: Callable[[torch.nn.Module, object], torch.Tensor],
+    windows: Sequence[W],
+    mean_loss: Callable[[torch.nn.Module, W], torch.Tensor],
     *,
     lr: float = 1e-2,
     max_norm: float | None = None,
@@ -79,16 +91,36 @@ def reference_train(
     return model
 
 
-def assert_params_close(actual: torch.nn.Module, expected: torch.nn.Module,
-                        rtol: float = 1e-9, atol: float = 1e-11) -> None:
+def assert_params_close(
+    actual: torch.nn.Module, expected: torch.nn.Module, rtol: float = 1e-9, atol: float = 1e-11
+) -> None:
     """Compare parameters by name; the message names the first one that differs."""
     a, e = dict(actual.named_parameters()), dict(expected.named_parameters())
     assert a.keys() == e.keys(), f"parameter names differ: {sorted(a.keys() ^ e.keys())}"
     for name in a:
-        torch.testing.assert_close(a[name], e[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[name], e[name], rtol=rtol, atol=atol, msg=prefixed(name))
 
 
-def window_cross_entropy(model: torch.nn.Module, window: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def grad(p: torch.Tensor) -> torch.Tensor:
+    """`p.grad`, where the caller knows it is set (fails loudly if not)."""
+    assert p.grad is not None, "no gradient"
+    return p.grad
+
+
+def loss_scale(state: lk.TrainState) -> float:
+    """The record's fp16 loss scale (fails loudly if it has none)."""
+    assert state.loss_scale is not None, "no loss scale"
+    return float(state.loss_scale)
+
+
+def prefixed(where: str) -> Callable[[str], str]:
+    """An `assert_close` message callback that puts `where` before the message."""
+    return lambda message: f"{where}: {message}"
+
+
+def window_cross_entropy(
+    model: torch.nn.Module, window: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
     """Mean cross-entropy over every sample of a window given as (x, y) micro-batches."""
     x = torch.cat([b[0] for b in window])
     y = torch.cat([b[1] for b in window])
@@ -98,7 +130,13 @@ def window_cross_entropy(model: torch.nn.Module, window: Sequence[tuple[torch.Te
 # --- property-test helpers: observe a run without consuming it, trace a reference run ---
 
 
-def clone_all(tensors: Iterable[torch.Tensor | None]) -> list[torch.Tensor | None]:
+@overload
+def clone_all(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]: ...
+@overload
+def clone_all(tensors: Iterable[torch.Tensor | None]) -> list[torch.Tensor | None]: ...
+def clone_all(
+    tensors: Iterable[torch.Tensor | None],
+) -> list[torch.Tensor] | list[torch.Tensor | None]:
     """Detached copies of `tensors` (None stays None)."""
     return [None if t is None else t.detach().clone() for t in tensors]
 
@@ -137,7 +175,7 @@ def run_windows(
     for window in windows:
         for micro_batch in window:
             state = step(state, micro_batch)
-        params_after.append(clone_all(state.params))  # type: ignore[arg-type]
+        params_after.append(clone_all(state.params))
     return state, params_after
 
 
@@ -154,8 +192,8 @@ class ReferenceTrace:
 
 def reference_trace(
     model: torch.nn.Module,
-    windows: Sequence[object],
-    mean_loss: Callable[[torch.nn.Module, object], torch.Tensor],
+    windows: Sequence[W],
+    mean_loss: Callable[[torch.nn.Module, W], torch.Tensor],
     *,
     make_optimizer: Callable[..., torch.optim.Optimizer],
     lr_factor: Callable[[int], float] = lambda step: 1.0,
@@ -177,7 +215,7 @@ def reference_trace(
         trace.losses.append(loss.detach())
         trace.grads.append(clone_all(p.grad for p in model.parameters()))
         trace.lrs.append(opt.param_groups[0]["lr"])
-        trace.params.append(clone_all(model.parameters()))  # type: ignore[arg-type]
+        trace.params.append(clone_all(model.parameters()))
     return trace
 
 
@@ -195,5 +233,4 @@ def assert_tensors_close(
         if a is None or e is None:
             assert a is None and e is None, f"{what}[{i}]: {a} vs {e}"
             continue
-        where = f"{what}[{i}]"
-        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m, w=where: f"{w}: {m}")
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=prefixed(f"{what}[{i}]"))

@@ -22,9 +22,10 @@ LAYERS: list[tuple[str, ...]] = [
      "_sharded"),
     ("strategies",),
     ("state",),
-    ("compose", "transforms"),
+    ("compose", "transforms", "compiled"),
     ("checkpoint", "evaluate", "metrics", "callbacks", "logging", "data", "config",
-     "run_lock", "_cadence", "_eval_tracking", "_nonfinite_watch", "_resume", "_saving"),
+     "run_lock", "_cadence", "_eval_tracking", "_nonfinite_watch", "_resume", "_saving",
+     "_interrupts"),
     ("fit",),
     ("compat", "testing"),
     ("__init__", "__main__", "cli"),
@@ -85,7 +86,8 @@ def _imports(module: str) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]
     """(runtime imports of loopkit modules at module level, those inside functions/classes)."""
     path = MODULES[module]
     tree = ast.parse(path.read_text(), str(path))
-    top, nested = [], []
+    top: list[tuple[str, int]] = []
+    nested: list[tuple[str, int]] = []
 
     def visit(node: ast.AST, depth: int) -> None:
         for child in ast.iter_child_nodes(node):

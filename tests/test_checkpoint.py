@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import loopkit as lk
 from loopkit import _tree
 from loopkit import checkpoint as ckpt
+from loopkit.run_lock import LOCK_FILE as LOCK
 
 # --- fixtures and comparisons -------------------------------------------------------------
 
@@ -117,7 +118,14 @@ def run(state: lk.TrainState, step, data) -> lk.TrainState:
 
 
 def hidden(directory: Path) -> list[str]:
-    return sorted(p.name for p in Path(directory).iterdir() if p.name.startswith("."))
+    """Hidden names in `directory` besides the run lock (which stays: see loopkit.run_lock)."""
+    return sorted(
+        p.name for p in Path(directory).iterdir() if p.name.startswith(".") and p.name != LOCK
+    )
+
+
+def visible(directory: Path) -> list[str]:
+    return sorted(p.name for p in Path(directory).iterdir() if not p.name.startswith("."))
 
 
 def rewrite_manifest(path: Path) -> None:
@@ -496,11 +504,7 @@ def test_resume_from_epoch_end_checkpoints(tmp_path, k, capsys):
     kw = dict(BASE, accumulate=k, shuffle=True)
     expected = lk.fit(model32(0.3), dataset(), epochs=4, **kw)
     lk.fit(model32(0.3), dataset(), epochs=2, checkpoint_dir=tmp_path, save_on_epoch_end=True, **kw)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "latest",
-        ckpt.step_dir_name(8 // k),
-        ckpt.step_dir_name(16 // k),
-    ]
+    assert visible(tmp_path) == ["latest", ckpt.step_dir_name(8 // k), ckpt.step_dir_name(16 // k)]
     actual = lk.fit(model32(0.3), dataset(), epochs=4, checkpoint_dir=tmp_path, resume=True, **kw)
     assert f"resumed from {tmp_path / ckpt.step_dir_name(16 // k)} (step {16 // k}, epoch 2)" in (
         capsys.readouterr().out
@@ -710,6 +714,12 @@ def test_corruption_is_detected_and_resume_falls_back(tmp_path, capsys, kind):
     fresh.check_fresh()  # not consumed, and nothing was loaded into it
     assert_same_tree(fresh.model.state_dict(), before)
     capsys.readouterr()
+    if kind == "other-model":
+        # Valid, but of another model: an error, never a fallback or a fresh start over it
+        # (tests/test_run_safety.py checks that every file stays byte-identical).
+        with pytest.raises(ckpt.CheckpointMismatchError, match=r"fit\(resume=True\).*" + message):
+            lk.fit(model32(), dataset(), max_steps=6, checkpoint_dir=tmp_path, resume=True, **BASE)
+        return
     # resume=True skips it, says why, and continues exactly from step 2.
     actual = lk.fit(
         model32(),
@@ -835,10 +845,7 @@ def _fail_writes_of(where, monkeypatch):
 
 def _assert_step_2_survives(tmp_path):
     assert hidden(tmp_path) == []  # the partial tmp dir was removed
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".loopkit.lock") == [
-        "latest",
-        ckpt.step_dir_name(2),
-    ]
+    assert visible(tmp_path) == ["latest", ckpt.step_dir_name(2)]
     assert (tmp_path / "latest").read_text() == ckpt.step_dir_name(2)
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / ckpt.step_dir_name(2)
 
@@ -1003,8 +1010,11 @@ def test_nonfinite_raise_names_the_first_bad_step_whenever_it_is_checked(
             model32(),
             dataset(),
             max_steps=12,
-            **{**BASE, "loss_fn": nan_on_calls({bad_step, bad_step + 1, 11}),
-               "log_every": log_every},
+            **{
+                **BASE,
+                "loss_fn": nan_on_calls({bad_step, bad_step + 1, 11}),
+                "log_every": log_every,
+            },
         )
 
 

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -31,7 +32,8 @@ def _load(name: str) -> ModuleType:
 gpt = _load("gpt")
 
 
-def tiny_gpt(vocab_size: int = 11, block_size: int = 16, seed: int = 0) -> torch.nn.Module:
+def tiny_gpt(vocab_size: int = 11, block_size: int = 16, seed: int = 0) -> Any:
+    """A small `gpt.GPT` (Any: examples/gpt.py is loaded at run time, out of mypy's sight)."""
     torch.manual_seed(seed)
     return gpt.GPT(vocab_size, block_size, d_model=32, n_layers=2, n_heads=4, dropout=0.0)
 

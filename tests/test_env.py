@@ -16,18 +16,29 @@ from loopkit.strategies.env import (
 )
 
 TORCHRUN = {
-    "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-    "MASTER_ADDR": "node07", "MASTER_PORT": "29500",
+    "RANK": "3",
+    "WORLD_SIZE": "4",
+    "LOCAL_RANK": "1",
+    "LOCAL_WORLD_SIZE": "2",
+    "MASTER_ADDR": "node07",
+    "MASTER_PORT": "29500",
 }
 SLURM = {
-    "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-    "SLURM_JOB_NODELIST": "gpu[012-015,020],cpu3", "SLURM_JOB_ID": "123456",
+    "SLURM_PROCID": "5",
+    "SLURM_NTASKS": "8",
+    "SLURM_LOCALID": "1",
+    "SLURM_JOB_NODELIST": "gpu[012-015,020],cpu3",
+    "SLURM_JOB_ID": "123456",
 }
 
 
 def test_torchrun_variables():
     assert detect_env(TORCHRUN) == DistEnv(
-        rank=3, world_size=4, local_rank=1, master_addr="node07", master_port=29500,
+        rank=3,
+        world_size=4,
+        local_rank=1,
+        master_addr="node07",
+        master_port=29500,
         source="torchrun",
     )
 
@@ -39,8 +50,12 @@ def test_local_rank_defaults_to_rank_on_one_node():
 
 def test_slurm_variables_without_torchrun():
     assert detect_env(SLURM) == DistEnv(
-        rank=5, world_size=8, local_rank=1, master_addr="gpu012",
-        master_port=10000 + 123456 % 20000, source="slurm",
+        rank=5,
+        world_size=8,
+        local_rank=1,
+        master_addr="gpu012",
+        master_port=10000 + 123456 % 20000,
+        source="slurm",
     )
 
 
@@ -59,13 +74,16 @@ def test_no_launcher_is_one_process():
     assert (env.source, env.rank, env.world_size, env.local_rank) == ("single", 0, 1, 0)
 
 
-@pytest.mark.parametrize("nodelist, host", [
-    ("node01", "node01"),
-    ("node[01-04]", "node01"),
-    ("node[07,03-04],gpu1", "node07"),
-    ("rack[1-2]-n[009-010]", "rack1-n009"),
-    ("a-b.c", "a-b.c"),
-])
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [
+        ("node01", "node01"),
+        ("node[01-04]", "node01"),
+        ("node[07,03-04],gpu1", "node07"),
+        ("rack[1-2]-n[009-010]", "rack1-n009"),
+        ("a-b.c", "a-b.c"),
+    ],
+)
 def test_first_host_of_a_slurm_node_list(nodelist, host):
     assert first_host(nodelist) == host
 
@@ -76,11 +94,14 @@ def test_unreadable_node_list(nodelist):
         first_host(nodelist)
 
 
-@pytest.mark.parametrize("env, names", [
-    ({"RANK": "0"}, ["WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]),
-    ({"WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, ["RANK"]),
-    ({"LOCAL_RANK": "0"}, ["RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]),
-])
+@pytest.mark.parametrize(
+    "env, names",
+    [
+        ({"RANK": "0"}, ["WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]),
+        ({"WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, ["RANK"]),
+        ({"LOCAL_RANK": "0"}, ["RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]),
+    ],
+)
 def test_half_set_torchrun_environment_names_what_is_missing(env, names):
     with pytest.raises(ValueError, match="torchrun") as info:
         detect_env(env)
@@ -90,12 +111,15 @@ def test_half_set_torchrun_environment_names_what_is_missing(env, names):
         assert name in str(info.value)
 
 
-@pytest.mark.parametrize("drop, named", [
-    ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS or SLURM_NTASKS"),
-    ("SLURM_LOCALID", "SLURM_LOCALID"),
-    ("SLURM_JOB_NODELIST", "MASTER_ADDR"),
-    ("SLURM_JOB_ID", "SLURM_JOB_ID or MASTER_PORT"),
-])
+@pytest.mark.parametrize(
+    "drop, named",
+    [
+        ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS or SLURM_NTASKS"),
+        ("SLURM_LOCALID", "SLURM_LOCALID"),
+        ("SLURM_JOB_NODELIST", "MASTER_ADDR"),
+        ("SLURM_JOB_ID", "SLURM_JOB_ID or MASTER_PORT"),
+    ],
+)
 def test_half_set_slurm_environment_names_what_is_missing(drop, named):
     env = {k: v for k, v in SLURM.items() if k != drop}
     with pytest.raises(ValueError, match="SLURM_PROCID is set but") as info:
@@ -103,13 +127,16 @@ def test_half_set_slurm_environment_names_what_is_missing(drop, named):
     assert named in str(info.value) and "srun" in str(info.value)
 
 
-@pytest.mark.parametrize("env, message", [
-    ({**TORCHRUN, "RANK": "x"}, "RANK='x': expected an integer"),
-    ({**TORCHRUN, "RANK": "4"}, "rank 4 is not in 0..world_size-1"),
-    ({**TORCHRUN, "WORLD_SIZE": "0"}, "WORLD_SIZE='0': must be >= 1"),
-    ({**TORCHRUN, "MASTER_PORT": "70000"}, "MASTER_PORT='70000': not a TCP port"),
-    ({**SLURM, "SLURM_PROCID": "8"}, "rank 8 is not in 0..world_size-1"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({**TORCHRUN, "RANK": "x"}, "RANK='x': expected an integer"),
+        ({**TORCHRUN, "RANK": "4"}, "rank 4 is not in 0..world_size-1"),
+        ({**TORCHRUN, "WORLD_SIZE": "0"}, "WORLD_SIZE='0': must be >= 1"),
+        ({**TORCHRUN, "MASTER_PORT": "70000"}, "MASTER_PORT='70000': not a TCP port"),
+        ({**SLURM, "SLURM_PROCID": "8"}, "rank 8 is not in 0..world_size-1"),
+    ],
+)
 def test_bad_values_are_named(env, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
         detect_env(env)

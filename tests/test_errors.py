@@ -46,26 +46,66 @@ T = lk.optimizer_step()
 
 CONSTRUCTION_CASES = [
     ("accumulate(0)", ValueError, lambda: lk.accumulate(0), ["accumulate(k=0)", ">= 1"]),
-    ("accumulate(1.5)", ValueError, lambda: lk.accumulate(1.5), ["accumulate(k=1.5)", "int"]),
+    (
+        "accumulate(1.5)",
+        ValueError,
+        lambda: lk.accumulate(1.5),  # type: ignore[arg-type]
+        ["accumulate(k=1.5)", "int"],
+    ),
     ("accumulate(True)", ValueError, lambda: lk.accumulate(True), ["accumulate(k=True)", "int"]),
     ("clip(0)", ValueError, lambda: lk.clip(0), ["clip(max_norm=0)", "positive"]),
     ("clip(-1)", ValueError, lambda: lk.clip(-1), ["clip(max_norm=-1)", "positive"]),
     ("clip(nan)", ValueError, lambda: lk.clip(float("nan")), ["clip(max_norm=nan)", "finite"]),
-    ("clip('1')", TypeError, lambda: lk.clip("1"), ["clip(max_norm='1')", "float"]),
+    (
+        "clip('1')",
+        TypeError,
+        lambda: lk.clip("1"),  # type: ignore[arg-type]
+        ["clip(max_norm='1')", "float"],
+    ),
     ("clip(norm_type=0)", ValueError, lambda: lk.clip(1.0, 0.0), ["norm_type=0.0"]),
     (
         "forward(None)",
         TypeError,
-        lambda: lk.forward(loss_fn=None),
+        lambda: lk.forward(loss_fn=None),  # type: ignore[arg-type]
         ["forward(loss_fn=None)", "callable"],
     ),
-    ("chain(1)", TypeError, lambda: lk.chain(T, 1), ["chain(argument 1)", "1 is not a transform"]),
+    (
+        "chain(1)",
+        TypeError,
+        lambda: lk.chain(T, 1),  # type: ignore[arg-type]
+        ["chain(argument 1)", "1 is not a transform"],
+    ),
     ("every(0)", ValueError, lambda: lk.every(0, T), ["every(n=0", ">= 1"]),
-    ("every(1.0)", ValueError, lambda: lk.every(1.0, T), ["every(n=1.0"]),
-    ("every(2, 'x')", TypeError, lambda: lk.every(2, "x"), ["every(2, transform=...)", "'x'"]),
-    ("when(1)", TypeError, lambda: lk.when(1, T), ["when(predicate=1", "callable"]),
-    ("when(f, 1)", TypeError, lambda: lk.when(bool, 1), ["when(..., transform=...)", "1 is not"]),
-    ("Precision('fp8')", ValueError, lambda: lk.Precision("fp8"), ["name='fp8'", "'bf16'"]),
+    (
+        "every(1.0)",
+        ValueError,
+        lambda: lk.every(1.0, T),  # type: ignore[arg-type]
+        ["every(n=1.0"],
+    ),
+    (
+        "every(2, 'x')",
+        TypeError,
+        lambda: lk.every(2, "x"),  # type: ignore[arg-type]
+        ["every(2, transform=...)", "'x'"],
+    ),
+    (
+        "when(1)",
+        TypeError,
+        lambda: lk.when(1, T),  # type: ignore[arg-type]
+        ["when(predicate=1", "callable"],
+    ),
+    (
+        "when(f, 1)",
+        TypeError,
+        lambda: lk.when(bool, 1),  # type: ignore[arg-type]
+        ["when(..., transform=...)", "1 is not"],
+    ),
+    (
+        "Precision('fp8')",
+        ValueError,
+        lambda: lk.Precision("fp8"),  # type: ignore[arg-type]
+        ["name='fp8'", "'bf16'"],
+    ),
     (
         "param_groups(weight_decay=-1)",
         ValueError,
@@ -160,7 +200,7 @@ CREATE_CASES = [
     (
         "model=None",
         TypeError,
-        lambda: lk.TrainState.create(None, optimizer=T),
+        lambda: lk.TrainState.create(None, optimizer=T),  # type: ignore[arg-type]
         ["TrainState.create(model=NoneType)"],
     ),
     (

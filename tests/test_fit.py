@@ -322,7 +322,7 @@ def test_monitor_of_a_missing_metric_fails_before_training():
 
 # --- fit is built from public parts -------------------------------------------------------
 
-FIT_PIECES = ("_cadence", "_eval_tracking", "_nonfinite_watch", "_resume", "_saving")
+FIT_PIECES = ("_cadence", "_eval_tracking", "_interrupts", "_nonfinite_watch", "_resume", "_saving")
 """fit's own private modules: the named pieces its loop calls."""
 
 PRIVATE_ALLOWED = {("_batch", "first_tensor")}
@@ -361,3 +361,38 @@ def test_fit_and_its_pieces_import_only_public_names(module):
 def test_the_public_names_check_can_fail():
     assert "first_tensor" not in _public_names()
     assert "_set_epoch" not in _public_names() and "fit" in _public_names()
+
+
+# --- issue 15, nothing silent (the proofs are in test_nothing_silent.py) ------------------
+
+
+def test_data_timeout_s_must_be_a_positive_finite_number_or_none():
+    assert lk.FitConfig().data_timeout_s == 600.0
+    assert lk.FitConfig(data_timeout_s=None).data_timeout_s is None
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "10"):
+        with pytest.raises(ValueError, match=r"FitConfig\(data_timeout_s=.*positive, finite"):
+            lk.FitConfig(data_timeout_s=bad)
+
+
+def test_workers_with_a_data_timeout_train_exactly_like_the_main_process():
+    # The timeout only bounds a wait: worker processes, data_timeout_s and fit's check of
+    # each batch leave the batches, their order and so the weights untouched.
+    kwargs = dict(epochs=2, accumulate=2, **{**BASE, "shuffle": True})
+    expected = lk.fit(mlp(), dataset(60), num_workers=0, **kwargs)
+    actual = lk.fit(mlp(), dataset(60), num_workers=2, data_timeout_s=30, **kwargs)
+    assert actual.state.step == expected.state.step == 8
+    for a, b in zip(actual.state.model.parameters(), expected.state.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_run_time_step_check_sees_windows_inside_conditionals():
+    # The Trainer facade puts accumulate(k) inside `when`; a window of k micro-batches is
+    # no stuck step. Its loader and step are those fit gets from the facade.
+    step = lk.chain(
+        lk.forward(loss_fn),
+        lk.when(lambda s: s.step % 2 == 0, lk.accumulate(3)),
+        lk.when(lambda s: s.step % 2 == 1, lk.accumulate(1)),
+        lk.optimizer_step(),
+    )
+    result = lk.fit(mlp(), dataset(64), step=step, max_steps=4, **BASE)
+    assert result.state.step == 4 and result.state.samples_seen == (3 + 1 + 3 + 1) * 8

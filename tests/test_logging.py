@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
@@ -15,6 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import loopkit as lk
+import loopkit.logging as lk_logging
 from loopkit.callbacks import dispatch
 from loopkit.logging import (
     CSV_COLUMNS,
@@ -147,16 +149,18 @@ def _column(path, key):
         return [row[key] for row in csv.DictReader(file)]
 
 
-def test_csv_appends_rows_and_restarts_at_fit_start(tmp_path):
+def test_csv_appends_rows_and_a_fresh_fit_start_sets_the_old_file_aside(tmp_path):
     path = tmp_path / "log.csv"
     logger = CSVLogger(path)
     logger.on_fit_start(_state(0), {})
     for step in (1, 2, 3):
         logger.on_log(_state(step), {"train/loss": float(step)})
     assert _column(path, "train/loss") == ["1.0", "2.0", "3.0"]
-    logger.on_fit_start(_state(0), {})  # a new run replaces the file
+    before = path.read_bytes()
+    logger.on_fit_start(_state(0), {})  # a new run: the old file moves to log.csv.1
     logger.on_log(_state(1), {"train/loss": 9.0})
     assert _column(path, "train/loss") == ["9.0"]
+    assert (tmp_path / "log.csv.1").read_bytes() == before
 
 
 def test_jsonl_rows_match_what_was_logged(tmp_path):
@@ -209,6 +213,192 @@ def test_progress_bar_validates_refresh_every():
 def test_loggers_reject_non_paths(cls):
     with pytest.raises(TypeError, match=cls.__name__):
         cls(3)
+
+
+# --- continued logs: a fit start past step 0 (a resumed fit) keeps the rows through it ------
+
+
+def _log_steps(logger, steps, start=0, metrics=lambda step: {"train/loss": step / 8}):
+    """One fit of `logger`: a fit start at `start`, then a log record at each step."""
+    logger.on_fit_start(_state(start), {})
+    for step in steps:
+        logger.on_log(_state(step), metrics(step))
+    if hasattr(logger, "on_fit_end"):
+        logger.on_fit_end(_state(steps[-1]))
+
+
+FILE_LOGGERS = [pytest.param(CSVLogger, id="csv"), pytest.param(JSONLLogger, id="jsonl")]
+
+
+def _lines(path):
+    return path.read_bytes().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize("cls", FILE_LOGGERS)
+def test_a_resumed_fit_keeps_the_lines_through_its_step_and_appends(tmp_path, cls):
+    path = tmp_path / "log"
+    _log_steps(cls(path), [1, 2, 3, 4, 5, 6])  # 5 and 6: written after a checkpoint at 4
+    before = _lines(path)
+    header = 1 if cls is CSVLogger else 0
+    _log_steps(cls(path), [5, 6, 7], start=4, metrics=lambda step: {"train/loss": -step})
+    after = _lines(path)
+    assert after[: header + 4] == before[: header + 4]  # byte for byte
+    if cls is CSVLogger:
+        steps = [int(s) for s in _column(path, "step")]
+        losses = [float(v) for v in _column(path, "train/loss")]
+    else:
+        rows = [json.loads(line) for line in after]
+        steps, losses = [r["step"] for r in rows], [r["train/loss"] for r in rows]
+    assert steps == [1, 2, 3, 4, 5, 6, 7]
+    assert losses == [0.125, 0.25, 0.375, 0.5, -5, -6, -7]
+    assert not (tmp_path / "log.1").exists()
+
+
+@pytest.mark.parametrize("cls", FILE_LOGGERS)
+def test_a_resumed_fit_without_a_file_starts_one(tmp_path, cls):
+    _log_steps(cls(tmp_path / "log"), [5], start=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]
+
+
+def test_csv_header_still_grows_after_a_resume(tmp_path):
+    path = tmp_path / "log.csv"
+    first = CSVLogger(path)
+    _log_steps(first, [1, 2, 3])
+    first.on_eval_end(_state(3), {"eval/loss": 7.0})  # lost with step 3: widened the header
+    assert "eval/loss" in _csv_header(path)
+    logger = CSVLogger(path)
+    logger.on_fit_start(_state(2), {})
+    assert _csv_header(path) == list(CSV_COLUMNS)
+    logger.on_log(_state(3), {"train/loss": 0.5})
+    logger.on_eval_end(_state(3), {"eval/loss": 0.75, "eval/accuracy": 0.5})
+    logger.on_log(_state(4), {"train/loss": 0.25})
+    assert _csv_header(path) == [*CSV_COLUMNS, "eval/loss", "eval/accuracy"]
+    assert _column(path, "step") == ["1", "2", "3", "3", "4"]
+    assert _column(path, "train/loss") == ["0.125", "0.25", "0.5", "", "0.25"]
+    assert _column(path, "eval/loss") == ["", "", "", "0.75", ""]
+
+
+def _csv_header(path):
+    with open(path, newline="") as file:
+        return next(csv.reader(file))
+
+
+@pytest.mark.parametrize("cls", FILE_LOGGERS)
+def test_the_rewrite_of_the_kept_rows_is_atomic(tmp_path, cls, monkeypatch):
+    """A write error before the rename (here: fsync fails, as on a full disk) loses nothing."""
+    path = tmp_path / "log"
+    _log_steps(cls(path), [1, 2, 3, 4])
+    before = path.read_bytes()
+
+    def fail(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lk_logging.os, "fsync", fail)
+    with pytest.raises(OSError, match="No space left"):
+        cls(path).on_fit_start(_state(2), {})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]  # no temp file left
+
+
+@pytest.mark.parametrize(
+    ("cls", "torn"),
+    [(CSVLogger, "5,0,1.2"), (JSONLLogger, '{"step": 5, "epoch": 0, "time_s": 1.')],
+    ids=["csv", "jsonl"],
+)
+def test_a_line_torn_by_a_crash_is_dropped(tmp_path, cls, torn):
+    path = tmp_path / "log"
+    _log_steps(cls(path), [1, 2, 3, 4])
+    with open(path, "a") as file:
+        file.write(torn)  # a crash mid-write: no newline, fields missing
+    _log_steps(cls(path), [5], start=4)
+    text = path.read_text()
+    assert torn not in text
+    assert text.count("\n") == (6 if cls is CSVLogger else 5)
+
+
+@pytest.mark.parametrize(
+    ("cls", "text"),
+    [
+        (CSVLogger, "when,what\nmonday,notes\n"),  # no "step" column
+        (JSONLLogger, '{"step": 1}\nnot json\n{"step": 9}\n'),  # unreadable inside
+    ],
+    ids=["csv", "jsonl"],
+)
+def test_a_resume_sets_a_file_that_is_no_log_aside_whole(tmp_path, cls, text, caplog):
+    path = tmp_path / "log"
+    path.write_text(text)
+    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+        _log_steps(cls(path), [5], start=4)
+    assert f"moved it to {path}.1, unchanged: it is no loopkit log" in caplog.text
+    assert (tmp_path / "log.1").read_text() == text
+    assert "5" in path.read_text()
+
+
+@pytest.mark.parametrize("cls", FILE_LOGGERS)
+def test_a_fresh_fit_start_takes_the_next_free_number(tmp_path, cls, caplog):
+    path = tmp_path / "log"
+    for name, text in (("log", "newest"), ("log.1", "old"), ("log.3", "older?"), ("log.x", "")):
+        (tmp_path / name).write_text(text)
+    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+        cls(path).on_fit_start(_state(0), {})
+    assert (tmp_path / "log.4").read_text() == "newest"
+    assert (tmp_path / "log.1").read_text() == "old" and (
+        tmp_path / "log.3"
+    ).read_text() == "older?"
+    assert f"moved it to {path}.4" in caplog.text
+    cls(path).on_fit_start(_state(0), {})  # an empty file (this fresh run's) is not kept
+    assert not (tmp_path / "log.5").exists()
+
+
+def _tb_points(log_dir, tag="train/loss"):
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_readers_see_each_step_once_after_a_resume(tmp_path, monkeypatch):
+    log_dir = tmp_path / "tb"
+    # Two processes, the later one with a pid that sorts first ("10" < "9"): readers load
+    # files in name order, so the names must follow creation time, not pids.
+    monkeypatch.setattr(lk_logging.os, "getpid", lambda: 9)
+    _log_steps(TensorBoardLogger(log_dir), [1, 2, 3, 4, 5, 6])
+    monkeypatch.setattr(lk_logging.os, "getpid", lambda: 10)
+    _log_steps(TensorBoardLogger(log_dir), [5, 6, 7], start=4, metrics=lambda s: {"train/loss": -s})
+    assert _tb_points(log_dir) == [
+        (1, 0.125),
+        (2, 0.25),
+        (3, 0.375),
+        (4, 0.5),
+        (5, -5),
+        (6, -6),
+        (7, -7),
+    ]
+    assert len(list(log_dir.iterdir())) == 2  # one per writer, none emptied
+
+
+def test_tensorboard_events_through_a_checkpoint_are_on_disk_at_once(tmp_path):
+    """tensorboardX queues events; a saved checkpoint must not leave any of them in memory."""
+    log_dir = tmp_path / "tb"
+    logger = TensorBoardLogger(log_dir, flush_secs=3600)
+    logger.on_fit_start(_state(0), {})
+    for step in range(1, 8):
+        logger.on_log(_state(step), {"train/loss": float(step)})
+    logger.on_checkpoint_saved(_state(7), str(tmp_path / "ckpt"))
+    assert [s for s, _ in _tb_points(log_dir)] == list(range(1, 8))  # before fit end
+    logger.on_log(_state(8), {"train/loss": 8.0})
+    logger.on_fit_end(_state(8))
+    assert [s for s, _ in _tb_points(log_dir)] == list(range(1, 9))
+
+
+def test_tensorboard_says_when_a_fresh_run_shares_its_log_dir(tmp_path, caplog):
+    log_dir = tmp_path / "tb"
+    _log_steps(TensorBoardLogger(log_dir), [1])
+    first = {p.name: p.read_bytes() for p in log_dir.iterdir()}
+    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+        _log_steps(TensorBoardLogger(log_dir), [1])
+    assert "holds 1 event file(s) of an earlier run" in caplog.text
+    assert all((log_dir / name).read_bytes() == data for name, data in first.items())
+    assert len(list(log_dir.iterdir())) == 2
 
 
 # --- loopkit's own messages: the "loopkit" logger, shown on stdout unless configured ------

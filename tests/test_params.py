@@ -91,7 +91,7 @@ def test_shared_parameters_are_listed_once_and_empty_groups_dropped() -> None:
 @pytest.mark.parametrize("value", [-1, -0.5, float("nan"), float("inf"), True, "0.1"])
 def test_bad_weight_decay(value: object) -> None:
     with pytest.raises(ValueError) as info:
-        lk.param_groups(make_model(), weight_decay=value)
+        lk.param_groups(make_model(), weight_decay=value)  # type: ignore[arg-type]
     assert f"param_groups(weight_decay={value!r})" in str(info.value)
 
 

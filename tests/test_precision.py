@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import classification_loss, mlp
+from helpers import classification_loss, loss_scale, mlp
 
 import loopkit as lk
+from loopkit.precision import PrecisionName
 
 CPU = torch.device("cpu")
 
@@ -15,7 +16,7 @@ CPU = torch.device("cpu")
     ("name", "dtype", "scales_loss"),
     [("fp32", None, False), ("bf16", torch.bfloat16, False), ("fp16", torch.float16, True)],
 )
-def test_names(name: str, dtype: torch.dtype | None, scales_loss: bool) -> None:
+def test_names(name: PrecisionName, dtype: torch.dtype | None, scales_loss: bool) -> None:
     precision = lk.Precision(name)
     assert precision.dtype == dtype
     assert precision.scales_loss is scales_loss
@@ -56,7 +57,9 @@ def test_cpu_bf16_autocast_runs_matmuls_in_bf16() -> None:
 
 
 @pytest.mark.parametrize(("name", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)])
-def test_forward_runs_the_loss_fn_under_the_state_precision(name: str, dtype: torch.dtype) -> None:
+def test_forward_runs_the_loss_fn_under_the_state_precision(
+    name: PrecisionName, dtype: torch.dtype
+) -> None:
     seen: list[torch.dtype] = []
 
     def loss_fn(model: torch.nn.Module, batch) -> lk.Loss:
@@ -73,7 +76,10 @@ def test_forward_runs_the_loss_fn_under_the_state_precision(name: str, dtype: to
     assert state.precision == lk.Precision(name)
     state = lk.forward(loss_fn)(state, (torch.randn(3, 4), torch.tensor([0, 1, 2])))
     assert seen == [dtype]
-    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in state.params)
+    assert all(
+        p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+        for p in state.params
+    )
 
 
 def test_only_fp16_carries_a_loss_scale() -> None:
@@ -110,7 +116,7 @@ def test_fp16_scale_grows_after_clean_windows_and_backs_off_on_overflow() -> Non
         assert any(
             not torch.equal(p, q) for p, q in zip(state.params, before, strict=True)
         )  # applied
-        scales.append(float(state.loss_scale))
+        scales.append(loss_scale(state))
     assert scales == [256.0, 256.0 * 4.0]  # grows once growth_interval clean windows passed
 
     def overflow(model, batch):
@@ -120,5 +126,5 @@ def test_fp16_scale_grows_after_clean_windows_and_backs_off_on_overflow() -> Non
     state = lk.chain(lk.forward(overflow), lk.accumulate(1), lk.optimizer_step())(state, batch)
     assert all(torch.equal(p, q) for p, q in zip(state.params, before, strict=True))  # skipped
     assert (state.step, state.skipped_steps) == (3, 1)
-    assert float(state.loss_scale) == 256.0 * 4.0 * 0.25
+    assert loss_scale(state) == 256.0 * 4.0 * 0.25
     assert all(p.grad is None for p in state.params)

@@ -34,6 +34,7 @@ SOURCES = _source_modules()
 def _alias_docstring(module_name: str, name: str) -> str | None:
     """The string literal right after `name = ...` in a module (how aliases are documented)."""
     module = importlib.import_module(module_name)
+    assert module.__file__ is not None
     body = ast.parse(Path(module.__file__).read_text()).body
     for node, following in zip(body, body[1:], strict=False):
         targets = (
@@ -131,6 +132,6 @@ def test_transforms_with_different_arguments_differ(a: Any, b: Any) -> None:
 
 def test_transforms_are_frozen() -> None:
     with pytest.raises(AttributeError):
-        lk.accumulate(2).k = 3  # type: ignore[misc]
+        lk.accumulate(2).k = 3  # type: ignore[attr-defined]
     with pytest.raises(AttributeError):
-        lk.clip(1.0).max_norm = 2.0  # type: ignore[misc]
+        lk.clip(1.0).max_norm = 2.0  # type: ignore[attr-defined]

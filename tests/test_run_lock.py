@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from loopkit.checkpoint import CheckpointError
 from loopkit.run_lock import (
     LOCK_FILE,
+    PROBE_PREFIX,
     DirectoryLock,
     DirectoryLockedError,
     clean_leftovers,
     new_run_id,
+    probe_writable,
+    remove_created,
 )
 
 HOLD = """
@@ -88,6 +96,7 @@ def test_clean_leftovers_removes_only_dead_writers_hidden_files(tmp_path: Path) 
         ".step-00000003.old-9",
         ".latest.tmp-55",
         ".model.safetensors.tmp-8",
+        f"{PROBE_PREFIX}77-0a1b2c3d",
     ]
     for name in keep + dead:
         if name.startswith((".step", "step")):
@@ -98,3 +107,59 @@ def test_clean_leftovers_removes_only_dead_writers_hidden_files(tmp_path: Path) 
     removed = clean_leftovers(tmp_path)
     assert sorted(p.name for p in removed) == sorted(dead)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+def test_the_record_is_emptied_on_release_and_after_a_refused_check(tmp_path: Path) -> None:
+    lock = DirectoryLock(tmp_path, run_id="a").acquire()
+    assert '"run_id": "a"' in (tmp_path / LOCK_FILE).read_text()
+    lock.record("b")  # a resumed run's id replaces the fresh one
+    assert '"run_id": "b"' in (tmp_path / LOCK_FILE).read_text()
+    lock.release()
+    assert (tmp_path / LOCK_FILE).read_bytes() == b""  # no stale holder to name
+
+    def refuse() -> None:
+        raise ValueError("no")
+
+    with pytest.raises(ValueError, match="no"):
+        DirectoryLock(tmp_path, run_id="c").acquire(check=refuse)
+    assert (tmp_path / LOCK_FILE).read_bytes() == b""
+    with DirectoryLock(tmp_path, run_id="d"):  # and the lock was given back
+        pass
+
+
+def test_a_refused_run_waits_for_the_holder_to_record_itself(tmp_path: Path) -> None:
+    # A holder caught between its flock and its record: the refused run must not name
+    # "unknown" (or a previous holder), but wait the moment and name this one.
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    record = b'{"host": "h", "pid": 4242, "started": "now", "run_id": "late"}'
+    writer = threading.Timer(0.2, lambda: os.pwrite(fd, record, 0))
+    writer.start()
+    try:
+        with pytest.raises(DirectoryLockedError, match="pid 4242, started now, run id late"):
+            DirectoryLock(tmp_path, run_id="x").acquire()
+    finally:
+        writer.join()
+        os.close(fd)
+
+
+def test_probe_writable_creates_writes_deletes_and_undoes_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "a" / "b"
+    assert probe_writable(target, argument="log_dir") == [tmp_path / "a", target]
+    assert list(target.iterdir()) == []  # the probe file is gone
+    remove_created([tmp_path / "a", target])
+    assert list(tmp_path.iterdir()) == []
+    real_open = os.open
+
+    def refuse(path: Any, flags: int, *args: Any) -> int:
+        if Path(path).name.startswith(PROBE_PREFIX):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(CheckpointError, match=r"checkpoint_dir=.*errno \d+ EDQUOT") as caught:
+        probe_writable(target, argument="checkpoint_dir")
+    assert caught.value.errno == errno.EDQUOT and caught.value.path == target
+    assert list(tmp_path.iterdir()) == []  # the directories it made are gone again

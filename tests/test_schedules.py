@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loopkit import schedules
+from loopkit import Schedule, schedules
 
 # --- the reference formulas (transformers.optimization, written out) ------------------------
 
@@ -201,20 +201,25 @@ def test_cosine_is_monotone_after_warmup_and_ends_at_min_factor(
 
 
 def test_warmup_rises_linearly_from_zero() -> None:
-    for schedule in [
+    every_schedule: list[Schedule] = [
         schedules.constant(4),
         schedules.linear(4, 10),
         schedules.cosine(4, 10, 0.2),
         schedules.cosine_with_restarts(4, 10, cycles=2),
         schedules.polynomial(4, 10, power=2.0),
         schedules.inverse_sqrt(4),
-    ]:
+    ]
+    for schedule in every_schedule:
         assert [schedule(s) for s in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0], schedule
 
 
 BAD = [
     ("constant(-1)", lambda: schedules.constant(-1), "warmup_steps=-1"),
-    ("constant(1.5)", lambda: schedules.constant(1.5), "warmup_steps=1.5"),
+    (
+        "constant(1.5)",
+        lambda: schedules.constant(1.5),  # type: ignore[arg-type]
+        "warmup_steps=1.5",
+    ),
     ("constant(True)", lambda: schedules.constant(True), "warmup_steps=True"),
     ("linear(total<warmup)", lambda: schedules.linear(10, 5), "total_steps=5"),
     ("linear(-1)", lambda: schedules.linear(-1, 5), "warmup_steps=-1"),
@@ -222,11 +227,15 @@ BAD = [
     ("cosine(min_factor=-0.1)", lambda: schedules.cosine(0, 10, -0.1), "min_factor=-0.1"),
     ("cosine(min_factor=nan)", lambda: schedules.cosine(0, 10, float("nan")), "min_factor=nan"),
     ("cosine(min_factor=1.5)", lambda: schedules.cosine(0, 10, 1.5), "min_factor=1.5"),
-    ("cosine(min_factor='0')", lambda: schedules.cosine(0, 10, "0"), "min_factor='0'"),
+    (
+        "cosine(min_factor='0')",
+        lambda: schedules.cosine(0, 10, "0"),  # type: ignore[arg-type]
+        "min_factor='0'",
+    ),
     ("restarts(cycles=0)", lambda: schedules.cosine_with_restarts(0, 10, cycles=0), "cycles=0"),
     (
         "restarts(cycles=1.5)",
-        lambda: schedules.cosine_with_restarts(0, 10, cycles=1.5),
+        lambda: schedules.cosine_with_restarts(0, 10, cycles=1.5),  # type: ignore[arg-type]
         "cycles=1.5",
     ),
     ("polynomial(power=0)", lambda: schedules.polynomial(0, 10, power=0), "power=0"),

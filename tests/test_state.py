@@ -9,6 +9,7 @@ import torch
 from helpers import (
     assert_params_close,
     classification_loss,
+    grad,
     mlp,
     reference_train,
     window_cross_entropy,
@@ -57,7 +58,7 @@ def test_fields_cannot_be_assigned(name: str) -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(state, name, getattr(state, name))
     with pytest.raises(dataclasses.FrozenInstanceError):
-        state.window.closed = True  # the window record is frozen too
+        state.window.closed = True  # type: ignore[misc]  # the window record is frozen too
 
 
 def test_replace_returns_a_new_record_and_makes_the_old_one_stale() -> None:
@@ -193,16 +194,16 @@ def test_snapshot_mid_window_keeps_gradients_and_both_branches_finish_alike() ->
     state = step(make_state(), b1)
     assert state.micro_step == 1
     snap = state.snapshot()
-    grads = {n: p.grad.clone() for n, p in snap.model.named_parameters()}
+    grads = {n: grad(p).clone() for n, p in snap.model.named_parameters()}
     for (name, p), (_, q) in zip(
         state.model.named_parameters(), snap.model.named_parameters(), strict=True
     ):
-        assert q.grad is not None and q.grad.data_ptr() != p.grad.data_ptr(), name
+        assert q.grad is not None and q.grad.data_ptr() != grad(p).data_ptr(), name
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
 
     state = step(state, b2)  # closes and applies the window on the original only
     assert state.step == 1 and snap.step == 0 and snap.micro_step == 1
-    assert_same_values({n: p.grad for n, p in snap.model.named_parameters()}, grads)
+    assert_same_values({n: grad(p) for n, p in snap.model.named_parameters()}, grads)
 
     snap = step(snap, b2)
     assert_params_close(snap.model, state.model, rtol=0, atol=0)
@@ -226,12 +227,15 @@ def test_snapshot_copies_the_fp16_loss_scale() -> None:
         mlp(dtype=torch.float32), precision=lk.Precision("fp16", init_scale=init_scale)
     )
     snap = state.snapshot()
+    assert state.loss_scale is not None and state.growth_tracker is not None
     assert snap.loss_scale is not None and snap.loss_scale.data_ptr() != state.loss_scale.data_ptr()
+    assert snap.growth_tracker is not None
     assert snap.growth_tracker.data_ptr() != state.growth_tracker.data_ptr()
     overflow = lk.chain(lk.forward(inf_loss), lk.accumulate(1), lk.optimizer_step())
     x, y = make_batch()
     state = overflow(state, (x.float(), y))
     assert state.skipped_steps == 1
+    assert state.loss_scale is not None
     assert float(state.loss_scale) == init_scale * 0.5  # the original backed off ...
     assert float(snap.loss_scale) == init_scale  # ... the snapshot did not
     assert int(snap.growth_tracker) == 0

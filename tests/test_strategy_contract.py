@@ -200,7 +200,7 @@ def test_the_testing_kit_checks_a_hand_written_strategy() -> None:
 
     batches = [torch.cat([b[0] for b in _data(16)]), torch.cat([b[1] for b in _data(16)])]
     batch = (batches[0], batches[1])
-    common = {"batches": [batch, batch], "strategy": HandWritten()}
+    common: dict[str, Any] = {"batches": [batch, batch], "strategy": HandWritten()}
     assert checks.check_accumulation_invariance(_model, _loss, splits=[[4, 12]], **common)
     assert checks.check_determinism(_model, _loss, **common)
     assert checks.check_resume_equivalence(_model, _loss, **common)

@@ -261,6 +261,7 @@ class RandomlyReseededNoise:
         torch.manual_seed(random.randrange(2**31))
         with torch.no_grad():
             for p in state.params:
+                assert p.grad is not None  # a closed window: every parameter has one
                 p.grad.add_(torch.randn_like(p.grad) * self.std)
         return state.replace()
 
@@ -301,8 +302,10 @@ def resume_forgetting_the_data_position(
 
 
 def resume_forgetting_the_scaler(path: Any, state: lk.TrainState, data: Any) -> lk.TrainState:
+    assert state.loss_scale is not None and state.growth_tracker is not None
     fresh_scale, fresh_tracker = state.loss_scale.clone(), state.growth_tracker.clone()
     state = default_resume(path, state, data)
+    assert state.loss_scale is not None and state.growth_tracker is not None
     state.loss_scale.copy_(fresh_scale)
     state.growth_tracker.copy_(fresh_tracker)
     return state
@@ -465,6 +468,7 @@ def test_strategy_equivalence_catches_loopkit_ddp_without_gradient_sync() -> Non
         k=2,
         match=r"NeverSyncDDP\(\) on 2 processes",
     )
+    assert DDP is not None  # the skipif above
     check_strategy_equivalence(MLP, classification_loss, batches=batch, strategy=DDP, k=2)
 
 
@@ -488,6 +492,7 @@ class ScaleGradsLate:
     def __call__(self, state: lk.TrainState, batch: Any, /) -> lk.TrainState:
         if state.window.closed:
             for p in state.params:
+                assert p.grad is not None  # a closed window: every parameter has one
                 p.grad.mul_(0.5)
         return state.replace()
 
@@ -499,6 +504,7 @@ class ScaleGradsInPlace:
     def __call__(self, state: lk.TrainState, batch: Any, /) -> lk.TrainState:
         if state.window.closed:
             for p in state.params:
+                assert p.grad is not None  # a closed window: every parameter has one
                 p.grad.mul_(0.5)
         return state
 
@@ -533,6 +539,7 @@ def test_no_stale_reuse_catches_transforms_that_mutate_unsafely(mutant: Any, mat
 
 def partly_detached_loss(model: torch.nn.Module, batch: Any) -> lk.Loss:
     x, y = batch
+    assert isinstance(model, torch.nn.Sequential)  # an MLPFactory model
     hidden = model[1](model[0](x)).detach()  # the first layer never gets a gradient
     return lk.cross_entropy(model[2](hidden), y)
 

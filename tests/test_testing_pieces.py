@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import importlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -40,6 +41,15 @@ def test_check_setup_is_a_frozen_keyword_only_record_with_the_check_defaults() -
     assert CheckSetup.create("check_x", MLP, classification_loss, precision="bf16").precision == (
         lk.Precision("bf16")
     )
+
+
+def test_check_setup_from_arguments_takes_the_setup_pieces_a_check_was_given() -> None:
+    def check_x(make_model: Any, loss_fn: Any, *, batches: Any, seed: int = 0) -> CheckSetup:
+        return CheckSetup.from_arguments("check_x", locals())
+
+    setup = check_x(MLP, classification_loss, batches=[1, 2], seed=3)
+    assert setup == CheckSetup.create("check_x", MLP, classification_loss, seed=3)
+    assert (setup.precision, setup.schedule, setup.strategy) == (lk.Precision("fp32"), None, None)
 
 
 def test_check_setup_builds_fresh_independent_records_and_the_default_chain() -> None:

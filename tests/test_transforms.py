@@ -31,8 +31,9 @@ class Params(torch.nn.Module):
         self.unused = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64)) if unused else None
 
 
-def linear_in_grads(model: Params, grads: list[torch.Tensor]) -> lk.Loss:
+def linear_in_grads(model: torch.nn.Module, grads: list[torch.Tensor]) -> lk.Loss:
     """A loss whose gradient w.r.t. parameter i is exactly grads[i]."""
+    assert isinstance(model, Params)
     total = sum((p * g).sum() for p, g in zip(model.used, grads, strict=True))
     return lk.Loss(total, 1)
 
@@ -63,9 +64,15 @@ def state_with_grads(grads: list[torch.Tensor], unused: bool, k: int = 1) -> lk.
     )
     step = lk.chain(lk.forward(linear_in_grads), lk.accumulate(k))
     state = step(state, grads)
-    for p, g in zip(state.model.used, grads, strict=True):
+    for p, g in zip(used_params(state), grads, strict=True):
         assert torch.equal(p.grad, g)  # the premise: the loss sets the gradients exactly
     return state
+
+
+def used_params(state: lk.TrainState) -> torch.nn.ParameterList:
+    """The parameters of the record's `Params` model that the loss uses."""
+    assert isinstance(state.model, Params)
+    return state.model.used
 
 
 def global_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
@@ -86,7 +93,7 @@ def test_clip_bounds_the_global_norm_and_records_it(grads, max_norm, norm_type, 
     torch.testing.assert_close(
         torch.as_tensor(state.metrics["train/grad_norm"]), pre, rtol=1e-12, atol=0
     )
-    after = [p.grad for p in state.model.used]
+    after = [p.grad for p in used_params(state)]
     assert global_norm(after, norm_type) <= max_norm * (1 + 1e-6)
     if unused:
         assert state.model.unused.grad is None
@@ -113,7 +120,7 @@ def test_clip_and_optimizer_step_pass_open_windows_through(grads, k, max_norm) -
         out = transform(state, grads)
         assert out is state, f"{transform!r} replaced an open-window record"
         state.check_fresh()  # not consumed
-        assert all(torch.equal(p.grad, g) for p, g in zip(state.model.used, grads, strict=True))
+        assert all(torch.equal(p.grad, g) for p, g in zip(used_params(state), grads, strict=True))
         assert all(torch.equal(p, q) for p, q in zip(state.params, params, strict=True))
         assert (state.step, state.micro_step, state.metrics) == (0, 1, {})
 

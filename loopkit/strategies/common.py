@@ -1,5 +1,6 @@
 """Pieces strategies share: the usual forward/backward and evaluation of one micro-batch,
-building the optimizer, reducing counts and metrics over ranks, unwrapping and deep copies.
+gradient sync, clipping, building the optimizer, reducing counts and metrics over ranks,
+unwrapping and deep copies.
 
 These are the behaviour a Strategy member usually has; a strategy of your own can call
 them from its members instead of writing them again.
@@ -7,8 +8,9 @@ them from its members instead of writing them again.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,6 +22,16 @@ from .env import comm_error, is_comm_error
 
 if TYPE_CHECKING:
     from ..precision import Precision
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: nullcontext keeps no state
+
+
+def no_gradient_sync(
+    model: torch.nn.Module, enabled: bool
+) -> contextlib.AbstractContextManager[object]:
+    """`Strategy.gradient_sync` where nothing syncs in backward: a context that does nothing."""
+    return _NO_CONTEXT
 
 
 def local_forward_backward(
@@ -110,6 +122,17 @@ def _eval_outputs(
         f"batches, but this batch is a {type(batch).__name__}. Pass "
         "predict=lambda model, batch: model(...)."
     )
+
+
+def local_clip_grad_norm_(
+    params: Sequence[torch.nn.Parameter], max_norm: float, norm_type: float
+) -> torch.Tensor:
+    """`Strategy.clip_grad_norm_` where every rank holds the whole, synced gradients (one
+    process, or DDP after the window's all-reduce): the local norm is the global one.
+
+    Stays on device: clip_grad_norm_ multiplies by a clamped coefficient, no `.item()`.
+    """
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, foreach=True)
 
 
 def whole_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -219,6 +242,39 @@ def raise_if_comm_error(error: BaseException, strategy: Strategy, what: str) -> 
         ) from error
 
 
+def backward_with_peers(strategy: Strategy, loss: torch.Tensor, what: str) -> None:
+    """`loss.backward()` where backward communicates (DDP's all-reduce, FSDP's
+    reduce-scatter): a lost peer raises DistributedError saying `what` was running."""
+    try:
+        loss.backward()
+    except Exception as error:
+        raise_if_comm_error(error, strategy, what)
+        raise
+
+
+def require_factory_and_no_loss_scaling(
+    optimizer: torch.optim.Optimizer | OptimizerFactory,
+    precision: Precision,
+    *,
+    needs_factory: str,
+    loss_scaling: str,
+) -> OptimizerFactory:
+    """The optimizer factory, checked at set-up by a strategy that builds the optimizer over
+    its own parameters and whose ranks check their own gradients (FSDP's shards,
+    Pipeline's stages).
+
+    Raises:
+        TypeError: `optimizer` is built already (message `needs_factory`).
+        ValueError: `precision` scales the loss (fp16): ranks could disagree about skipping
+            a step (message `loss_scaling`).
+    """
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(needs_factory)
+    if precision.scales_loss:
+        raise ValueError(loss_scaling)
+    return optimizer
+
+
 def reduce_count_over_ranks(strategy: Strategy, count: int | float | torch.Tensor) -> torch.Tensor:
     """`all_reduce_count` for a strategy's `reduce_count`: a lost peer raises DistributedError."""
     try:
@@ -243,13 +299,17 @@ __all__ = [
     "SUMMED_METRICS",
     "all_reduce_count",
     "all_reduce_metrics",
+    "backward_with_peers",
     "build_optimizer",
     "deep_copy_training_objects",
+    "local_clip_grad_norm_",
     "local_eval_forward",
     "local_forward_backward",
+    "no_gradient_sync",
     "raise_if_comm_error",
     "reduce_count_over_ranks",
     "reduce_metrics_over_ranks",
+    "require_factory_and_no_loss_scaling",
     "unwrap",
     "whole_model_state",
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,16 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .._batch import move
 from .._types import Batch, OptimizerFactory
 from ..precision import Precision
-from .common import (
-    build_optimizer,
-    deep_copy_training_objects,
-    local_eval_forward,
-    local_forward_backward,
-    raise_if_comm_error,
-    reduce_count_over_ranks,
-    reduce_metrics_over_ranks,
-    whole_model_state,
-)
+from . import common
 from .env import DEFAULT_TIMEOUT_S, init_distributed
 
 _NO_CONTEXT = contextlib.nullcontext()
@@ -114,7 +104,9 @@ class DDP:
         try:
             return DistributedDataParallel(module, device_ids=device_ids, **self._wrap_kwargs)
         except Exception as error:
-            raise_if_comm_error(error, self, "wrapping the model (broadcast of rank 0's weights)")
+            common.raise_if_comm_error(
+                error, self, "wrapping the model (broadcast of rank 0's weights)"
+            )
             raise
 
     def setup(
@@ -131,13 +123,17 @@ class DDP:
         # .to() and DistributedDataParallel keep Parameter identity, so a built optimizer
         # still fits; a factory is built over the wrapped model's parameters.
         wrapped = self._wrap(model.to(self.device))
-        return wrapped, build_optimizer(wrapped, optimizer)
+        return wrapped, common.build_optimizer(wrapped, optimizer)
 
-    # The usual behaviour, shared with SingleDevice and FSDP (loopkit.strategies.common).
-    forward_backward = local_forward_backward
-    eval_forward = staticmethod(local_eval_forward)
-
-    full_model_state = staticmethod(whole_model_state)
+    # The usual behaviour, shared with the other strategies as free functions.
+    forward_backward = common.local_forward_backward
+    eval_forward = staticmethod(common.local_eval_forward)
+    full_model_state = staticmethod(common.whole_model_state)
+    reduce_count = common.reduce_count_over_ranks
+    reduce_metrics = common.reduce_metrics_over_ranks
+    # After the window's all-reduce every rank holds the same gradients, so the local
+    # norm is the global one: no communication.
+    clip_grad_norm_ = staticmethod(common.local_clip_grad_norm_)
 
     def to_device(self, batch: Batch) -> Batch:
         return move(batch, self.device, self._non_blocking)
@@ -162,24 +158,7 @@ class DDP:
         # sizes (scaling by a power of two is exact in floating point).
         if self.world_size > 1:
             loss = loss * self.world_size
-        try:
-            loss.backward()
-        except Exception as error:
-            raise_if_comm_error(error, self, "the gradient all-reduce in backward")
-            raise
-
-    def reduce_count(self, count: int | float | torch.Tensor) -> torch.Tensor:
-        return reduce_count_over_ranks(self, count)
-
-    def reduce_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        return reduce_metrics_over_ranks(self, metrics)
-
-    def clip_grad_norm_(
-        self, params: Sequence[torch.nn.Parameter], max_norm: float, norm_type: float
-    ) -> torch.Tensor:
-        # After the window's all-reduce every rank holds the same gradients, so the local
-        # norm is the global one: no communication.
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, foreach=True)
+        common.backward_with_peers(self, loss, "the gradient all-reduce in backward")
 
     def snapshot(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Deep-copy the user's module and optimizer, then wrap the copy in a new DDP.
@@ -187,7 +166,7 @@ class DDP:
         The copy is a full DDP replica that trains on its own. Wrapping is a collective,
         so every rank must snapshot at the same point (as SPMD code does anyway).
         """
-        copied = deep_copy_training_objects({**fields, "model": fields["model"].module})
+        copied = common.deep_copy_training_objects({**fields, "model": fields["model"].module})
         copied["model"] = self._wrap(copied["model"])
         return copied
 

@@ -6,7 +6,7 @@ import contextlib
 import copy
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -16,14 +16,7 @@ from .. import _sharded
 from .._batch import move
 from .._types import Batch, OptimizerFactory
 from ..precision import Precision
-from .common import (
-    build_optimizer,
-    local_eval_forward,
-    local_forward_backward,
-    raise_if_comm_error,
-    reduce_count_over_ranks,
-    reduce_metrics_over_ranks,
-)
+from . import common
 from .env import DEFAULT_TIMEOUT_S, init_distributed
 
 ShardSpec = type | tuple[type, ...] | Callable[[nn.Module], bool] | None
@@ -266,7 +259,7 @@ class FSDP:
                 fully_shard(unit, **options)
             fully_shard(model, **{**options, "reshard_after_forward": False})
         except Exception as error:
-            raise_if_comm_error(error, self, "sharding the model")
+            common.raise_if_comm_error(error, self, "sharding the model")
             raise
         fsdp_units: list[Any] = [m for m in model.modules() if isinstance(m, FSDPModule)]
         for unit in fsdp_units:
@@ -288,7 +281,7 @@ class FSDP:
                 for tensor in (*model.parameters(), *model.buffers()):
                     dist.broadcast(tensor.detach(), src=0)  # in place: shares the storage
         except Exception as error:
-            raise_if_comm_error(error, self, "broadcasting rank 0's weights")
+            common.raise_if_comm_error(error, self, "broadcasting rank 0's weights")
             raise
 
     def setup(
@@ -299,15 +292,15 @@ class FSDP:
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         from torch.distributed.fsdp import FSDPModule
 
-        if isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(NEEDS_FACTORY)
-        if precision.scales_loss:
-            raise ValueError(
-                f"{self!r} with precision='fp16': loss scaling checks each rank's gradient "
-                "shards for overflow separately, so ranks could disagree about skipping a "
-                "step. Use precision='bf16' or FSDP(param_dtype=torch.bfloat16), which need "
-                "no loss scaling."
-            )
+        factory = common.require_factory_and_no_loss_scaling(
+            optimizer,
+            precision,
+            needs_factory=NEEDS_FACTORY,
+            loss_scaling=f"{self!r} with precision='fp16': loss scaling checks each rank's "
+            "gradient shards for overflow separately, so ranks could disagree about skipping "
+            "a step. Use precision='bf16' or FSDP(param_dtype=torch.bfloat16), which need no "
+            "loss scaling.",
+        )
         if isinstance(model, FSDPModule):
             raise ValueError(
                 "FSDP().setup(model=...): the model is sharded already (fully_shard was "
@@ -321,15 +314,17 @@ class FSDP:
         # in-place ops on it that loopkit never does; say it once, not at every evaluation.
         warnings.filterwarnings("once", message=_VIEW_WARNING, category=UserWarning)
         units = self._shard(model)
-        built = build_optimizer(model, optimizer)
-        self._prepared[model] = _Prepared(blueprint, optimizer, units)
+        built = common.build_optimizer(model, factory)
+        self._prepared[model] = _Prepared(blueprint, factory, units)
         return model, built
 
     # ------------------------------------------------------------------------ the step
 
-    # The usual behaviour, shared with SingleDevice and DDP (loopkit.strategies.common).
-    forward_backward = local_forward_backward
-    eval_forward = staticmethod(local_eval_forward)
+    # The usual behaviour, shared with the other strategies as free functions.
+    forward_backward = common.local_forward_backward
+    eval_forward = staticmethod(common.local_eval_forward)
+    reduce_count = common.reduce_count_over_ranks
+    reduce_metrics = common.reduce_metrics_over_ranks
 
     def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The full weights gathered on rank 0 ({} elsewhere): a collective."""
@@ -359,17 +354,7 @@ class FSDP:
 
     def backward(self, model: nn.Module, loss: torch.Tensor, *, sync: bool = True) -> None:
         self._set_sync(model, sync)
-        try:
-            loss.backward()
-        except Exception as error:
-            raise_if_comm_error(error, self, "the gradient reduce-scatter in backward")
-            raise
-
-    def reduce_count(self, count: int | float | torch.Tensor) -> torch.Tensor:
-        return reduce_count_over_ranks(self, count)
-
-    def reduce_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        return reduce_metrics_over_ranks(self, metrics)
+        common.backward_with_peers(self, loss, "the gradient reduce-scatter in backward")
 
     def clip_grad_norm_(
         self, params: Sequence[torch.nn.Parameter], max_norm: float, norm_type: float
@@ -381,7 +366,7 @@ class FSDP:
         try:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, foreach=True)
         except Exception as error:
-            raise_if_comm_error(error, self, "the global gradient norm")
+            common.raise_if_comm_error(error, self, "the global gradient norm")
             raise
         # Replicated on every rank: its local value is the full norm.
         return norm.to_local() if isinstance(norm, DTensor) else norm
@@ -417,7 +402,7 @@ class FSDP:
                 new.grad = None if old.grad is None else old.grad.detach().clone()
             for old_b, new_b in zip(model.buffers(), new_model.buffers(), strict=True):
                 new_b.copy_(old_b)
-        new_optimizer = build_optimizer(new_model, prepared.factory)
+        new_optimizer = common.build_optimizer(new_model, prepared.factory)
         by_old = {id(o): n for o, n in zip(old_params, new_params, strict=True)}
         for old_group, new_group in zip(
             optimizer.param_groups, new_optimizer.param_groups, strict=True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import weakref
@@ -16,6 +15,7 @@ from .._batch import move
 from .._types import Batch, Count, LossFn, OptimizerFactory, Predict
 from ..normalise import check_first_count, divide_grads_, reference_count
 from ..precision import Precision
+from . import common
 from ._pipeline_chunks import (
     Autocast,
     ChunkLoss,
@@ -27,13 +27,6 @@ from ._pipeline_chunks import (
     summed,
 )
 from ._pipeline_split import assemble, check_split_points, plan_stages
-from .common import (
-    build_optimizer,
-    deep_copy_training_objects,
-    raise_if_comm_error,
-    reduce_count_over_ranks,
-    reduce_metrics_over_ranks,
-)
 from .env import DEFAULT_TIMEOUT_S, detect_env, init_distributed
 
 SplitFn = Callable[[nn.Module, int, int], nn.Module]
@@ -78,6 +71,58 @@ def _schedule_name(value: object) -> str:
         f"Pipeline(schedule={value!r}): not a pipeline schedule of this torch "
         f"({torch.__version__}); valid names (any case): {', '.join(names)}."
     )
+
+
+def _count_stages(
+    split_points: object, split_fn: SplitFn | None, n_stages: int | None, stages_per_rank: int
+) -> tuple[dict[str, str] | None, int]:
+    """(checked split points or None, number of stages) from Pipeline's arguments."""
+    if (split_points is None) == (split_fn is None):
+        raise ValueError(
+            "Pipeline(split_points=..., split_fn=...): give exactly one: split_points "
+            "to cut an nn.Sequential by module name, e.g. {'layers.4': 'beginning'}, or "
+            "split_fn(model, stage_index, n_stages) -> stage module."
+        )
+    if split_points is not None:
+        checked = check_split_points(split_points)
+        stages = len(checked) + 1
+        if n_stages is not None and n_stages != stages:
+            raise ValueError(
+                f"Pipeline(n_stages={n_stages!r}): {len(checked)} split points "
+                f"make {stages} stages; leave n_stages out with split_points."
+            )
+        return checked, stages
+    if not callable(split_fn):
+        raise TypeError(
+            f"Pipeline(split_fn={split_fn!r}): expected a callable "
+            "split_fn(model, stage_index, n_stages) returning that stage's module."
+        )
+    if n_stages is None:
+        raise ValueError(
+            "Pipeline(split_fn=...): also give n_stages, the number of stages to build."
+        )
+    if stages_per_rank != 1:
+        raise ValueError(
+            f"Pipeline(split_fn=..., stages_per_rank={stages_per_rank}): stages "
+            "built by split_fn run one per rank; use split_points on an "
+            "nn.Sequential for several stages per rank."
+        )
+    return None, _check_int("n_stages", n_stages, 2)
+
+
+def _check_stages_per_rank(schedule: str, style: str, stages_per_rank: int) -> None:
+    if style == "single" and stages_per_rank != 1:
+        raise ValueError(
+            f"Pipeline(schedule={schedule!r}, stages_per_rank={stages_per_rank}): "
+            f"{schedule} runs one stage per rank; use stages_per_rank=1, or a looped "
+            "schedule (Interleaved1F1B, LoopedBFS, InterleavedZeroBubble) for several."
+        )
+    if style == "v" and stages_per_rank != 2:
+        raise ValueError(
+            f"Pipeline(schedule={schedule!r}, stages_per_rank={stages_per_rank}): "
+            f"{schedule} runs exactly two stages per rank (a V shape); use "
+            "stages_per_rank=2."
+        )
 
 
 def _check_int(name: str, value: object, low: int) -> int:
@@ -182,65 +227,27 @@ class Pipeline:
     ) -> None:
         self.schedule = _schedule_name(schedule)
         self.stages_per_rank = _check_int("stages_per_rank", stages_per_rank, 1)
-        style = _SCHEDULES[self.schedule][1]
-        if (split_points is None) == (split_fn is None):
-            raise ValueError(
-                "Pipeline(split_points=..., split_fn=...): give exactly one: split_points "
-                "to cut an nn.Sequential by module name, e.g. {'layers.4': 'beginning'}, or "
-                "split_fn(model, stage_index, n_stages) -> stage module."
-            )
-        self.split_points: dict[str, str] | None = None
         self.split_fn = split_fn
-        if split_points is not None:
-            self.split_points = check_split_points(split_points)
-            stages = len(self.split_points) + 1
-            if n_stages is not None and n_stages != stages:
-                raise ValueError(
-                    f"Pipeline(n_stages={n_stages!r}): {len(self.split_points)} split points "
-                    f"make {stages} stages; leave n_stages out with split_points."
-                )
-        else:
-            if not callable(split_fn):
-                raise TypeError(
-                    f"Pipeline(split_fn={split_fn!r}): expected a callable "
-                    "split_fn(model, stage_index, n_stages) returning that stage's module."
-                )
-            if n_stages is None:
-                raise ValueError(
-                    "Pipeline(split_fn=...): also give n_stages, the number of stages to build."
-                )
-            stages = _check_int("n_stages", n_stages, 2)
-            if self.stages_per_rank != 1:
-                raise ValueError(
-                    f"Pipeline(split_fn=..., stages_per_rank={stages_per_rank}): stages "
-                    "built by split_fn run one per rank; use split_points on an "
-                    "nn.Sequential for several stages per rank."
-                )
-        self.n_stages = stages
-        if style == "single" and self.stages_per_rank != 1:
+        self.split_points, self.n_stages = _count_stages(
+            split_points, split_fn, n_stages, self.stages_per_rank
+        )
+        style = _SCHEDULES[self.schedule][1]
+        _check_stages_per_rank(self.schedule, style, self.stages_per_rank)
+        if self.n_stages % self.stages_per_rank:
             raise ValueError(
-                f"Pipeline(schedule={self.schedule!r}, stages_per_rank={stages_per_rank}): "
-                f"{self.schedule} runs one stage per rank; use stages_per_rank=1, or a looped "
-                "schedule (Interleaved1F1B, LoopedBFS, InterleavedZeroBubble) for several."
+                f"{self._where()}: {self.n_stages} stages do not split into "
+                f"{self.stages_per_rank} per rank; change split_points or stages_per_rank so "
+                "that stages_per_rank divides the number of stages."
             )
-        if style == "v" and self.stages_per_rank != 2:
-            raise ValueError(
-                f"Pipeline(schedule={self.schedule!r}, stages_per_rank={stages_per_rank}): "
-                f"{self.schedule} runs exactly two stages per rank (a V shape); use "
-                "stages_per_rank=2."
-            )
-        where = self._where()
-        if stages % self.stages_per_rank:
-            raise ValueError(
-                f"{where}: {stages} stages do not split into {self.stages_per_rank} per rank; "
-                "change split_points or stages_per_rank so that stages_per_rank divides "
-                "the number of stages."
-            )
-        self.pp_size = stages // self.stages_per_rank
+        self.pp_size = self.n_stages // self.stages_per_rank
         if n_microbatches is None:
-            n_microbatches = stages
+            n_microbatches = self.n_stages
         self.n_microbatches = _check_int("n_microbatches", n_microbatches, 1)
-        # The world size before joining the group, so a misfit fails without waiting.
+        self._check_world_size()
+        self._join(device, timeout_s, style)
+
+    def _check_world_size(self) -> None:
+        """Fail before joining the process group if the world size misfits the stages."""
         dist = torch.distributed
         world = (
             dist.get_world_size()
@@ -249,12 +256,15 @@ class Pipeline:
         )
         if world % self.pp_size:
             raise ValueError(
-                f"{where}: {stages} stages at stages_per_rank={self.stages_per_rank} need "
-                f"{self.pp_size} processes per pipeline, and the world size {world} is not a "
-                f"multiple of {self.pp_size}. Launch a multiple of {self.pp_size} processes "
-                f"(torchrun --nproc_per_node {self.pp_size}), or change split_points / "
-                "stages_per_rank."
+                f"{self._where()}: {self.n_stages} stages at stages_per_rank="
+                f"{self.stages_per_rank} need {self.pp_size} processes per pipeline, and the "
+                f"world size {world} is not a multiple of {self.pp_size}. Launch a multiple "
+                f"of {self.pp_size} processes (torchrun --nproc_per_node {self.pp_size}), or "
+                "change split_points / stages_per_rank."
             )
+
+    def _join(self, device: str | torch.device | None, timeout_s: float, style: str) -> None:
+        """Join the process group; place this rank on the ("pp", "dp") mesh and its stages."""
         env, self.device = init_distributed(device, timeout_s=timeout_s, where="Pipeline")
         self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
         self.timeout_s = float(timeout_s)
@@ -271,7 +281,7 @@ class Pipeline:
                 self.pp_rank + i * self.pp_size for i in range(self.stages_per_rank)
             )
         self.has_first_stage = 0 in self.stage_indices
-        self.has_last_stage = stages - 1 in self.stage_indices
+        self.has_last_stage = self.n_stages - 1 in self.stage_indices
         try:
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -279,7 +289,7 @@ class Pipeline:
                 self.device.type, (self.pp_size, self.dp_world_size), mesh_dim_names=("pp", "dp")
             )
         except Exception as error:
-            raise_if_comm_error(error, self, "building the ('pp', 'dp') device mesh")
+            common.raise_if_comm_error(error, self, "building the ('pp', 'dp') device mesh")
             raise
         self.pp_group = self.mesh.get_group("pp")
         self.dp_group = self.mesh.get_group("dp")
@@ -299,14 +309,14 @@ class Pipeline:
         optimizer: torch.optim.Optimizer | OptimizerFactory,
         precision: Precision,
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        if isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(NEEDS_FACTORY)
-        if precision.scales_loss:
-            raise ValueError(
-                f"{self!r} with precision='fp16': loss scaling checks each stage's gradients "
-                "for overflow separately, so stages could disagree about skipping a step. "
-                "Use precision='bf16' (no loss scaling) or 'fp32'."
-            )
+        common.require_factory_and_no_loss_scaling(
+            optimizer,
+            precision,
+            needs_factory=NEEDS_FACTORY,
+            loss_scaling=f"{self!r} with precision='fp16': loss scaling checks each stage's "
+            "gradients for overflow separately, so stages could disagree about skipping a "
+            "step. Use precision='bf16' (no loss scaling) or 'fp32'.",
+        )
         if self.split_points is not None:
             plan = plan_stages(model, self.split_points)
             mine = [path for s in self.stage_indices for path in plan[s]]
@@ -332,7 +342,7 @@ class Pipeline:
         # Built now, so that the schedule's own checks (e.g. 1F1B's n_microbatches >=
         # stages) fail before training; the first step uses it.
         self._schedule(prepared, signature=None, train=True)
-        return rank_model, build_optimizer(rank_model, optimizer)
+        return rank_model, common.build_optimizer(rank_model, optimizer)
 
     def _prepare(
         self, rank_model: nn.Module, stage_paths: list[list[str]] | None, precision: Precision
@@ -405,10 +415,14 @@ class Pipeline:
     def to_device(self, batch: Batch) -> Batch:
         return move(batch, self.device, self._non_blocking)
 
-    def gradient_sync(
-        self, model: nn.Module, enabled: bool
-    ) -> contextlib.AbstractContextManager[object]:
-        return contextlib.nullcontext()  # replicas sync in forward_backward, once per window
+    # The usual behaviour, shared with the other strategies as free functions.
+    gradient_sync = staticmethod(common.no_gradient_sync)  # replicas sync in forward_backward
+    # Every rank holds its share of the item count (the last stage the count, the others 0)
+    # and of "train/loss" (likewise): the sum over all ranks is the global value, and the
+    # count's all-reduce doubles as a barrier. The other metrics (grad norm, lr) are the
+    # same on every rank: the mean keeps them.
+    reduce_count = common.reduce_count_over_ranks
+    reduce_metrics = common.reduce_metrics_over_ranks
 
     def backward(self, model: nn.Module, loss: torch.Tensor, *, sync: bool = True) -> None:
         raise RuntimeError(
@@ -482,7 +496,7 @@ class Pipeline:
         try:
             schedule.step(*args, target=target, return_outputs=False)
         except Exception as error:
-            raise_if_comm_error(error, self, "the pipeline schedule step")
+            common.raise_if_comm_error(error, self, "the pipeline schedule step")
             raise
         records = loss.take(n)
         if self.has_last_stage:
@@ -515,18 +529,8 @@ class Pipeline:
                     g.copy_(flat[offset : offset + g.numel()].view_as(g))
                     offset += g.numel()
         except Exception as error:
-            raise_if_comm_error(error, self, "summing gradients over data-parallel replicas")
+            common.raise_if_comm_error(error, self, "summing gradients over data-parallel replicas")
             raise
-
-    def reduce_count(self, count: int | float | torch.Tensor) -> torch.Tensor:
-        # Every rank holds its share (the last stage the count, the others 0): the sum over
-        # all ranks is the global count, and this collective doubles as a barrier.
-        return reduce_count_over_ranks(self, count)
-
-    def reduce_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        # "train/loss" is held by the last stages (0 elsewhere): the sum over ranks is the
-        # loss. The others (grad norm, lr) are the same on every rank: the mean keeps them.
-        return reduce_metrics_over_ranks(self, metrics)
 
     def clip_grad_norm_(
         self, params: Sequence[nn.Parameter], max_norm: float, norm_type: float
@@ -551,7 +555,7 @@ class Pipeline:
                 torch.distributed.all_reduce(total, group=self.pp_group)
                 total = total.pow(1.0 / norm_type)
         except Exception as error:
-            raise_if_comm_error(error, self, "the global gradient norm over stages")
+            common.raise_if_comm_error(error, self, "the global gradient norm over stages")
             raise
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
         return total
@@ -601,7 +605,7 @@ class Pipeline:
         try:
             outputs = schedule.eval(*args, target=target)
         except Exception as error:
-            raise_if_comm_error(error, self, "the pipeline's forward pass (evaluation)")
+            common.raise_if_comm_error(error, self, "the pipeline's forward pass (evaluation)")
             raise
         records = loss.take(n)
         if not self.has_last_stage:
@@ -648,7 +652,7 @@ class Pipeline:
                 for value in local.values():
                     dist.send(value.to(self.device).contiguous(), dst=0)
         except Exception as error:
-            raise_if_comm_error(error, self, "gathering the stages' weights on rank 0")
+            common.raise_if_comm_error(error, self, "gathering the stages' weights on rank 0")
             raise
         return out
 
@@ -672,7 +676,7 @@ class Pipeline:
         Local only (no communication); the copy's first step sets up its stages anew.
         """
         prepared = self._get(fields["model"])
-        copied = deep_copy_training_objects(fields)
+        copied = common.deep_copy_training_objects(fields)
         self._prepare(copied["model"], prepared.stage_paths, prepared.loss.precision)
         return copied
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -11,15 +10,7 @@ import torch
 from .._batch import move
 from .._types import Batch, Count, OptimizerFactory
 from ..precision import Precision
-from .common import (
-    build_optimizer,
-    deep_copy_training_objects,
-    local_eval_forward,
-    local_forward_backward,
-    whole_model_state,
-)
-
-_NO_CONTEXT = contextlib.nullcontext()  # reusable: nullcontext keeps no state
+from . import common
 
 
 def default_device() -> torch.device:
@@ -64,21 +55,19 @@ class SingleDevice:
         precision: Precision,
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)  # keeps Parameter identity, so a built optimizer still fits
-        return model, build_optimizer(model, optimizer)
+        return model, common.build_optimizer(model, optimizer)
 
     def to_device(self, batch: Batch) -> Batch:
         # non_blocking from pinned host memory overlaps the copy with compute on CUDA.
         return move(batch, self.device, self._non_blocking)
 
-    # The usual behaviour, shared with DDP and FSDP (loopkit.strategies.common).
-    forward_backward = local_forward_backward
-    eval_forward = staticmethod(local_eval_forward)
-    full_model_state = staticmethod(whole_model_state)
-
-    def gradient_sync(
-        self, model: torch.nn.Module, enabled: bool
-    ) -> contextlib.AbstractContextManager[object]:
-        return _NO_CONTEXT  # one process: nothing to sync
+    # The usual behaviour, shared with the other strategies as free functions.
+    forward_backward = common.local_forward_backward
+    eval_forward = staticmethod(common.local_eval_forward)
+    full_model_state = staticmethod(common.whole_model_state)
+    clip_grad_norm_ = staticmethod(common.local_clip_grad_norm_)
+    snapshot = staticmethod(common.deep_copy_training_objects)
+    gradient_sync = staticmethod(common.no_gradient_sync)  # one process: nothing to sync
 
     def backward(self, model: torch.nn.Module, loss: torch.Tensor, *, sync: bool = True) -> None:
         loss.backward()
@@ -88,15 +77,6 @@ class SingleDevice:
 
     def reduce_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         return dict(metrics)  # one process: local metrics are global
-
-    def clip_grad_norm_(
-        self, params: Sequence[torch.nn.Parameter], max_norm: float, norm_type: float
-    ) -> torch.Tensor:
-        # Stays on device: clip_grad_norm_ multiplies by a clamped coefficient, no .item().
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, foreach=True)
-
-    def snapshot(self, fields: dict[str, Any]) -> dict[str, Any]:
-        return deep_copy_training_objects(fields)
 
     def __repr__(self) -> str:
         return f"SingleDevice(device={str(self.device)!r})"

@@ -19,6 +19,7 @@ compares nested state; `bound_checks` holds Checker, which `pytest_plugin`'s fix
 
 from __future__ import annotations
 
+from . import checks
 from .assertions import Tolerance as Tolerance
 from .assertions import assert_states_close as assert_states_close
 from .assertions import assert_trees_close as assert_trees_close
@@ -42,25 +43,11 @@ from .checks import default_save as default_save
 from .checks import default_step as default_step
 
 __all__ = [
-    "CheckResult",
     "Checker",
-    "ListData",
     "Tolerance",
     "assert_states_close",
     "assert_trees_close",
-    "check_accumulation_invariance",
-    "check_determinism",
-    "check_gradient_flow",
-    "check_loss_decreases",
-    "check_matches_reference",
-    "check_no_stale_reuse",
-    "check_resume_equivalence",
-    "check_strategy_equivalence",
-    "default_optimizer",
-    "default_rank_split",
-    "default_resume",
-    "default_save",
-    "default_step",
     "state_tree",
     "tolerance_for",
 ]
+__all__ += checks.__all__  # every check, its result record and its defaults

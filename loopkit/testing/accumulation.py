@@ -7,10 +7,10 @@ from typing import Any
 
 from .._types import Strategy
 from ..precision import Precision, PrecisionName
-from .assertions import Tolerance, first_difference
+from .assertions import Tolerance
 from .batches import batch_windows, common_batch_size, describe_batches, split_batch
 from .drawn import accepts_search_strategies
-from .failures import failure, reproduce
+from .failures import raise_if_different, reproduce
 from .global_rng import global_rng_guard
 from .result import CheckResult
 from .runs import params_tree, run_window
@@ -105,18 +105,7 @@ def check_accumulation_invariance(
         AssertionError: a split changed the parameters beyond the tolerance.
         ValueError: a split does not fit the batch, or make_model is not reproducible.
     """
-    setup = CheckSetup.create(
-        "check_accumulation_invariance",
-        make_model,
-        loss_fn,
-        make_step=make_step,
-        optimizer=optimizer,
-        precision=precision,
-        schedule=schedule,
-        seed=seed,
-        device=device,
-        strategy=strategy,
-    )
+    setup = CheckSetup.from_arguments("check_accumulation_invariance", locals())
     setup.check_same_init()
     windows = batch_windows(batches, steps, setup.check)
     n = common_batch_size(windows, setup.check)
@@ -144,28 +133,25 @@ def _compare_splits(
             expected.append(params_tree(state))
         for split in chosen:
             state, step = setup.new_state(), setup.step(len(split))
+            repro = reproduce(
+                where,
+                make_step=setup.step_name,
+                batches=describe_batches(windows),
+                splits=[split],
+                steps=len(windows),
+                precision=repr(setup.precision.name),
+                seed=setup.seed,
+            )
             for i, window in enumerate(windows):
                 state = run_window(state, step, split_batch(window, split, where), where)
-                diff = first_difference(
+                raise_if_different(
                     params_tree(state),
                     expected[i],
-                    tolerance=lambda _: tol,
+                    tol,
                     names=(f"split {split}", "full batch"),
+                    header=f"{where} failed: cutting each batch of {sum(split)} items into "
+                    f"micro-batches {split} (make_step({len(split)})) changed training at "
+                    f"optimizer step {i + 1} of {len(windows)}.",
+                    explanation=_WHY,
+                    repro=repro,
                 )
-                if diff is not None:
-                    raise failure(
-                        f"{where} failed: cutting each batch of {sum(split)} "
-                        f"items into micro-batches {split} (make_step({len(split)})) changed "
-                        f"training at optimizer step {i + 1} of {len(windows)}.",
-                        diff,
-                        _WHY,
-                        reproduce(
-                            where,
-                            make_step=setup.step_name,
-                            batches=describe_batches(windows),
-                            splits=[split],
-                            steps=len(windows),
-                            precision=repr(setup.precision.name),
-                            seed=setup.seed,
-                        ),
-                    )

@@ -7,10 +7,10 @@ from typing import Any
 
 from .._types import Strategy
 from ..precision import Precision, PrecisionName
-from .assertions import Tolerance, first_difference
+from .assertions import Tolerance
 from .batches import batch_windows, describe_batches, micro_batches, micro_batches_per_window
 from .drawn import accepts_search_strategies
-from .failures import failure, reproduce
+from .failures import raise_if_different, reproduce
 from .global_rng import global_rng_guard, seed_globals
 from .result import CheckResult
 from .runs import clone_tree
@@ -73,18 +73,7 @@ def check_determinism(
     Raises:
         AssertionError: two runs differ.
     """
-    setup = CheckSetup.create(
-        "check_determinism",
-        make_model,
-        loss_fn,
-        make_step=make_step,
-        optimizer=optimizer,
-        precision=precision,
-        schedule=schedule,
-        seed=seed,
-        device=device,
-        strategy=strategy,
-    )
+    setup = CheckSetup.from_arguments("check_determinism", locals())
     setup.check_same_init()
     windows = batch_windows(batches, steps, setup.check)
     k = micro_batches_per_window(split, windows, setup.check)
@@ -115,23 +104,26 @@ def _compare_runs(
     why: str,
 ) -> None:
     """Fail at the first optimizer step where `other` differs from the first run."""
+    repro = reproduce(
+        setup.check,
+        make_step=setup.step_name,
+        batches=describe_batches(windows),
+        split=split,
+        steps=len(windows),
+        precision=repr(setup.precision.name),
+        seed=setup.seed,
+    )
     for i, (a, b) in enumerate(zip(other, first, strict=True)):
-        diff = first_difference(a, b, tolerance=lambda _: tol, names=("rerun", "first run"))
-        if diff is not None:
-            raise failure(
-                f"{setup.check} failed: {header}, after optimizer step {i + 1} of {len(windows)}.",
-                diff,
-                why,
-                reproduce(
-                    setup.check,
-                    make_step=setup.step_name,
-                    batches=describe_batches(windows),
-                    split=split,
-                    steps=len(windows),
-                    precision=repr(setup.precision.name),
-                    seed=setup.seed,
-                ),
-            )
+        raise_if_different(
+            a,
+            b,
+            tol,
+            names=("rerun", "first run"),
+            header=f"{setup.check} failed: {header}, after optimizer step {i + 1} of "
+            f"{len(windows)}.",
+            explanation=why,
+            repro=repro,
+        )
 
 
 def _run(

@@ -8,9 +8,12 @@ difference (path, size, tolerance), an explanation with the usual causes, and a
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["detached_graph_error", "failure", "name_of", "reproduce"]
+from .assertions import Tolerance, first_difference
+
+__all__ = ["detached_graph_error", "failure", "name_of", "raise_if_different", "reproduce"]
 
 
 def name_of(obj: object) -> str:
@@ -29,6 +32,27 @@ def reproduce(call: str, **values: Any) -> str:
 def failure(header: str, difference: str, explanation: str, repro: str) -> AssertionError:
     """The AssertionError a check raises: one part per line, indented under the header."""
     return AssertionError(f"{header}\n  {difference}\n  {explanation}\n  {repro}")
+
+
+def raise_if_different(
+    actual: Any,
+    expected: Any,
+    tol: Tolerance,
+    *,
+    names: tuple[str, str],
+    header: str,
+    explanation: str,
+    repro: str,
+    notes: Mapping[str, str] | None = None,
+) -> None:
+    """Raise the check's failure if `actual` and `expected` differ beyond `tol` at any leaf:
+    `header`, the first difference (path, size, tolerance), `explanation`, `repro`.
+
+    `names` name the two sides in the difference; `notes` add a hint to a leaf's path.
+    """
+    diff = first_difference(actual, expected, tolerance=lambda _: tol, names=names, notes=notes)
+    if diff is not None:
+        raise failure(header, diff, explanation, repro)
 
 
 def detached_graph_error(where: str, error: RuntimeError) -> AssertionError | None:

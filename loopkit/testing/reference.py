@@ -11,7 +11,7 @@ from .._batch import move
 from .._rng import micro_step_seed, seed_devices_
 from .._types import Strategy
 from ..loss import as_loss
-from .assertions import Tolerance, first_difference
+from .assertions import Tolerance
 from .batches import (
     batch_windows,
     describe_batches,
@@ -20,13 +20,19 @@ from .batches import (
     micro_batches_per_window,
 )
 from .drawn import accepts_search_strategies
-from .failures import failure, reproduce
+from .failures import raise_if_different, reproduce
 from .global_rng import global_rng_guard
 from .result import CheckResult
 from .runs import params_tree, run_window
 from .setup import CheckSetup, Device, MakeModel, MakeStep
 
 __all__ = ["check_matches_reference", "reference_params"]
+
+_WHY = (
+    "Usual causes: clipping per parameter instead of by the global norm, a missing "
+    "zero_grad, a loss normalised per micro-batch, or an lr that does not follow "
+    "schedule(step)."
+)
 
 
 def reference_params(
@@ -99,18 +105,7 @@ def check_matches_reference(
     Raises:
         AssertionError: the parameters after some optimizer step differ from the reference.
     """
-    setup = CheckSetup.create(
-        "check_matches_reference",
-        make_model,
-        loss_fn,
-        make_step=make_step,
-        optimizer=optimizer,
-        precision="fp32",
-        schedule=schedule,
-        seed=seed,
-        device=device,
-        strategy=strategy,
-    )
+    setup = CheckSetup.from_arguments("check_matches_reference", locals())  # fp32, like the loop
     setup.check_same_init()
     windows = batch_windows(batches, steps, setup.check)
     k = micro_batches_per_window(split, windows, setup.check)
@@ -142,28 +137,25 @@ def _compare(
     max_norm: float | None,
 ) -> None:
     """Fail at the first optimizer step where the chain and the reference differ."""
+    clip_text = f", clip_grad_norm_(max_norm={max_norm})" if max_norm else ""
+    repro = reproduce(
+        setup.check,
+        make_step=setup.step_name,
+        batches=describe_batches(windows),
+        split=split,
+        max_norm=max_norm,
+        schedule=setup.schedule,
+        seed=setup.seed,
+    )
     for i, (got, want) in enumerate(zip(actual, expected, strict=True)):
-        diff = first_difference(
-            got, want, tolerance=lambda _: tol, names=("step chain", "reference")
-        )
-        if diff is None:
-            continue
-        clip_text = f", clip_grad_norm_(max_norm={max_norm})" if max_norm else ""
-        raise failure(
-            f"{setup.check} failed: after optimizer step {i + 1} of {len(windows)}, "
+        raise_if_different(
+            got,
+            want,
+            tol,
+            names=("step chain", "reference"),
+            header=f"{setup.check} failed: after optimizer step {i + 1} of {len(windows)}, "
             f"make_step({k}) differs from the hand-written loop (zero_grad, backward "
             f"of the mean loss{clip_text}, step).",
-            diff,
-            "Usual causes: clipping per parameter instead of by the global norm, a "
-            "missing zero_grad, a loss normalised per micro-batch, or an lr that does "
-            "not follow schedule(step).",
-            reproduce(
-                setup.check,
-                make_step=setup.step_name,
-                batches=describe_batches(windows),
-                split=split,
-                max_norm=max_norm,
-                schedule=setup.schedule,
-                seed=setup.seed,
-            ),
+            explanation=_WHY,
+            repro=repro,
         )

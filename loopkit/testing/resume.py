@@ -13,10 +13,10 @@ from .._types import Strategy, Transform
 from ..checkpoint import load_checkpoint, read_extra, save_checkpoint
 from ..precision import Precision, PrecisionName
 from ..state import TrainState
-from .assertions import Tolerance, first_difference
+from .assertions import Tolerance
 from .batches import batch_windows, describe_batches, micro_batches, micro_batches_per_window
 from .drawn import accepts_search_strategies
-from .failures import failure, name_of, reproduce
+from .failures import name_of, raise_if_different, reproduce
 from .global_rng import global_rng_guard, seed_globals
 from .result import CheckResult
 from .runs import clone_tree, run_window
@@ -193,18 +193,7 @@ def check_resume_equivalence(
     Raises:
         AssertionError: the resumed run differs, right after resume or at the end.
     """
-    setup = CheckSetup.create(
-        "check_resume_equivalence",
-        make_model,
-        loss_fn,
-        make_step=make_step,
-        optimizer=optimizer,
-        precision=precision,
-        schedule=schedule,
-        seed=seed,
-        device=device,
-        strategy=strategy,
-    )
+    setup = CheckSetup.from_arguments("check_resume_equivalence", locals())
     setup.check_same_init()
     plan = _plan(setup.check, batches, split, steps, make_data, k, save_at)
     tol = setup.tolerance(rtol, atol, bitwise=True)
@@ -270,39 +259,32 @@ def _resume_and_compare(
         f"optimizer.state[{i}]": f"parameter {n!r}" for i, n in optimizer_param_names(state).items()
     }
     tree = state_tree(state, grads=False)
-    diff = first_difference(
+    raise_if_different(
         {key: tree[key] for key in _AT_RESUME_KEYS},
         {key: saved[key] for key in _AT_RESUME_KEYS},
-        tolerance=lambda _: tol,
+        tol,
         names=("resumed", "saved"),
         notes=notes,
+        header=f"{where} failed: right after resuming at optimizer step {plan.save_at}, the "
+        "record differs from the one that was saved.",
+        explanation="save/resume must restore the weights, the optimizer state, the counters "
+        "and (fp16) the loss scale and its growth tracker.",
+        repro=repro,
     )
-    if diff is not None:
-        raise failure(
-            f"{where} failed: right after resuming at optimizer step {plan.save_at}, the record "
-            "differs from the one that was saved.",
-            diff,
-            "save/resume must restore the weights, the optimizer state, the counters and "
-            "(fp16) the loss scale and its growth tracker.",
-            repro,
-        )
     iterator = iter(data)
     for _ in range(plan.save_at, plan.steps):
         state = run_window(state, step, plan.take(iterator), where)
-    diff = first_difference(
+    raise_if_different(
         state_tree(state),
         uninterrupted,
-        tolerance=lambda _: tol,
+        tol,
         names=("resumed", "uninterrupted"),
         notes=notes,
+        header=f"{where} failed: saving at optimizer step {plan.save_at}, rebuilding and "
+        f"resuming gives a different record at step {plan.steps} than training straight "
+        "through.",
+        explanation="The record matched right after resume, so the continued run saw "
+        "different inputs: the data position was not restored (the resumed run re-reads or "
+        "skips batches), or randomness or state outside the record was lost.",
+        repro=repro,
     )
-    if diff is not None:
-        raise failure(
-            f"{where} failed: saving at optimizer step {plan.save_at}, rebuilding and resuming "
-            f"gives a different record at step {plan.steps} than training straight through.",
-            diff,
-            "The record matched right after resume, so the continued run saw different "
-            "inputs: the data position was not restored (the resumed run re-reads or "
-            "skips batches), or randomness or state outside the record was lost.",
-            repro,
-        )

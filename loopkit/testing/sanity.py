@@ -108,21 +108,12 @@ def check_loss_decreases(
         AssertionError: the loss did not fall enough (with a diagnosis), or backward failed
             on a detached graph.
     """
-    where = "check_loss_decreases"
     if not (isinstance(min_decrease, (int, float)) and 0 <= min_decrease < 1):
-        raise ValueError(f"{where}(min_decrease={min_decrease!r}): must be a float in [0, 1).")
-    setup = CheckSetup.create(
-        where,
-        make_model,
-        loss_fn,
-        make_step=make_step,
-        optimizer=optimizer,
-        precision=precision,
-        schedule=schedule,
-        seed=seed,
-        device=device,
-        strategy=strategy,
-    )
+        raise ValueError(
+            f"check_loss_decreases(min_decrease={min_decrease!r}): must be a float in [0, 1)."
+        )
+    setup = CheckSetup.from_arguments("check_loss_decreases", locals())
+    where = setup.check
     with global_rng_guard():
         state, step = setup.new_state(), setup.step(1)
         initial = _mean_loss(state, loss_fn, batch, where)
@@ -241,17 +232,7 @@ def check_gradient_flow(
     Raises:
         AssertionError: listing every parameter that breaks a rule, by name.
     """
-    setup = CheckSetup.create(
-        "check_gradient_flow",
-        make_model,
-        loss_fn,
-        make_step=make_step,
-        optimizer=optimizer,
-        precision=precision,
-        seed=seed,
-        device=device,
-        strategy=strategy,
-    )
+    setup = CheckSetup.from_arguments("check_gradient_flow", locals())
     where = setup.check
     exempt = tuple(allow_no_grad)
     with global_rng_guard():

@@ -7,8 +7,8 @@ records, step chains and the default tolerance, so no check repeats that set-up.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -167,6 +167,20 @@ class CheckSetup:
             device=device,
             strategy=strategy,
         )
+
+    @classmethod
+    def from_arguments(cls, check: str, arguments: Mapping[str, Any]) -> CheckSetup:
+        """A setup from a check's own arguments: `CheckSetup.from_arguments(name, locals())`
+        before the check assigns any variable (locals() then holds its arguments only).
+
+        The checks take the setup's pieces as arguments of the same names (make_model,
+        loss_fn, make_step, optimizer, precision, schedule, seed, device, strategy), each
+        check those it uses, written out in its signature for its users and their editors.
+        A piece the check does not take keeps `create`'s default. (check_strategy_equivalence
+        calls `create`: its `strategy` is a factory for its ranks, not the setup's strategy.)
+        """
+        names = [f.name for f in fields(cls) if f.name != "check"]
+        return cls.create(check, **{name: arguments[name] for name in names if name in arguments})
 
     @property
     def step_name(self) -> str | None:

@@ -123,17 +123,7 @@ def check_no_stale_reuse(
     Raises:
         AssertionError: naming the part, the step and the micro-step.
     """
-    setup = CheckSetup.create(
-        "check_no_stale_reuse",
-        make_model,
-        loss_fn,
-        make_step=make_step,
-        optimizer=optimizer,
-        precision=precision,
-        seed=seed,
-        device=device,
-        strategy=strategy,
-    )
+    setup = CheckSetup.from_arguments("check_no_stale_reuse", locals())
     where = setup.check
     windows = batch_windows(batches, steps, where)
     k = micro_batches_per_window(split, windows, where)

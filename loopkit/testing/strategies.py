@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from . import search
 from .search import MLPFactory as MLPFactory
 from .search import TinyTransformer as TinyTransformer
 from .search import TransformerBlock as TransformerBlock
@@ -21,19 +22,4 @@ from .search import small_mlps as small_mlps
 from .search import splits as splits
 from .search import tiny_transformers as tiny_transformers
 
-__all__ = [
-    "MLPFactory",
-    "TinyTransformer",
-    "TransformerBlock",
-    "TransformerFactory",
-    "classification_batches",
-    "make_token_batch",
-    "padded_token_batches",
-    "precisions",
-    "rank_splits",
-    "schedules",
-    "seeds",
-    "small_mlps",
-    "splits",
-    "tiny_transformers",
-]
+__all__ = list(search.__all__)

@@ -65,5 +65,3 @@ def full_params(model: torch.nn.Module) -> list[torch.Tensor]:
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         out.append(full.detach().clone())
     return out
-
-

@@ -20,9 +20,20 @@ from dataclasses import dataclass
 from typing import Any
 
 _LAUNCHER_VARS = (
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-    "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_NODELIST",
-    "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_JOB_ID",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NODELIST",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_STEP_NODELIST",
+    "SLURM_JOB_ID",
 )
 
 
@@ -48,13 +59,18 @@ class Outcome:
         return self.value
 
 
-def _child(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple,
-           conn: Any) -> None:
+def _child(
+    rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, conn: Any
+) -> None:
     for name in _LAUNCHER_VARS:
         os.environ.pop(name, None)
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     start = time.perf_counter()
     try:
@@ -76,8 +92,9 @@ def _child(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
         os._exit(0)
 
 
-def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any,
-              timeout_s: float = 60.0) -> list[Outcome]:
+def run_ranks(
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 60.0
+) -> list[Outcome]:
     """Run `fn(rank, *args)` in `world_size` forked processes; return each rank's outcome.
 
     A rank still running after `timeout_s` is killed and reported as hung.
@@ -114,7 +131,9 @@ def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any,
                 pending.discard(rank)
     for rank in pending:
         outcomes[rank].error = f"hung: still running after {timeout_s} s"
-        os.kill(procs[rank].pid, signal.SIGKILL)
+        pid = procs[rank].pid
+        assert pid is not None  # every process was started above
+        os.kill(pid, signal.SIGKILL)
     for rank, proc in enumerate(procs):
         proc.join(5)
         outcomes[rank].exitcode = proc.exitcode

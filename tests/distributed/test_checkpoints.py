@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 from _models import TIMEOUT_S, BlockLM, adamw, full_params, token_loss, token_micro_batch
 from _ranks import run_ranks
+from helpers import prefixed
 
 import loopkit as lk
 from loopkit import checkpoint as ckpt
@@ -53,8 +54,9 @@ def fresh(strategy: Any, seed: int = 0) -> lk.TrainState:
     return state.replace(window=lk.Window(size=K))
 
 
-def train(state: lk.TrainState, steps: range, rank: int, world_size: int,
-          save_to: Path | None = None) -> lk.TrainState:
+def train(
+    state: lk.TrainState, steps: range, rank: int, world_size: int, save_to: Path | None = None
+) -> lk.TrainState:
     for s in steps:
         for i in range(K):
             state = STEP(state, micro_batch(s, i, rank, world_size))
@@ -63,11 +65,13 @@ def train(state: lk.TrainState, steps: range, rank: int, world_size: int,
     return state
 
 
-def assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor], exact: bool = False
-                 ) -> None:
+def assert_close(
+    actual: list[torch.Tensor], expected: list[torch.Tensor], exact: bool = False
+) -> None:
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        torch.testing.assert_close(a, e, rtol=0 if exact else RTOL, atol=0 if exact else ATOL,
-                                   msg=lambda m, i=i: f"param {i}: {m}")
+        torch.testing.assert_close(
+            a, e, rtol=0 if exact else RTOL, atol=0 if exact else ATOL, msg=prefixed(f"param {i}")
+        )
 
 
 def two_ranks_save(rank: int, root: str) -> dict[str, Any]:
@@ -76,8 +80,9 @@ def two_ranks_save(rank: int, root: str) -> dict[str, Any]:
     root_path = Path(root)
     out: dict[str, Any] = {}
     # The uninterrupted FSDP run, saving a sharded checkpoint at step 3.
-    state = train(fresh(FSDP(timeout_s=TIMEOUT_S)), range(STEPS), rank, 2,
-                  save_to=root_path / "fsdp2")
+    state = train(
+        fresh(FSDP(timeout_s=TIMEOUT_S)), range(STEPS), rank, 2, save_to=root_path / "fsdp2"
+    )
     final = full_params(state.model)
     out["final"] = final
     # save_model gathers the full weights into one file (a collective).
@@ -86,23 +91,32 @@ def two_ranks_save(rank: int, root: str) -> dict[str, Any]:
     path = root_path / "fsdp2" / ckpt.step_dir_name(SAVE_AT)
     resumed = lk.load_checkpoint(path, fresh(FSDP(timeout_s=TIMEOUT_S), seed=5))
     assert resumed.step == SAVE_AT
-    assert_close(full_params(train(resumed, range(SAVE_AT, STEPS), rank, 2).model), final,
-                 exact=True)
+    assert_close(
+        full_params(train(resumed, range(SAVE_AT, STEPS), rank, 2).model), final, exact=True
+    )
     # DDP: rank 0 writes an ordinary checkpoint; every rank resumes from it.
     ddp_root = root_path / "ddp"
     state = train(fresh(DDP(timeout_s=TIMEOUT_S)), range(STEPS), rank, 2, save_to=ddp_root)
     ddp_final = full_params(state.model)
-    resumed = lk.load_checkpoint(ddp_root / ckpt.step_dir_name(SAVE_AT),
-                                 fresh(DDP(timeout_s=TIMEOUT_S), seed=5))
-    assert_close(full_params(train(resumed, range(SAVE_AT, STEPS), rank, 2).model), ddp_final,
-                 exact=True)
+    resumed = lk.load_checkpoint(
+        ddp_root / ckpt.step_dir_name(SAVE_AT), fresh(DDP(timeout_s=TIMEOUT_S), seed=5)
+    )
+    assert_close(
+        full_params(train(resumed, range(SAVE_AT, STEPS), rank, 2).model), ddp_final, exact=True
+    )
     assert_close(ddp_final, final)  # DDP and FSDP train alike
     return out
 
 
 def one_process_resumes(rank: int, root: str, expected: list[torch.Tensor]) -> str:
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                 "MASTER_PORT"):
+    for name in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ):
         os.environ.pop(name)
     torch.set_num_threads(1)
     env = detect_env()
@@ -173,7 +187,10 @@ def test_ddp_checkpoint_is_written_by_rank_0_like_single_device(runs):
     ckpt.validate_checkpoint(path)
     assert json.loads((path / "manifest.json").read_text())["layout"] == "full"
     assert {p.name for p in path.iterdir()} == {
-        "model.safetensors", "state.safetensors", "state.json", "manifest.json"
+        "model.safetensors",
+        "state.safetensors",
+        "state.json",
+        "manifest.json",
     }
     # A single-device state loads it directly.
     state = lk.load_checkpoint(path, fresh(SingleDevice("cpu"), seed=5))

@@ -33,11 +33,21 @@ def torchrun(strategy: str, *extra: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(SCRIPT), "--strategy", strategy, "--batch-size", "4", *ARGS, *extra,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+        "--strategy",
+        strategy,
+        "--batch-size",
+        "4",
+        *ARGS,
+        *extra,
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240,
-                          cwd=ROOT)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -57,10 +67,10 @@ def test_torchrun_ddp_matches_one_process(one_process):
     assert final_loss(torchrun("ddp")) == pytest.approx(one_process, abs=2e-4)
 
 
-def test_torchrun_fsdp_matches_one_process_and_writes_sharded_checkpoints(one_process,
-                                                                        tmp_path):
-    out = torchrun("fsdp", "--checkpoint-dir", str(tmp_path / "ckpt"),
-                   "--save-model", str(tmp_path / "model"))
+def test_torchrun_fsdp_matches_one_process_and_writes_sharded_checkpoints(one_process, tmp_path):
+    out = torchrun(
+        "fsdp", "--checkpoint-dir", str(tmp_path / "ckpt"), "--save-model", str(tmp_path / "model")
+    )
     assert final_loss(out) == pytest.approx(one_process, abs=2e-4)
     shards = list((tmp_path / "ckpt" / "step-00000003" / "shards").iterdir())
     assert len(shards) == 2

@@ -34,9 +34,15 @@ def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
 
 def train(strategy: Any, root: Path, batch_size: int = BATCH, **overrides: Any) -> lk.FitResult:
     options = dict(
-        loss_fn=loss_fn, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
-        strategy=strategy, batch_size=batch_size, max_steps=STEPS, progress=False,
-        log_every=1, checkpoint_dir=root, save_every=SAVE_EVERY,
+        loss_fn=loss_fn,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+        strategy=strategy,
+        batch_size=batch_size,
+        max_steps=STEPS,
+        progress=False,
+        log_every=1,
+        checkpoint_dir=root,
+        save_every=SAVE_EVERY,
     )
     return lk.fit(mlp(seed=3), dataset(), **{**options, **overrides})
 

@@ -25,6 +25,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F  # noqa: N812
 from _ranks import run_ranks
+from helpers import prefixed
 from torch import nn
 
 import loopkit as lk
@@ -60,12 +61,14 @@ class CumSum(nn.Module):
 def seq_lm(seed: int = 0, n_layers: int = 4) -> nn.Sequential:
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    model = nn.Sequential(OrderedDict(
-        embed=nn.Embedding(VOCAB, D),
-        mix=CumSum(),
-        layers=nn.Sequential(*(Block(D) for _ in range(n_layers))),
-        head=nn.Linear(D, VOCAB),
-    )).double()
+    model = nn.Sequential(
+        OrderedDict(
+            embed=nn.Embedding(VOCAB, D),
+            mix=CumSum(),
+            layers=nn.Sequential(*(Block(D) for _ in range(n_layers))),
+            head=nn.Linear(D, VOCAB),
+        )
+    ).double()
     torch.random.set_rng_state(state)
     return model
 
@@ -96,19 +99,23 @@ def tokens(seed: int, rows: int = 8) -> dict[str, torch.Tensor]:
 
 def windows(k: int, steps: int, replicas: int = 1, rows: int = 8, base: int = 0) -> list:
     """windows[s][i][r]: micro-batch i of step s for data-parallel replica r."""
-    return [[[tokens(base + 1000 * s + 10 * i + r, rows) for r in range(replicas)]
-             for i in range(k)] for s in range(steps)]
+    return [
+        [[tokens(base + 1000 * s + 10 * i + r, rows) for r in range(replicas)] for i in range(k)]
+        for s in range(steps)
+    ]
 
 
-def reference(loss_fn: Callable[..., Any], wins: list, max_norm: float | None,
-              seed: int = 0) -> dict[str, list]:
+def reference(
+    loss_fn: Callable[..., Any], wins: list, max_norm: float | None, seed: int = 0
+) -> dict[str, list]:
     """The hand-written float64 loop on the unsplit model (all replicas' items together)."""
     model = seq_lm(seed)
     opt = adamw(model.parameters())
     params, losses, norms = [], [], []
     for window in wins:
         opt.zero_grad()
-        total, count = 0.0, 0
+        total: torch.Tensor | float = 0.0
+        count = 0
         for micro in window:
             for part in micro:
                 if loss_fn is token_loss:
@@ -118,6 +125,7 @@ def reference(loss_fn: Callable[..., Any], wins: list, max_norm: float | None,
                     total = total + mean_loss(model, part) * len(part["tokens"])
                     count += len(part["tokens"])
         loss = total / count
+        assert isinstance(loss, torch.Tensor)
         loss.backward()
         if max_norm is not None:
             norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).detach())
@@ -127,12 +135,21 @@ def reference(loss_fn: Callable[..., Any], wins: list, max_norm: float | None,
     return {"params": params, "losses": losses, "norms": norms}
 
 
-def train(state: lk.TrainState, wins: list, k: int, max_norm: float | None, replica: int,
-          loss_fn: Callable[..., Any] = token_loss, on_step: Callable[..., Any] | None = None
-          ) -> tuple[lk.TrainState, list[tuple[float, float | None]]]:
-    step = lk.chain(lk.forward(loss_fn), lk.accumulate(k),
-                    lk.clip(max_norm) if max_norm is not None else lk.identity(),
-                    lk.optimizer_step())
+def train(
+    state: lk.TrainState,
+    wins: list,
+    k: int,
+    max_norm: float | None,
+    replica: int,
+    loss_fn: Callable[..., Any] = token_loss,
+    on_step: Callable[..., Any] | None = None,
+) -> tuple[lk.TrainState, list[tuple[float, float | None]]]:
+    step = lk.chain(
+        lk.forward(loss_fn),
+        lk.accumulate(k),
+        lk.clip(max_norm) if max_norm is not None else lk.identity(),
+        lk.optimizer_step(),
+    )
     logged = []
     for window in wins:
         for micro in window:
@@ -145,14 +162,20 @@ def train(state: lk.TrainState, wins: list, k: int, max_norm: float | None, repl
     return state, logged
 
 
-def assert_matches(model: nn.Module, expected: dict[str, torch.Tensor], exact: bool = False
-                   ) -> None:
+def assert_matches(
+    model: nn.Module, expected: dict[str, torch.Tensor], exact: bool = False
+) -> None:
     """This rank's stage tensors equal the unsplit model's tensors of the same names."""
     mine = model.state_dict()
     assert mine and set(mine) <= set(expected), sorted(mine)
     for name, value in mine.items():
-        torch.testing.assert_close(value, expected[name], rtol=0 if exact else RTOL,
-                                   atol=0 if exact else ATOL, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            value,
+            expected[name],
+            rtol=0 if exact else RTOL,
+            atol=0 if exact else ATOL,
+            msg=prefixed(name),
+        )
 
 
 def fresh(strategy: Any, seed: int = 0, k: int = 2) -> lk.TrainState:
@@ -171,17 +194,32 @@ EQUIVALENCE: dict[str, tuple] = {
     "1F1B-n4": ("1F1B", 4, 1, ["layers.2"], token_loss, 2, 0.5),
     "1F1B-n8-k3": ("1f1b", 8, 1, {"layers.1": "end"}, token_loss, 3, 0.3),
     "1F1B-n4-mean-k1": ("1F1B", 4, 1, ["layers.2"], mean_loss, 1, None),
-    "Interleaved1F1B-n4": ("Interleaved1F1B", 4, 2, ["layers.1", "layers.2", "layers.3"],
-                           token_loss, 2, 0.5),
-    "ZBVZeroBubble-n4": ("ZBVZeroBubble", 4, 2, ["layers.1", "layers.2", "layers.3"],
-                         token_loss, 2, 0.5),
+    "Interleaved1F1B-n4": (
+        "Interleaved1F1B",
+        4,
+        2,
+        ["layers.1", "layers.2", "layers.3"],
+        token_loss,
+        2,
+        0.5,
+    ),
+    "ZBVZeroBubble-n4": (
+        "ZBVZeroBubble",
+        4,
+        2,
+        ["layers.1", "layers.2", "layers.3"],
+        token_loss,
+        2,
+        0.5,
+    ),
 }
 
 
 def check_equivalence(rank: int, name: str) -> list[int]:
     schedule, n, spr, splits, loss_fn, k, max_norm = EQUIVALENCE[name]
-    strategy = Pipeline(splits, schedule=schedule, n_microbatches=n, stages_per_rank=spr,
-                        timeout_s=TIMEOUT_S)
+    strategy = Pipeline(
+        splits, schedule=schedule, n_microbatches=n, stages_per_rank=spr, timeout_s=TIMEOUT_S
+    )
     wins = windows(k, steps=3)
     expected = reference(loss_fn, wins, max_norm)
     state = fresh(strategy, k=k)
@@ -198,19 +236,24 @@ def split_in_two(model: nn.Module, stage_index: int, n_stages: int) -> nn.Module
     """A user's split_fn: stage 0 embeds and runs layers 0-1, stage 1 the rest, with the
     whole model's parameter names."""
     assert n_stages == 2
-    layers = list(model.layers.named_children())
+    layers = list(model.get_submodule("layers").named_children())
     half = layers[:2] if stage_index == 0 else layers[2:]
     parts: list[tuple[str, nn.Module]] = [("layers", nn.Sequential(OrderedDict(half)))]
     if stage_index == 0:
-        parts = [("embed", model.embed), ("mix", model.mix), *parts]
+        parts = [
+            ("embed", model.get_submodule("embed")),
+            ("mix", model.get_submodule("mix")),
+            *parts,
+        ]
     else:
-        parts.append(("head", model.head))
+        parts.append(("head", model.get_submodule("head")))
     return nn.Sequential(OrderedDict(parts))
 
 
 def check_split_fn(rank: int) -> list[str]:
-    strategy = Pipeline(split_fn=split_in_two, n_stages=2, schedule="1F1B", n_microbatches=4,
-                        timeout_s=TIMEOUT_S)
+    strategy = Pipeline(
+        split_fn=split_in_two, n_stages=2, schedule="1F1B", n_microbatches=4, timeout_s=TIMEOUT_S
+    )
     wins = windows(2, steps=2, base=700)
     expected = reference(token_loss, wins, 0.5)
     state, _ = train(fresh(strategy), wins, 2, 0.5, 0)
@@ -227,24 +270,32 @@ def check_errors(rank: int) -> dict[str, str]:
         return str(raised.value)
 
     def state_with(splits: Any, **kw: Any) -> Any:
-        return lk.TrainState.create(seq_lm(), optimizer=adamw,
-                                    strategy=Pipeline(splits, timeout_s=TIMEOUT_S, **kw))
+        return lk.TrainState.create(
+            seq_lm(), optimizer=adamw, strategy=Pipeline(splits, timeout_s=TIMEOUT_S, **kw)
+        )
 
     out["unknown-module"] = message(ValueError, lambda: state_with(["layers.9"]))
     out["inside-unit"] = message(ValueError, lambda: state_with({"layers.1.fc": "beginning"}))
     out["empty-stage"] = message(ValueError, lambda: state_with({"embed": "beginning"}))
-    out["unknown-schedule"] = message(ValueError, lambda: Pipeline(["layers.2"],
-                                                                   schedule="Zigzag"))
+    out["unknown-schedule"] = message(ValueError, lambda: Pipeline(["layers.2"], schedule="Zigzag"))
     out["world-misfit"] = message(ValueError, lambda: Pipeline(["layers.1", "layers.3"]))
     out["schedule-refuses"] = message(
-        ValueError, lambda: state_with(["layers.2"], schedule="1F1B", n_microbatches=1))
-    out["v-needs-2"] = message(ValueError, lambda: Pipeline(["layers.2"],
-                                                            schedule="ZBVZeroBubble"))
+        ValueError, lambda: state_with(["layers.2"], schedule="1F1B", n_microbatches=1)
+    )
+    out["v-needs-2"] = message(ValueError, lambda: Pipeline(["layers.2"], schedule="ZBVZeroBubble"))
     model = seq_lm()
-    out["built-optimizer"] = message(TypeError, lambda: lk.TrainState.create(
-        model, optimizer=adamw(model.parameters()), strategy=Pipeline(["layers.2"])))
-    out["not-sequential"] = message(TypeError, lambda: lk.TrainState.create(
-        Wrapped(), optimizer=adamw, strategy=Pipeline(["inner.layers.2"])))
+    out["built-optimizer"] = message(
+        TypeError,
+        lambda: lk.TrainState.create(
+            model, optimizer=adamw(model.parameters()), strategy=Pipeline(["layers.2"])
+        ),
+    )
+    out["not-sequential"] = message(
+        TypeError,
+        lambda: lk.TrainState.create(
+            Wrapped(), optimizer=adamw, strategy=Pipeline(["inner.layers.2"])
+        ),
+    )
     # n_microbatches that does not divide the batch: refused before the schedule runs.
     state = fresh(Pipeline(["layers.2"], n_microbatches=3, timeout_s=TIMEOUT_S))
     before = {k: v.clone() for k, v in state.model.state_dict().items()}
@@ -275,8 +326,7 @@ def token_accuracy(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> lk.
 def check_eval(rank: int) -> tuple[dict[str, float], dict[str, float]]:
     """evaluate() through the pipeline equals one device, an uneven last batch included."""
     data = [tokens(7000 + i, rows) for i, rows in enumerate([8, 8, 5])]
-    state = fresh(Pipeline(["layers.2"], schedule="1F1B", n_microbatches=4,
-                           timeout_s=TIMEOUT_S))
+    state = fresh(Pipeline(["layers.2"], schedule="1F1B", n_microbatches=4, timeout_s=TIMEOUT_S))
     state, _ = train(state, windows(2, 1, base=50), 2, 0.5, 0)  # eval after a train step
     metrics = {"token_accuracy": token_accuracy}
     piped = lk.evaluate(state, data, metrics, loss_fn=token_loss)
@@ -306,8 +356,7 @@ def check_checkpoint(rank: int, root: str) -> dict[str, Any]:
     state, logged = train(fresh(strategy()), wins, k, 0.5, 0, on_step=maybe_save)
     final = {k_: v.clone() for k_, v in state.model.state_dict().items()}
     lk.save_model(state, Path(root) / "model")  # a collective: the stages gather on rank 0
-    resumed = lk.load_checkpoint(directory / ckpt.step_dir_name(save_at),
-                                 fresh(strategy(), seed=5))
+    resumed = lk.load_checkpoint(directory / ckpt.step_dir_name(save_at), fresh(strategy(), seed=5))
     assert resumed.step == save_at
     resumed, resumed_logged = train(resumed, wins[save_at:], k, 0.5, 0)
     assert_matches(resumed.model, final, exact=True)
@@ -329,18 +378,36 @@ def check_fit(rank: int, root: str) -> dict[str, Any]:
     def loss_fn(model: nn.Module, batch: Any) -> lk.Loss:
         return lk.cross_entropy(model(batch[0]), batch[1])
 
-    def run(strategy: Any, max_steps: int, checkpoint_dir: Path | None = None,
-            resume: bool = False, seed: int = 0) -> lk.FitResult:
+    def run(
+        strategy: Any,
+        max_steps: int,
+        checkpoint_dir: Path | None = None,
+        resume: bool = False,
+        seed: int = 0,
+    ) -> lk.FitResult:
         return lk.fit(
-            seq_lm(seed), data, loss_fn=loss_fn, optimizer=adamw, strategy=strategy,
-            batch_size=8, accumulate=2, clip=0.5, max_steps=max_steps, eval_data=eval_data,
-            eval_every=2, log_every=1, progress=False, checkpoint_dir=checkpoint_dir,
-            save_every=2 if checkpoint_dir else None, resume=resume,
+            seq_lm(seed),
+            data,
+            loss_fn=loss_fn,
+            optimizer=adamw,
+            strategy=strategy,
+            batch_size=8,
+            accumulate=2,
+            clip=0.5,
+            max_steps=max_steps,
+            eval_data=eval_data,
+            eval_every=2,
+            log_every=1,
+            progress=False,
+            checkpoint_dir=checkpoint_dir,
+            save_every=2 if checkpoint_dir else None,
+            resume=resume,
         )
 
     def pipeline() -> Pipeline:
-        return Pipeline({"layers.2": "beginning"}, schedule="GPipe", n_microbatches=2,
-                        timeout_s=TIMEOUT_S)
+        return Pipeline(
+            {"layers.2": "beginning"}, schedule="GPipe", n_microbatches=2, timeout_s=TIMEOUT_S
+        )
 
     single = run(SingleDevice("cpu"), 3)
     piped = run(pipeline(), 3)
@@ -360,8 +427,7 @@ def check_fit(rank: int, root: str) -> dict[str, Any]:
 
 def check_snapshot(rank: int) -> None:
     """A snapshot is an independent copy: stepping both alike gives the same weights."""
-    state = fresh(Pipeline(["layers.2"], schedule="1F1B", n_microbatches=2,
-                           timeout_s=TIMEOUT_S))
+    state = fresh(Pipeline(["layers.2"], schedule="1F1B", n_microbatches=2, timeout_s=TIMEOUT_S))
     wins = windows(2, 2, base=500)
     state, _ = train(state, wins[:1], 2, None, 0)
     copy = state.snapshot()
@@ -478,8 +544,9 @@ def test_checkpoint_resumes_the_trajectory_exactly(outcomes, root):
 def test_pipeline_checkpoint_resumes_on_one_device_with_the_unsplit_model(outcomes, root):
     """The stages' checkpoint is the whole model's: SingleDevice continues from it."""
     saved = _result(outcomes, "checkpoint")[0]
-    state = lk.load_checkpoint(root / "pipe" / ckpt.step_dir_name(2), fresh(SingleDevice("cpu"),
-                                                                          seed=5))
+    state = lk.load_checkpoint(
+        root / "pipe" / ckpt.step_dir_name(2), fresh(SingleDevice("cpu"), seed=5)
+    )
     state, _ = train(state, saved["wins"][2:], 2, 0.5, 0)
     full = {**_result(outcomes, "checkpoint")[1]["final"], **saved["final"]}
     assert_matches(state.model, full)
@@ -536,15 +603,29 @@ def test_pipeline_times_data_parallel_on_4_ranks_matches_one_device():
 
 def test_example_under_torchrun_matches_one_process(tmp_path):
     script = ROOT / "examples" / "train_pipeline.py"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    }
     args = ["--steps", "4", "--batch-size", "8"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", str(script), "--strategy", "pipeline",
-               "--checkpoint-dir", str(tmp_path / "ckpt"), "--save-model",
-               str(tmp_path / "model"), *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240,
-                          cwd=ROOT)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        "--strategy",
+        "pipeline",
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        "--save-model",
+        str(tmp_path / "model"),
+        *args,
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     found = re.findall(r"final train/loss ([0-9.]+)", done.stdout)
     assert len(found) == 1, done.stdout  # rank 0 prints it, once

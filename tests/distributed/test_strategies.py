@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from _models import TIMEOUT_S, BlockLM, adamw, full_params, token_loss, token_micro_batch
 from _ranks import run_ranks
-from helpers import mlp
+from helpers import mlp, prefixed
 
 import loopkit as lk
 from loopkit.strategies import DDP, FSDP
@@ -62,20 +62,26 @@ class Case:
 
     def global_mean(self, model: torch.nn.Module, window: list[list[Any]]) -> torch.Tensor:
         """The hand-written oracle: the mean loss over every item of every rank's micro-batch."""
-        total, count = 0.0, 0
+        total: torch.Tensor | float = 0.0
+        count = 0
         for micro in window:
             for part in micro:
                 if self.loss_fn is token_loss:
                     logits = model(part["tokens"])
                     total = total + F.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), part["targets"].reshape(-1),
-                        ignore_index=-100, reduction="sum")
+                        logits.reshape(-1, logits.shape[-1]),
+                        part["targets"].reshape(-1),
+                        ignore_index=-100,
+                        reduction="sum",
+                    )
                     count += int((part["targets"] != -100).sum())
                 else:
                     x, y = part
                     total = total + F.cross_entropy(model(x), y, reduction="sum")
                     count += len(y)
-        return total / count
+        mean = total / count
+        assert isinstance(mean, torch.Tensor)
+        return mean
 
 
 def _cases() -> list[Case]:
@@ -86,8 +92,10 @@ def _cases() -> list[Case]:
         # Rank 0 and rank 1 count different numbers of real tokens in every micro-batch.
         windows=[
             [
-                [token_micro_batch(100 * s + 10 * i + r, [7, 2, 5] if r == 0 else [1, 3])
-                 for r in range(WORLD)]
+                [
+                    token_micro_batch(100 * s + 10 * i + r, [7, 2, 5] if r == 0 else [1, 3])
+                    for r in range(WORLD)
+                ]
                 for i in range(3)
             ]
             for s in range(3)
@@ -99,8 +107,10 @@ def _cases() -> list[Case]:
         make_model=lambda: mlp(seed=1, d_hidden=5),
         loss_fn=mean_loss,
         windows=[
-            [[class_micro_batch(100 * s + 10 * i + r, 3 if r == 0 else 5) for r in range(WORLD)]
-             for i in range(2)]
+            [
+                [class_micro_batch(100 * s + 10 * i + r, 3 if r == 0 else 5) for r in range(WORLD)]
+                for i in range(2)
+            ]
             for s in range(3)
         ],
         preseed=False,
@@ -167,15 +177,21 @@ def check_equivalence(rank: int, strategy_name: str, case_name: str) -> None:
         for micro in window:
             state = step(state, micro[rank])
         metrics = state.strategy.reduce_metrics(state.metrics)
-        torch.testing.assert_close(metrics["train/loss"].to(torch.float64),
-                                   expected["losses"][s], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(
+            metrics["train/loss"].to(torch.float64), expected["losses"][s], rtol=RTOL, atol=ATOL
+        )
         if case.max_norm is not None:
-            torch.testing.assert_close(metrics["train/grad_norm"].to(torch.float64),
-                                       expected["norms"][s], rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(
+                metrics["train/grad_norm"].to(torch.float64),
+                expected["norms"][s],
+                rtol=RTOL,
+                atol=ATOL,
+            )
         actual = full_params(state.model)
         for i, (a, e) in enumerate(zip(actual, expected["params"][s], strict=True)):
-            torch.testing.assert_close(a, e, rtol=RTOL, atol=ATOL,
-                                       msg=lambda m, i=i, s=s: f"step {s} param {i}: {m}")
+            torch.testing.assert_close(
+                a, e, rtol=RTOL, atol=ATOL, msg=prefixed(f"step {s} param {i}")
+            )
 
 
 def counting_allreduce_hook() -> tuple[Callable[..., Any], list[int]]:
@@ -195,7 +211,8 @@ class Record:
     """A callback: on fit start, install `install(state)`; after each step, read `read()`."""
 
     def __init__(self, install: Callable[[Any], None], read: Callable[[], int]) -> None:
-        self.install, self.read, self.per_step = install, read, []
+        self.install, self.read = install, read
+        self.per_step: list[int] = []
 
     def on_fit_start(self, state: Any, hparams: Any) -> None:
         self.install(state)
@@ -211,10 +228,17 @@ def _fit_counting(strategy: Any, record: Record, k: int, steps: int) -> Any:
         torch.randint(0, 11, (n, 5), generator=g), torch.randint(0, 11, (n, 5), generator=g)
     )
     return lk.fit(
-        BlockLM(), data,
+        BlockLM(),
+        data,
         loss_fn=lambda model, batch: lk.cross_entropy(model(batch[0]), batch[1]),
-        optimizer=adamw, strategy=strategy, batch_size=2, accumulate=k, max_steps=steps,
-        progress=False, log_every=2, callbacks=[record],
+        optimizer=adamw,
+        strategy=strategy,
+        batch_size=2,
+        accumulate=k,
+        max_steps=steps,
+        progress=False,
+        log_every=2,
+        callbacks=[record],
     )
 
 
@@ -256,8 +280,9 @@ def check_fit_logs_the_global_loss(rank: int) -> tuple[float, float]:
 def check_snapshot(rank: int, strategy_name: str) -> None:
     """A snapshot is an independent replica: stepping both alike gives the same weights."""
     case = CASES["tokens-k3-clip"]
-    state = lk.TrainState.create(case.make_model(), optimizer=adamw,
-                                 strategy=STRATEGIES[strategy_name]())
+    state = lk.TrainState.create(
+        case.make_model(), optimizer=adamw, strategy=STRATEGIES[strategy_name]()
+    )
     step = lk.chain(lk.forward(case.loss_fn), lk.accumulate(3), lk.optimizer_step())
     for micro in case.windows[0]:
         state = step(state, micro[rank])
@@ -275,14 +300,20 @@ def check_snapshot(rank: int, strategy_name: str) -> None:
 def check_rank_0_weights_everywhere(rank: int) -> tuple[bool, bool]:
     """Ranks that built different weights start from rank 0's (FSDP syncs like DDP)."""
     reference_params = list(BlockLM(seed=0).parameters())
-    synced = lk.TrainState.create(BlockLM(seed=rank), optimizer=adamw,
-                                  strategy=FSDP(timeout_s=TIMEOUT_S))
-    as_built = lk.TrainState.create(BlockLM(seed=rank), optimizer=adamw,
-                                    strategy=FSDP(timeout_s=TIMEOUT_S, sync_module_states=False))
+    synced = lk.TrainState.create(
+        BlockLM(seed=rank), optimizer=adamw, strategy=FSDP(timeout_s=TIMEOUT_S)
+    )
+    as_built = lk.TrainState.create(
+        BlockLM(seed=rank),
+        optimizer=adamw,
+        strategy=FSDP(timeout_s=TIMEOUT_S, sync_module_states=False),
+    )
 
     def same(state: lk.TrainState) -> bool:
-        return all(torch.equal(a, b.detach())
-                   for a, b in zip(full_params(state.model), reference_params, strict=True))
+        return all(
+            torch.equal(a, b.detach())
+            for a, b in zip(full_params(state.model), reference_params, strict=True)
+        )
 
     return same(synced), same(as_built)
 
@@ -293,7 +324,9 @@ def check_fsdp_mixed_precision(rank: int) -> tuple[str, str, float, float]:
     strategy = FSDP(timeout_s=TIMEOUT_S, param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     state = lk.TrainState.create(case.make_model(), optimizer=adamw, strategy=strategy)
     seen: list[torch.dtype] = []
-    state.model.head.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    state.model.get_submodule("head").register_forward_hook(
+        lambda m, args, out: seen.append(out.dtype)
+    )
     step = lk.chain(lk.forward(case.loss_fn), lk.accumulate(3), lk.optimizer_step())
     for micro in case.windows[0]:
         state = step(state, micro[rank])
@@ -304,10 +337,12 @@ def check_fsdp_mixed_precision(rank: int) -> tuple[str, str, float, float]:
 
 def check_skip_nonfinite_agrees(rank: int) -> tuple[int, bool]:
     """Only rank 1's loss is NaN: both ranks skip the update, so their weights stay equal."""
-    state = lk.TrainState.create(mlp(seed=1, d_hidden=5), optimizer=adamw,
-                                 strategy=DDP(timeout_s=TIMEOUT_S))
-    step = lk.chain(lk.forward(mean_loss), lk.accumulate(1), lk.skip_nonfinite(),
-                    lk.optimizer_step())
+    state = lk.TrainState.create(
+        mlp(seed=1, d_hidden=5), optimizer=adamw, strategy=DDP(timeout_s=TIMEOUT_S)
+    )
+    step = lk.chain(
+        lk.forward(mean_loss), lk.accumulate(1), lk.skip_nonfinite(), lk.optimizer_step()
+    )
     x, y = class_micro_batch(rank, 4)
     if rank == 1:
         x[0, 0] = float("nan")
@@ -318,11 +353,13 @@ def check_skip_nonfinite_agrees(rank: int) -> tuple[int, bool]:
 def check_fsdp_errors(rank: int) -> tuple[str, str]:
     model = BlockLM()
     with pytest.raises(TypeError) as built:
-        lk.TrainState.create(model, optimizer=adamw(model.parameters()),
-                             strategy=FSDP(timeout_s=TIMEOUT_S))
+        lk.TrainState.create(
+            model, optimizer=adamw(model.parameters()), strategy=FSDP(timeout_s=TIMEOUT_S)
+        )
     with pytest.raises(ValueError) as fp16:
-        lk.TrainState.create(BlockLM(), optimizer=adamw, precision="fp16",
-                             strategy=FSDP(timeout_s=TIMEOUT_S))
+        lk.TrainState.create(
+            BlockLM(), optimizer=adamw, precision="fp16", strategy=FSDP(timeout_s=TIMEOUT_S)
+        )
     return str(built.value), str(fp16.value)
 
 
@@ -365,7 +402,9 @@ def _result(outcomes: list[dict[str, tuple[str, Any]]], name: str) -> list[Any]:
     return values
 
 
-@pytest.mark.parametrize(("strategy", "case"), TABLE, ids=[f"strategy({s})-case({c})" for s, c in TABLE])
+@pytest.mark.parametrize(
+    ("strategy", "case"), TABLE, ids=[f"strategy({s})-case({c})" for s, c in TABLE]
+)
 def test_two_ranks_match_one_device_with_the_whole_batch(outcomes, strategy, case):
     _result(outcomes, f"strategy({strategy})-case({case})")
 

@@ -6,7 +6,8 @@ The oracle is a hand-written float64 PyTorch loop that sees each window as one b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import TypedDict
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from helpers import (
     assert_tensors_close,
     classification_loss,
     mlp,
+    prefixed,
     reference_trace,
     run_windows,
     token_loss,
@@ -30,11 +32,18 @@ import loopkit as lk
 VOCAB = 11
 PAD_TOKEN = 0
 # float64 end to end: only summation order differs from the reference.
-GRAD_TOL = {"rtol": 1e-12, "atol": 1e-14}
-PARAM_TOL = {"rtol": 1e-9, "atol": 1e-11}
 
 
-def sgd(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+class Tol(TypedDict):
+    rtol: float
+    atol: float
+
+
+GRAD_TOL: Tol = {"rtol": 1e-12, "atol": 1e-14}
+PARAM_TOL: Tol = {"rtol": 1e-9, "atol": 1e-11}
+
+
+def sgd(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     # plain SGD + momentum: a gradient error carries into the parameters linearly.
     return torch.optim.SGD(params, lr=0.2, momentum=0.9)
 
@@ -82,7 +91,7 @@ def assert_same_run(probe: WindowProbe, params_after: list, ref, *, loss_tol=GRA
             probe.metrics[i]["train/loss"],
             ref.losses[i],
             **loss_tol,
-            msg=lambda m, i=i: f"step {i} train/loss: {m}",
+            msg=prefixed(f"step {i} train/loss"),
         )
         assert_tensors_close(params_after[i], ref.params[i], **PARAM_TOL, what=f"step {i} param")
 
