@@ -9,7 +9,13 @@ Runs the same model, optimizer and batches through
 - ``loopkit``: ``chain(forward(loss_fn), accumulate(1), optimizer_step())`` with a
   ``loss_fn`` returning that same scalar mean;
 - ``loopkit_loss``: the same chain with ``loss_fn`` returning ``lk.cross_entropy(...)``, a
-  ``Loss(sum, count)`` whose count is a device tensor (the token-loss path),
+  ``Loss(sum, count)`` whose count is a device tensor (the token-loss path);
+- ``raw_loss``: the hand-written loop normalising by a device count as that path does,
+  ``loss = F.cross_entropy(logits, y, reduction="sum") / (y != -100).sum()`` (what the
+  token-loss path costs without loopkit);
+- with ``--baseline DIR``: ``loopkit@base`` and ``loopkit_loss@base``, the same two chains
+  from another copy of the loopkit package (e.g. the last commit's), for before/after
+  figures taken side by side under the same load,
 
 in one process, interleaved: after a warmup, every repeat times one block of N steps of
 each variant, rotating their order, and a variant's ratio to ``raw`` is the median of the
@@ -31,7 +37,7 @@ from step to step (the count must not grow with the number of steps).
 
 Usage:
     python benchmarks/bench_step.py [--quick] [--device cpu|cuda] [--precision fp32|bf16]
-        [--workload mlp|transformer|all] [--threads 1] [--json out.json]
+        [--workload mlp|transformer|all] [--threads 1] [--json out.json] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -51,6 +58,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -63,8 +71,11 @@ from models import causal_transformer, count_params, tiny_mlp  # noqa: E402
 import loopkit as lk  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-VARIANTS = ("raw", "raw_b", "loopkit", "loopkit_loss")
+VARIANTS = ("raw", "raw_b", "loopkit", "loopkit_loss", "raw_loss")
+BASELINE_VARIANTS = ("loopkit@base", "loopkit_loss@base")
+LOOPKIT_VARIANTS = ("loopkit", "loopkit_loss", *BASELINE_VARIANTS)
 TARGETS = {"mlp": 1.05, "transformer": 1.01}
+LOSS_TARGETS = {"mlp": 1.10}  # the Loss(sum, count) path (issue 17)
 
 
 def adamw(params: Any) -> torch.optim.Optimizer:
@@ -122,6 +133,27 @@ def _sum_loss(model: torch.nn.Module, batch: Batch) -> lk.Loss:
     return lk.cross_entropy(model(x), y)
 
 
+def _sum_loss_with(module: ModuleType) -> Callable[[torch.nn.Module, Batch], Any]:
+    """`_sum_loss` with another copy of loopkit's cross_entropy (for --baseline)."""
+    if module is lk:
+        return _sum_loss
+
+    def sum_loss(model: torch.nn.Module, batch: Batch) -> Any:
+        x, y = batch
+        return module.cross_entropy(model(x), y)
+
+    sum_loss.__qualname__ = "_sum_loss"
+    return sum_loss
+
+
+def _raw_token_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """What a hand-written loop writes to normalise by a device-side token count."""
+    x, y = batch
+    logits = model(x).flatten(0, -2)
+    targets = y.flatten()
+    return F.cross_entropy(logits, targets, reduction="sum") / (targets != -100).sum()
+
+
 WORKLOADS = {
     "mlp": Workload(
         name="mlp",
@@ -162,13 +194,18 @@ class RawRunner:
     """The hand-written loop; it keeps its own cursor into the shared batch list."""
 
     def __init__(
-        self, work: Workload, batches: Sequence[Batch], device: torch.device, precision: str
+        self,
+        work: Workload,
+        batches: Sequence[Batch],
+        device: torch.device,
+        precision: str,
+        loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None,
     ) -> None:
         self.model = work.build_model(0).to(device)
         self.optimizer = adamw(self.model.parameters())
         self.batches = batches
         self.cursor = 0
-        self.mean_loss = work.mean_loss
+        self.mean_loss = loss_fn or work.mean_loss
         self.device_type = device.type
         self.precision = precision
 
@@ -211,15 +248,18 @@ class LoopkitRunner:
         device: torch.device,
         precision: str,
         loss_fn: Callable[..., Any],
+        module: ModuleType = lk,
     ) -> None:
-        self.state = lk.TrainState.create(
+        self.state = module.TrainState.create(
             work.build_model(0),
             optimizer=adamw,
             precision=precision,
-            strategy=lk.SingleDevice(device),
+            strategy=module.SingleDevice(device),
             seed=0,
         )
-        self.step = lk.chain(lk.forward(loss_fn), lk.accumulate(1), lk.optimizer_step())
+        self.step = module.chain(
+            module.forward(loss_fn), module.accumulate(1), module.optimizer_step()
+        )
         self.batches = batches
         self.cursor = 0
 
@@ -393,7 +433,31 @@ def summarize(mine: Sequence[float], raw: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def run_workload(work: Workload, args: argparse.Namespace, device: torch.device) -> dict:
+def load_baseline(path: Path) -> ModuleType:
+    """Import another copy of the loopkit package (a directory) as `loopkit_baseline`.
+
+    loopkit imports its own modules relatively, so a copy runs beside this one in the same
+    process, e.g. the last commit's: `git archive HEAD loopkit | tar -x -C /tmp/base`.
+    """
+    init = path / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline {path}: not a package directory (no __init__.py).")
+    spec = importlib.util.spec_from_file_location(
+        "loopkit_baseline", init, submodule_search_locations=[str(path)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["loopkit_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_workload(
+    work: Workload,
+    args: argparse.Namespace,
+    device: torch.device,
+    baseline: ModuleType | None = None,
+) -> dict:
     steps = args.steps or (work.quick_steps_per_block if args.quick else work.steps_per_block)
     repeats = args.repeats or (work.quick_repeats if args.quick else work.repeats)
     gen = torch.Generator().manual_seed(1234)
@@ -403,13 +467,22 @@ def run_workload(work: Workload, args: argparse.Namespace, device: torch.device)
         "raw_b": RawRunner(work, batches, device, args.precision),
         "loopkit": LoopkitRunner(work, batches, device, args.precision, work.mean_loss),
         "loopkit_loss": LoopkitRunner(work, batches, device, args.precision, _sum_loss),
+        "raw_loss": RawRunner(work, batches, device, args.precision, _raw_token_loss),
     }
+    if baseline is not None:
+        runners["loopkit@base"] = LoopkitRunner(
+            work, batches, device, args.precision, work.mean_loss, baseline
+        )
+        runners["loopkit_loss@base"] = LoopkitRunner(
+            work, batches, device, args.precision, _sum_loss_with(baseline), baseline
+        )
     series = time_interleaved(runners, device, steps, repeats, work.warmup_steps)
     # Same initial weights, same batches in the same order, same number of steps: each
     # loopkit run must end with the raw loop's weights (bitwise on one CPU thread).
     weights_diff = {
         name: max_abs_diff(runners["raw"].parameters(), runners[name].parameters())
-        for name in ("loopkit", "loopkit_loss")
+        for name in runners
+        if name not in ("raw", "raw_b")
     }
     mem_steps = max(2, min(steps, 20))
     memory = {name: measure_memory(r, device, mem_steps) for name, r in runners.items()}
@@ -423,10 +496,11 @@ def run_workload(work: Workload, args: argparse.Namespace, device: torch.device)
         "repeats": repeats,
         "warmup_steps": work.warmup_steps,
         "target_ratio": TARGETS[work.name],
+        "loss_target_ratio": LOSS_TARGETS.get(work.name),
         "weights_max_abs_diff_vs_raw": weights_diff,
         "variants": {},
     }
-    for name in VARIANTS:
+    for name in runners:
         result["variants"][name] = {
             "wall": summarize(series["wall"][name], series["wall"]["raw"]),
             "cpu": summarize(series["cpu"][name], series["cpu"]["raw"]),
@@ -496,7 +570,7 @@ def print_report(env: dict, args: argparse.Namespace, results: list[dict]) -> No
         + (f", gpu: {env['gpu']}" if "gpu" in env else "")
     )
     header = (
-        f"{'variant':<14}{'wall us':>10}{'ratio':>7}{'  [q1, q3]':<17}{'+us':>7}"
+        f"{'variant':<18}{'wall us':>10}{'ratio':>7}{'  [q1, q3]':<17}{'+us':>7}"
         f"{'cpu us':>10}{'ratio':>7}{'+us':>7}{'faults':>8}{'peak KiB':>10}{'kept KiB':>10}"
         f"{'tensors+':>10}"
     )
@@ -511,19 +585,15 @@ def print_report(env: dict, args: argparse.Namespace, results: list[dict]) -> No
             w, c = v["wall"], v["cpu"]
             quart = "" if name == "raw" else f"  [{w['ratio_q1']:.3f}, {w['ratio_q3']:.3f}]"
             print(
-                f"{name:<14}{w['us_per_step_median']:>10.1f}{w['ratio_median']:>7.3f}"
+                f"{name:<18}{w['us_per_step_median']:>10.1f}{w['ratio_median']:>7.3f}"
                 f"{quart:<17}{w['overhead_us_median']:>7.1f}"
                 f"{c['us_per_step_median']:>10.1f}{c['ratio_median']:>7.3f}"
                 f"{c['overhead_us_median']:>7.1f}{v['faults_per_step_median']:>8.1f}"
                 f"{_kib(v['peak_bytes']):>10}{_kib(v['retained_bytes']):>10}"
                 f"{v['tensors_gained']:>5} /{v['tensors_gained_3x']:>3}"
             )
-        diffs = res["weights_max_abs_diff_vs_raw"]
-        print(
-            "weights after the run, max |loopkit - raw| = "
-            f"{diffs['loopkit']:.3g} (scalar mean), {diffs['loopkit_loss']:.3g} "
-            "(Loss(sum, count))"
-        )
+        diffs = ", ".join(f"{k} {v:.3g}" for k, v in res["weights_max_abs_diff_vs_raw"].items())
+        print(f"weights after the run, max |variant - raw|: {diffs}")
         lkv, control = res["variants"]["loopkit"], res["variants"]["raw_b"]
         wall_ratio = lkv["wall"]["ratio_median"]
         verdict = "meets" if wall_ratio <= res["target_ratio"] else "MISSES"
@@ -533,6 +603,15 @@ def print_report(env: dict, args: argparse.Namespace, results: list[dict]) -> No
             f"{control['cpu']['ratio_median']:.3f} cpu): {verdict} the target "
             f"<= {res['target_ratio']}"
         )
+        loss_v, loss_target = res["variants"]["loopkit_loss"], res.get("loss_target_ratio")
+        if loss_target is not None:
+            loss_ratio = loss_v["wall"]["ratio_median"]
+            print(
+                f"loopkit_loss/raw = {loss_ratio:.3f} wall, {loss_v['cpu']['ratio_median']:.3f} "
+                f"cpu (raw_loss/raw = {res['variants']['raw_loss']['cpu']['ratio_median']:.3f} "
+                f"cpu): {'meets' if loss_ratio <= loss_target else 'MISSES'} the target "
+                f"<= {loss_target}"
+            )
     print(
         "\nwall/cpu us: median per-step time over repeats (cpu: this thread's CPU time, blind "
         "to time lost to other processes); ratio: median of per-repeat variant/raw ratios "
@@ -555,6 +634,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--default-malloc", action="store_true", help="leave glibc malloc's trimming on"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a copy of the loopkit package directory to time beside this one "
+        "(variants loopkit@base, loopkit_loss@base)",
+    )
     return parser.parse_args(argv)
 
 
@@ -572,7 +657,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.cuda.set_device(device)
     env = environment(device, args.threads, malloc)
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
-    results = [run_workload(WORKLOADS[name], args, device) for name in names]
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    results = [run_workload(WORKLOADS[name], args, device, baseline) for name in names]
     print_report(env, args, results)
     if args.json:
         payload = {

@@ -81,7 +81,7 @@ def main(
         gradient_accumulation_steps=2,
         learning_rate=3e-2,
         weight_decay=0.01,
-        warmup_ratio=0.1,
+        warmup_steps=0.1,  # a fraction of the run (transformers 5; older: warmup_ratio=0.1)
         lr_scheduler_type="cosine",
         logging_steps=10,
         eval_strategy="epoch",

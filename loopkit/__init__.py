@@ -29,8 +29,14 @@ from .compose import when as when
 from .config import FitConfig as FitConfig
 from .data import DataTimeoutError as DataTimeoutError
 from .evaluate import evaluate as evaluate
+from .fingerprint import FingerprintRecorder as FingerprintRecorder
+from .fingerprint import fingerprint as fingerprint
+from .fingerprint import read_fingerprints as read_fingerprints
 from .fit import FitResult as FitResult
 from .fit import fit as fit
+from .forensics import DiffReport as DiffReport
+from .forensics import diff_runs as diff_runs
+from .guards import zero_nonfinite as zero_nonfinite
 from .logging import CSVLogger as CSVLogger
 from .logging import JSONLLogger as JSONLLogger
 from .logging import ProgressBar as ProgressBar
@@ -72,10 +78,12 @@ __all__ = [
     "CheckpointMismatchError",
     "DDP",
     "DataTimeoutError",
+    "DiffReport",
     "DirectoryLockedError",
     "DistributedError",
     "EarlyStopping",
     "FSDP",
+    "FingerprintRecorder",
     "FitConfig",
     "FitResult",
     "JSONLLogger",
@@ -105,8 +113,10 @@ __all__ = [
     "clip",
     "compile_step",
     "cross_entropy",
+    "diff_runs",
     "evaluate",
     "every",
+    "fingerprint",
     "fit",
     "forward",
     "freeze",
@@ -115,10 +125,12 @@ __all__ = [
     "mse",
     "optimizer_step",
     "param_groups",
+    "read_fingerprints",
     "save_checkpoint",
     "save_model",
     "schedules",
     "set_tf32",
     "skip_nonfinite",
     "when",
+    "zero_nonfinite",
 ]

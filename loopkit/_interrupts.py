@@ -14,6 +14,13 @@ Several processes (DDP, FSDP, Pipeline) agree on the stop through one all_reduce
 one-element CPU tensor on a gloo group made for it at fit start: host only, no device sync,
 one small collective per optimizer step. Every rank then stops at the same step, whichever
 rank the signal reached.
+
+That collective is also where the collective timeouts change (loopkit.strategies.liveness):
+every group starts a fit under the generous start-up timeout; once the first step's
+all_reduce has returned, every rank has finished its start-up work, so each rank shortens
+its groups to the strategy's `timeout_s` there, and puts the start-up value back when fit
+ends. A failed all_reduce is explained like any failed collective: a roll call names the
+rank(s) that did not come.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .strategies import DistributedError, Strategy
+from .strategies import DistributedError, Strategy, liveness
 
 logger = logging.getLogger("loopkit.fit")
 
@@ -74,6 +81,7 @@ class Interrupts:
         self._pid = os.getpid()
         self._group: Any = None
         self._flag = torch.zeros(1, dtype=torch.int64)
+        self._restore_timeouts: Any = None  # set once the timeouts are short
 
     @property
     def reason(self) -> str:
@@ -83,11 +91,21 @@ class Interrupts:
     def __enter__(self) -> Interrupts:
         if self.strategy.world_size > 1:
             timeout_s = self.strategy.timeout_s
-            timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+            # The start-up timeout: what the default group has now (fit shortens it to
+            # the strategy's timeout_s after the first step, see `poll`).
+            timeout = liveness.group_timeout() or (
+                datetime.timedelta(seconds=timeout_s) if timeout_s else None
+            )
             # A collective: every rank makes the group at fit start. gloo, whatever the
             # strategy's backend, so the flag stays a host tensor. Made before the handlers
             # are installed: if it fails, nothing is left to put back.
-            self._group = dist.new_group(backend="gloo", timeout=timeout)
+            try:
+                self._group = dist.new_group(backend="gloo", timeout=timeout)
+            except RuntimeError as error:
+                if not liveness.looks_like_comm_failure(error):
+                    raise
+                raise self._lost_peer_error(error, "making fit's gloo group") from error
+            liveness.remember_rank0()
         self._install()
         return self
 
@@ -98,6 +116,15 @@ class Interrupts:
         traceback: TracebackType | None,
     ) -> None:
         late = self.received if exc_type is None and not self.agreed else 0
+        explained = None  # a raw collective failure, explained (while the timeouts hold)
+        if exc is not None and self._unexplained_comm_failure(exc):
+            what = f"a collective under {liveness.raised_in(exc) or 'fit'}"
+            explained = self._lost_peer_error(exc, what)
+        if exc is not None:
+            liveness.note_left(exc)  # a roll call elsewhere reports how fit ended here
+        if self._restore_timeouts is not None:
+            restore, self._restore_timeouts = self._restore_timeouts, None
+            restore()  # the start-up timeout again, for whatever runs next
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
@@ -110,22 +137,58 @@ class Interrupts:
                     raise
         if late:
             signal.raise_signal(getattr(signal, STOP_SIGNALS[late - 1]))
+        if explained is not None:
+            raise explained from exc  # replaces the raw error, chained to it
 
-    def poll(self) -> bool:
+    def _unexplained_comm_failure(self, exc: BaseException) -> bool:
+        """Whether `exc` is a failed collective that nothing has explained yet.
+
+        The strategies explain the collectives they call (DistributedError); this catches
+        the others that fit runs: DDP's forward (bucket rebuild, buffer broadcast), FSDP's
+        all-gathers, evaluation and checkpoint collectives. An error whose chain already
+        holds a DistributedError is explained.
+        """
+        if self.strategy.world_size < 2:
+            return False
+        chain: BaseException | None = exc
+        while chain is not None:
+            if isinstance(chain, DistributedError):
+                return False
+            chain = chain.__cause__ or chain.__context__
+        return liveness.looks_like_comm_failure(exc)
+
+    def _lost_peer_error(self, error: BaseException, what: str) -> DistributedError:
+        """A DistributedError for a failed collective, naming who is lost (a roll call)."""
+        strategy = self.strategy
+        message, lost_ranks = liveness.describe_failure(
+            error, strategy.rank, strategy.world_size, what, strategy.timeout_s or 0.0
+        )
+        return DistributedError(message, lost_ranks=lost_ranks)
+
+    def poll(self, step: int | None = None) -> bool:
         """Whether to stop now; call it at each optimizer-step boundary, on every rank.
 
         One process: reads the flag. Several: one all_reduce(MAX) of this rank's flag over
         the gloo group (host only, no device sync), so every rank gets the same answer at
-        the same step. Once True, it stays True without further collectives.
+        the same step. Once True, it stays True without further collectives. After the
+        first all_reduce every group's timeout becomes the strategy's `timeout_s`.
+
+        Args:
+            step: the optimizer steps taken; a roll call reports it (no I/O here).
 
         Raises:
-            DistributedError: another rank died or hung (after the strategy's timeout_s).
+            DistributedError: another rank died or hung past the timeout; it names the
+                rank(s) that did not answer a roll call.
         """
+        liveness.note_step(step)
         if self.agreed:
             return True
         code = self.received
         if self._group is not None:
             code = self._max_over_ranks(code)
+            if self._restore_timeouts is None and self.strategy.timeout_s:
+                # Every rank is past its start-up work: this all_reduce returned.
+                self._restore_timeouts = liveness.shorten_timeouts(self.strategy.timeout_s)
         self.agreed = code
         return bool(code)
 
@@ -194,15 +257,8 @@ class Interrupts:
         try:
             dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group)
         except RuntimeError as error:  # gloo's errors: a peer closed or hung past the timeout
-            strategy = self.strategy
-            raise DistributedError(
-                f"rank {strategy.rank} of {strategy.world_size}: agreeing whether to stop on "
-                f"a signal failed ({type(error).__name__}: {str(error).strip()[:300]}). "
-                "Another process probably died or hung past "
-                f"timeout_s={strategy.timeout_s}. Check the other ranks' logs, then restart "
-                "the job: fit(..., checkpoint_dir=..., resume=True) continues from the "
-                "newest valid checkpoint."
-            ) from error
+            what = "the step-end collective (agreeing whether to stop on a signal)"
+            raise self._lost_peer_error(error, what) from error
         return int(self._flag.item())  # a CPU tensor: no device sync
 
 

@@ -24,6 +24,7 @@ from .checkpoint import (
     step_dir_name,
     write_pointer,
 )
+from .data import as_global_position, has_global_position
 from .run_lock import run_id_of
 from .state import TrainState
 
@@ -37,15 +38,19 @@ def checkpoint_extra(
     best: dict[str, float] | None,
     evaluated_at: int,
     hparams: Mapping[str, Any],
+    *,
+    data_world_size: int = 1,
 ) -> dict[str, Any]:
     """What a checkpoint needs besides the TrainState to resume fit() exactly.
 
-    The data position (a StatefulDataLoader's state), each callback's `state_dict()` (None
-    for a callback without one), the history, the best evaluation, the step of the last
-    evaluation and fit's settings; `resume` reads them back.
+    The data position (a StatefulDataLoader's state: rank 0's, global when the loader reads
+    through loopkit's EpochSampler), the number of data-parallel ranks that read the data,
+    each callback's `state_dict()` (None for a callback without one), the history, the best
+    evaluation, the step of the last evaluation and fit's settings; `resume` reads them back.
     """
     return {
         "data": loader.state_dict() if hasattr(loader, "state_dict") else None,
+        "data_world_size": data_world_size,
         "callbacks": [
             cb.state_dict()
             if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")
@@ -85,6 +90,7 @@ def resume(
     *,
     source: bool | str | os.PathLike[str],
     checkpoint_dir: str | os.PathLike[str] | None,
+    allow_data_reshard: bool = False,
 ) -> Resumed | None:
     """Load the checkpoint fit's `resume=` asks for; None when there is none to start from.
 
@@ -93,13 +99,16 @@ def resume(
     fit this model, optimizer, precision or kind of schedule stops the run. An explicit
     path must load; then the newer checkpoints of the same run in `checkpoint_dir` (the
     future it abandons) are moved aside, whole (see `set_aside_newer`). The data position
-    and the callbacks' state are restored in place.
+    and the callbacks' state are restored in place. A global data position (see
+    `loopkit.data.EpochSampler`) resumes at any number of data-parallel ranks; any other is
+    rank 0's, refused at another number unless `allow_data_reshard`.
 
     Raises:
         CheckpointMismatchError: (source=True) the newest valid checkpoint does not fit;
             the message names the first mismatches and the ways out.
         CheckpointError: an explicit path does not load.
-        ValueError: the checkpoint holds a data position `loader` cannot restore, or state
+        ValueError: the checkpoint holds a data position `loader` cannot restore (a
+            rank-local one at another world size, without allow_data_reshard), or state
             for another number of callbacks.
     """
     loaded = _load_first_valid(state, source, checkpoint_dir)
@@ -107,7 +116,10 @@ def resume(
         return None
     state, path = loaded
     extra = read_extra(path)  # parsed fine by load_checkpoint already
-    _restore_data_position(loader, extra.get("data"), path)
+    position = _position_for(
+        loader, extra, state.strategy.dp_world_size, path, allow_data_reshard, state.strategy
+    )
+    _restore_data_position(loader, position, path)
     _restore_callbacks(callbacks, extra.get("callbacks") or [], path)
     run_id = read_meta(path).get("run_id")
     if state.strategy.is_main:
@@ -215,6 +227,54 @@ def _repoint_latest(directory: Path, moved: set[str], resumed: Path) -> None:
         write_pointer(directory, resumed.name)
     else:
         pointer.unlink(missing_ok=True)
+
+
+def _position_for(
+    loader: Any,
+    extra: Mapping[str, Any],
+    world_size: int,
+    path: Path,
+    allow_reshard: bool,
+    strategy: Any,
+) -> Any:
+    """The saved data position as this run's ranks load it; refuse one that cannot map.
+
+    Each rank runs this on the same checkpoint, so all refuse together.
+    """
+    position = extra.get("data")
+    saved = extra.get("data_world_size")  # absent: saved before it was recorded
+    if position is None or not has_global_position(loader):
+        if position is not None and saved is not None and saved != world_size:
+            if not allow_reshard:
+                raise _reshard_refused(loader, path, saved, world_size)
+            if strategy.is_main:
+                logger.warning(
+                    "fit(allow_data_reshard=True): %s's data position was saved by %s "
+                    "data-parallel rank(s), this run has %s; every rank continues from rank 0's "
+                    "position in its own share, so in this epoch some items may repeat and "
+                    "others be skipped.",
+                    path.name,
+                    saved,
+                    world_size,
+                )
+        return position
+    # A position saved through torch's DistributedSampler (before EpochSampler) counts one
+    # rank's samples; every rank drew as many at the world size it was saved at.
+    return as_global_position(position, saved if saved is not None else world_size)
+
+
+def _reshard_refused(loader: Any, path: Path, saved: int, world_size: int) -> ValueError:
+    """The error for a rank-local data position at another number of data-parallel ranks."""
+    what = type(getattr(loader, "dataset", loader)).__name__
+    return ValueError(
+        f"fit(resume={str(path)!r}): the checkpoint was saved by {saved} data-parallel "
+        f"rank(s) and this run has {world_size}; the data position it holds is rank 0's own "
+        f"position in its share of train_data ({what}, which has no global position), so it "
+        "cannot be mapped onto the new ranks: items would be repeated or skipped. Resume "
+        f"with {saved} rank(s); or pass a map-style Dataset with batch_size=... (its "
+        "position is global and resumes exactly at any world size); or pass "
+        "allow_data_reshard=True to continue from rank 0's position on every rank anyway."
+    )
 
 
 def _restore_data_position(loader: Any, position: Any, path: Path) -> None:

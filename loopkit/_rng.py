@@ -27,8 +27,9 @@ def seed_devices_(seed: int, device: torch.device) -> None:
     ~100x more because it visits every backend.
     """
     torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
+    kind = device.type
+    if kind == "cuda":
         index = torch.cuda.current_device() if device.index is None else device.index
         torch.cuda.default_generators[index].manual_seed(seed)
-    elif device.type == "mps":
+    elif kind == "mps":
         torch.mps.manual_seed(seed)

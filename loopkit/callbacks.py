@@ -796,10 +796,11 @@ def peak_flops_for(device_name: str) -> float | None:
 
 
 class ThroughputMonitor:
-    """Add samples/s, tokens/s and (optionally) MFU of this process to each log record.
+    """Add samples/s and tokens/s of the whole job, and (optionally) MFU, to each log record.
 
     Rates are the growth of `state.samples_seen` and `state.tokens_seen` (the items the loss
-    counted) over the wall time between log steps. Eval and checkpoint time is left out:
+    counted, summed over every rank) over the wall time between log steps. MFU divides the
+    job's FLOP/s by the peak of all `world_size` devices. Eval and checkpoint time is left out:
     the window restarts after `on_eval_end` and `on_checkpoint_saved`.
     `tokens_seen` may be a device tensor: it is read only at log steps (host sync there,
     where fit() syncs anyway).
@@ -875,7 +876,8 @@ class ThroughputMonitor:
             "perf/tokens_per_s": tokens_per_s,
         }
         if self.flops_per_item is not None and self.peak_flops is not None:
-            result["perf/mfu"] = self.flops_per_item * tokens_per_s / self.peak_flops
+            devices = state.strategy.world_size
+            result["perf/mfu"] = self.flops_per_item * tokens_per_s / (self.peak_flops * devices)
         return result
 
     def __repr__(self) -> str:

@@ -210,28 +210,7 @@ def save_checkpoint(
         )
 
     def finish() -> None:
-        if not sharded:
-            model_sd = _tensors_for_file(unwrap(state.model).state_dict())
-            _write_tensors(model_sd, tmp / "model.safetensors")
-            _pause()
-        _write_tensors(tensors, tmp / "state.safetensors")
-        _pause()
-        _write_bytes(tmp / "state.json", json.dumps(meta, indent=1).encode())
-        names = list(_SHARDED_FILES if sharded else _FILES)
-        if sharded:
-            names += sorted(f"{SHARDS_DIR}/{f.name}" for f in (tmp / SHARDS_DIR).iterdir())
-            _fsync_path(tmp / SHARDS_DIR)
-        manifest = {
-            "format": FORMAT,
-            "layout": "sharded" if sharded else "full",
-            "files": {
-                name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                for name in names
-            },
-        }
-        _write_bytes(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
-        _fsync_path(tmp)
-        _pause()
+        _write_files(state, tmp, meta, tensors, sharded=sharded)
         _replace_dir(tmp, final)
         _fsync_path(directory)
         write_pointer(directory, final.name)
@@ -250,6 +229,39 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _write_files(
+    state: TrainState,
+    tmp: Path,
+    meta: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    *,
+    sharded: bool,
+) -> None:
+    """Write a checkpoint's files into `tmp`, fsynced, the manifest of checksums last."""
+    if not sharded:
+        model_sd = _tensors_for_file(unwrap(state.model).state_dict())
+        _write_tensors(model_sd, tmp / "model.safetensors")
+        _pause()
+    _write_tensors(tensors, tmp / "state.safetensors")
+    _pause()
+    _write_bytes(tmp / "state.json", json.dumps(meta, indent=1).encode())
+    names = list(_SHARDED_FILES if sharded else _FILES)
+    if sharded:
+        names += sorted(f"{SHARDS_DIR}/{f.name}" for f in (tmp / SHARDS_DIR).iterdir())
+        _fsync_path(tmp / SHARDS_DIR)
+    manifest = {
+        "format": FORMAT,
+        "layout": "sharded" if sharded else "full",
+        "files": {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            for name in names
+        },
+    }
+    _write_bytes(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+    _fsync_path(tmp)
+    _pause()
 
 
 def _write_error(error: OSError, directory: Path, tmp: Path, step: int) -> CheckpointError:
@@ -464,30 +476,8 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
             )
         model_tensors = _load_tensors(path / "model.safetensors")
         _check_model(path, model, model_tensors)
-    if meta["precision"] != state.precision.name:
-        raise CheckpointMismatchError(
-            f"{path}: saved with precision {meta['precision']!r}, loading into "
-            f"{state.precision.name!r}; build the state with the same precision."
-        )
-    try:
-        saved_sizes = [len(g["params"]) for g in tree["optimizer"]["param_groups"]]
-    except (KeyError, TypeError) as error:
-        raise CheckpointError(f"{path}: malformed optimizer state ({error!r}).") from error
-    sizes = [len(g["params"]) for g in state.optimizer.param_groups]
-    # Sharded: this rank may hold other parameters than rank 0 did (pipeline stages), so
-    # only the number of groups is compared here; read_shards matches them by name.
-    if (len(saved_sizes) != len(sizes)) if sharded else (saved_sizes != sizes):
-        raise CheckpointMismatchError(
-            f"{path}: the optimizer had param groups of sizes {saved_sizes}, this one has "
-            f"{sizes}; build the optimizer over the same parameter groups."
-        )
+    _check_state_fits(path, state, meta, tree, sharded=sharded)
     scheduler = state.schedule
-    is_scheduler = isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
-    if is_scheduler != ("lr_scheduler" in tree):
-        raise CheckpointMismatchError(
-            f"{path}: saved with schedule {meta['schedule']}, loading into {scheduler!r}; "
-            "use the same kind of schedule (a function of the step or an LRScheduler)."
-        )
     if sharded:
         # A collective with several processes; any world size and any strategy (FSDP
         # reshards, SingleDevice and DDP read whole tensors).
@@ -523,6 +513,35 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
         window=Window(size=state.window.size),  # keeps a window size fit() set in advance
         metrics={},
     )
+
+
+def _check_state_fits(
+    path: Path, state: TrainState, meta: dict[str, Any], tree: dict[str, Any], *, sharded: bool
+) -> None:
+    """Raise CheckpointMismatchError unless precision, param groups and schedule kind fit."""
+    if meta["precision"] != state.precision.name:
+        raise CheckpointMismatchError(
+            f"{path}: saved with precision {meta['precision']!r}, loading into "
+            f"{state.precision.name!r}; build the state with the same precision."
+        )
+    try:
+        saved_sizes = [len(g["params"]) for g in tree["optimizer"]["param_groups"]]
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"{path}: malformed optimizer state ({error!r}).") from error
+    sizes = [len(g["params"]) for g in state.optimizer.param_groups]
+    # Sharded: this rank may hold other parameters than rank 0 did (pipeline stages), so
+    # only the number of groups is compared here; read_shards matches them by name.
+    if (len(saved_sizes) != len(sizes)) if sharded else (saved_sizes != sizes):
+        raise CheckpointMismatchError(
+            f"{path}: the optimizer had param groups of sizes {saved_sizes}, this one has "
+            f"{sizes}; build the optimizer over the same parameter groups."
+        )
+    scheduler = state.schedule
+    if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) != ("lr_scheduler" in tree):
+        raise CheckpointMismatchError(
+            f"{path}: saved with schedule {meta['schedule']}, loading into {scheduler!r}; "
+            "use the same kind of schedule (a function of the step or an LRScheduler)."
+        )
 
 
 def _read_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -634,6 +653,20 @@ def rotate_checkpoints(
     return deleted
 
 
+def _parameter_count(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> int:
+    """The whole model's parameter count (tied weights once).
+
+    A strategy whose ranks hold different parts of the model (Pipeline) marks the
+    parameters of the state it gathers as nn.Parameter, a tied one as one object under
+    each name: those are counted. Otherwise this rank's module has them all (FSDP's
+    DTensors count their full size).
+    """
+    marked = {id(v): v.numel() for v in state_dict.values() if isinstance(v, torch.nn.Parameter)}
+    if marked:
+        return sum(marked.values())
+    return sum(p.numel() for p in module.parameters())
+
+
 def save_model(model: TrainState | torch.nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Save weights only, as `<directory>/model.safetensors` plus `config.json`.
 
@@ -676,7 +709,7 @@ def save_model(model: TrainState | torch.nn.Module, directory: str | os.PathLike
         "format": MODEL_FORMAT,
         "class": f"{type(module).__module__}.{type(module).__qualname__}",
         "step": step,
-        "parameters": sum(p.numel() for p in module.parameters()),
+        "parameters": _parameter_count(module, state_dict),
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()},
     }
     _write_bytes(directory / "config.json", json.dumps(config, indent=1).encode())

@@ -73,7 +73,7 @@ class CompileFallbackWarning(UserWarning):
 
 
 @dataclass(frozen=True, slots=True)
-class _Chain:
+class _Parts:
     """The four parts compile_step captures, read from the step."""
 
     forward: Any
@@ -86,7 +86,7 @@ class _Chain:
         return int(self.accumulate.k)
 
 
-def _read_chain(step: Transform) -> tuple[_Chain | None, str | None]:
+def _read_chain(step: Transform) -> tuple[_Parts | None, str | None]:
     """The capturable chain of `step`, or None and why it cannot be captured."""
     parts = parts_of(step)
     kinds = [type(p) for p in parts]
@@ -95,7 +95,7 @@ def _read_chain(step: Transform) -> tuple[_Chain | None, str | None]:
         [_FORWARD, _ACCUMULATE, _CLIP, _OPTIMIZER_STEP],
     ):
         clip_part = parts[2] if len(parts) == 4 else None
-        return _Chain(parts[0], parts[1], clip_part, parts[-1]), None
+        return _Parts(parts[0], parts[1], clip_part, parts[-1]), None
     others = [repr(p) for p in parts if not isinstance(p, _BUILT_IN)]
     if others:
         what = f"{', '.join(others)}, which may run anything on the host"
@@ -108,6 +108,11 @@ def _read_chain(step: Transform) -> tuple[_Chain | None, str | None]:
 
 def _state_cause(state: TrainState) -> str | None:
     """Why a record's training objects cannot be compiled, or None."""
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        return (
+            f"torch {torch.__version__} cannot trace a backward into a graph "
+            "(torch._dynamo.config.trace_autograd_ops; torch 2.13 can)"
+        )
     if type(state.strategy) is not SingleDevice:
         return f"strategy={state.strategy!r}: only SingleDevice steps are compiled"
     if state.precision.scales_loss:
@@ -119,8 +124,8 @@ def _state_cause(state: TrainState) -> str | None:
         )
     optimizer = state.optimizer
     hooks = (
-        optimizer._optimizer_step_pre_hooks,
-        optimizer._optimizer_step_post_hooks,
+        getattr(optimizer, "_optimizer_step_pre_hooks", None),
+        getattr(optimizer, "_optimizer_step_post_hooks", None),
         torch_optimizer._global_optimizer_pre_hooks,
         torch_optimizer._global_optimizer_post_hooks,
     )
@@ -224,9 +229,14 @@ class _CountingInductor:
         return compiled
 
 
-_COMPILE_ERRORS: tuple[type[BaseException], ...] = (
-    torch._dynamo.exc.TorchDynamoException,
-    torch._dynamo.exc.FailOnRecompileLimitHit,
+# What torch raises while compiling (before the graph runs): the step then runs eagerly.
+_COMPILE_ERRORS: tuple[type[BaseException], ...] = tuple(
+    error
+    for error in (
+        getattr(torch._dynamo.exc, "TorchDynamoException", None),
+        getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None),  # torch >= 2.7
+    )
+    if error is not None
 )
 
 
@@ -363,7 +373,7 @@ class CompiledStep:
         logger.info("compile_step: compiled %d graph(s) in %.2f s", new, seconds)
 
     def _forward(
-        self, state: TrainState, batch: Batch, graphs: _Graphs, parts: _Chain
+        self, state: TrainState, batch: Batch, graphs: _Graphs, parts: _Parts
     ) -> TrainState:
         """forward and accumulate's bookkeeping around the micro-batch graph."""
         window, strategy = state.window, state.strategy
@@ -406,7 +416,7 @@ class CompiledStep:
             },
         )
 
-    def _update(self, state: TrainState, graphs: _Graphs, parts: _Chain) -> TrainState:
+    def _update(self, state: TrainState, graphs: _Graphs, parts: _Parts) -> TrainState:
         """accumulate's close, clip and optimizer_step, in the update graph."""
         window = state.window
         total = window.ref_count if state.micro_step == 1 else window.count
@@ -445,7 +455,7 @@ class CompiledStep:
         changes = {"step": state.step + 1, "micro_step": 0, "window": self._empty_window}
         return state._advance(self, {**changes, "metrics": metrics})
 
-    def _set_lrs(self, state: TrainState, graphs: _Graphs, parts: _Chain) -> float:
+    def _set_lrs(self, state: TrainState, graphs: _Graphs, parts: _Parts) -> float:
         """optimizer_step's lr: schedule(step) times each base lr, into the lr tensors."""
         factor: Any = state.schedule(state.step)  # type: ignore[operator]
         real = type(factor) is float or isinstance(factor, numbers.Real)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ._types import Batch, Transform
-from .state import TrainState
+from .state import StagedTransform, TrainState
+
+_Changes = Callable[[TrainState, Batch], "dict[str, Any] | None"]
 
 
 def _check_transform(call: str, value: object) -> None:
@@ -29,10 +32,36 @@ class _Identity:
 @dataclass(frozen=True, slots=True)
 class _Chain:
     parts: tuple[Transform, ...]
+    # Each part's `_changes` where it is a StagedTransform, else None: read once, here.
+    _staged: tuple[_Changes | None, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        staged = tuple(p._changes if isinstance(p, StagedTransform) else None for p in self.parts)
+        object.__setattr__(self, "_staged", staged)
 
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
-        for part in self.parts:
-            state = part(state, batch)
+        # Same result as `for part in parts: state = part(state, batch)`, with one record
+        # for a run of staged parts instead of one per part: the first part that changes
+        # something makes the new record (consuming `state` on its behalf) and the next
+        # staged parts' changes go into that record, which no one else has seen yet. A part
+        # of the user's own gets the record and may keep it, so after one the next staged
+        # part makes a new record again.
+        made = False  # `state` is a record this call made and no one else has seen
+        for part, changes_of in zip(self.parts, self._staged, strict=True):
+            if changes_of is None:
+                state = part(state, batch)
+                made = False
+                continue
+            if not made:
+                state.check_fresh()
+            changes = changes_of(state, batch)
+            if changes is None:  # the part passes the record through
+                continue
+            if made:
+                state._update_(changes)
+            else:
+                state = state._advance(part, changes)
+                made = True
         return state
 
     def __repr__(self) -> str:

@@ -56,6 +56,10 @@ _CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
         "an int >= 1 (optimizer steps), or None to log only when a callback's Request asks",
     ),
     "log_dir": (_optional(lambda v: isinstance(v, (str, Path))), "None or a path"),
+    "fingerprint_every": (
+        _optional(lambda v: _is_int(v) and v >= 0),  # type: ignore[operator]
+        "None (1 with a log_dir, else 0), 0 (off) or an int >= 1 (optimizer steps)",
+    ),
     "progress": (lambda v: isinstance(v, bool), "True or False"),
     "seed": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),  # type: ignore[operator]
     "compile": (lambda v: isinstance(v, bool), "True or False"),
@@ -86,6 +90,7 @@ _CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
         lambda v: isinstance(v, (bool, str, Path)),
         "False, True (the newest valid checkpoint in checkpoint_dir) or a checkpoint path",
     ),
+    "allow_data_reshard": (lambda v: isinstance(v, bool), "True or False"),
     "nonfinite": (lambda v: v in ("raise", "skip"), "'raise' or 'skip'"),
     "max_nonfinite_skips": (_positive_int, "an int >= 1"),
     "loss_fn": (_optional(callable), "a callable loss_fn(model, batch)"),
@@ -176,6 +181,7 @@ class FitConfig(Mapping[str, Any]):
     callbacks: tuple[Any, ...] | list[Any] = field(default_factory=tuple)
     log_every: int | None = 50
     log_dir: str | Path | None = None
+    fingerprint_every: int | None = None
     progress: bool = True
     seed: int = 0
     compile: bool = False
@@ -186,6 +192,7 @@ class FitConfig(Mapping[str, Any]):
     keep_last: int | None = None
     keep_best: bool = False
     resume: bool | str | Path = False
+    allow_data_reshard: bool = False
     nonfinite: Literal["raise", "skip"] = "raise"
     max_nonfinite_skips: int = 10
     shuffle: bool = True
@@ -223,6 +230,17 @@ class FitConfig(Mapping[str, Any]):
             raise ValueError(
                 f"FitConfig({needs_dir[0]}={getattr(self, needs_dir[0])!r}): needs "
                 "checkpoint_dir=...; pass the directory for checkpoints."
+            )
+        if self.fingerprint_every and self.log_dir is None:
+            raise ValueError(
+                f"FitConfig(fingerprint_every={self.fingerprint_every}): needs log_dir=...; "
+                "fingerprints are written under <log_dir>/fingerprints/."
+            )
+        if self.fingerprint_every and self.step is not None:
+            raise ValueError(
+                f"FitConfig(fingerprint_every={self.fingerprint_every}): fit adds fingerprints "
+                "to its default step only; put loopkit.fingerprint(recorder) in your step= "
+                "chain (before optimizer_step) and pass the recorder in callbacks=[...]."
             )
         if self.step is not None and (self.accumulate != 1 or self.clip is not None or by_target):
             raise ValueError(

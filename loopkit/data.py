@@ -19,12 +19,13 @@ An eval batch size inherited from batch_size is no error for data that batches i
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 # torchdata 0.11 calls the deprecated torch.set_vital on every iterator it creates.
@@ -122,6 +123,159 @@ def _zero_dim_tensor(element: Any) -> str | None:
     return None
 
 
+class EpochSampler(Sampler[int]):
+    """This rank's share of epoch e's order, read from a global position on.
+
+    Epoch e's order is a pure function of (seed, e): `torch.randperm(size)` drawn from a
+    generator seeded `seed + e` (torch's DistributedSampler draws the same one), or
+    `range(size)` without shuffling. A pass starts at a *global position* p (items of the
+    order consumed so far by all ranks together, 0 at an epoch's start): rank r of W reads
+    items p + r, p + r + W, ... of the order. After every rank has read y items the ranks
+    together have consumed exactly the items p .. p + W*y - 1, so the position saved in
+    `state_dict()` is p + W*y, whatever W was, and a pass at another world size starts
+    there: every remaining item is read exactly once, by one of the new ranks. From
+    position 0 the shares are DistributedSampler's, item for item.
+
+    `pad=True` (training) gives every rank the same number of items, as DistributedSampler
+    does: the remaining items are padded up to a multiple of W with the epoch's first items
+    (so ranks take the same number of steps; at most W-1 items repeat), or cut to that
+    multiple with `drop_last=True`. `pad=False` (evaluation) reads each remaining item
+    exactly once; ranks then get one item fewer or more, and possibly one batch fewer.
+
+    It is `Stateful` for torchdata's StatefulDataLoader, which saves `state_dict()` with the
+    loader's. Call `set_epoch(e)` before each epoch, as with DistributedSampler: a position
+    loaded with `load_state_dict` applies to the next pass of its own epoch only (a
+    checkpoint written at an epoch's end starts the next epoch at its beginning).
+
+    Args:
+        size: the number of items in the dataset (>= 1).
+        rank, world_size: this rank and the number of ranks sharing the data.
+        shuffle: draw the order from (seed, epoch), else read the items in order.
+        seed: the order's seed.
+        drop_last: cut the remaining items to a multiple of world_size (pad=True only
+            matters without it).
+        pad: pad the ranks' shares to the same length (training) or not (evaluation).
+
+    Raises:
+        ValueError: a size < 1, world_size < 1 or rank outside [0, world_size).
+
+    Example:
+        >>> sampler = EpochSampler(10, rank=1, world_size=2, shuffle=False, seed=0)
+        >>> list(sampler)
+        [1, 3, 5, 7, 9]
+        >>> sampler.load_state_dict({**sampler.state_dict(), "position": 4})
+        >>> list(sampler)  # 4 items consumed: rank 1 of 2 continues with items 5, 7, 9
+        [5, 7, 9]
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        rank: int,
+        world_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool = False,
+        pad: bool = True,
+    ) -> None:
+        for name, value, low in (("size", size, 1), ("world_size", world_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"EpochSampler({name}={value!r}): an int >= {low}.")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(
+                f"EpochSampler(rank={rank!r}): an int in [0, world_size={world_size})."
+            )
+        self.size, self.rank, self.world_size = size, rank, world_size
+        self.shuffle, self.seed, self.drop_last, self.pad = shuffle, seed, drop_last, pad
+        self.epoch = 0
+        self._start = 0  # the global position this pass started at
+        self._yielded = 0  # items this rank has yielded in this pass
+        self._pending: tuple[int | None, int] | None = None  # (epoch, position) loaded
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read epoch `epoch`'s order from the next pass on."""
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> list[int]:
+        """Epoch `epoch`'s order of the whole dataset (the same on every rank)."""
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def _share(self, start: int) -> list[int]:
+        """This rank's items of the current epoch from global position `start` on."""
+        order = self.order(self.epoch)
+        rest = order[start:]
+        world = self.world_size
+        if self.drop_last:
+            rest = rest[: len(rest) - len(rest) % world]
+        elif self.pad and rest and len(rest) % world:
+            missing = world - len(rest) % world  # DistributedSampler pads from the epoch's start
+            rest += (order * math.ceil(missing / len(order)))[:missing]
+        return rest[self.rank :: world]
+
+    def __iter__(self) -> Iterator[int]:
+        start = 0
+        if self._pending is not None and self._pending[0] in (None, self.epoch):
+            start = self._pending[1]
+        self._pending = None
+        self._start, self._yielded = start, 0
+        return self._items(self._share(start))
+
+    def _items(self, share: list[int]) -> Iterator[int]:
+        for index in share:
+            self._yielded += 1  # before the yield: the loader's snapshot counts this item
+            yield index
+
+    def __len__(self) -> int:
+        """Items this rank reads in a whole epoch (from position 0)."""
+        rest, world = self.size, self.world_size
+        if self.drop_last:
+            return rest // world
+        if self.pad:
+            return math.ceil(rest / world)
+        return len(range(self.rank, rest, world))
+
+    def busiest_share(self) -> int:
+        """The most items any rank reads in a whole epoch (rank 0's share)."""
+        return math.ceil(self.size / self.world_size) if not self.drop_last else len(self)
+
+    def position(self) -> int:
+        """Items of this epoch's order consumed by all ranks together (each read as many)."""
+        return min(self.size, self._start + self.world_size * self._yielded)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global position, and what the order depends on (checked on load)."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position(),
+            "size": self.size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Start the next pass of the saved epoch at the saved global position.
+
+        Raises:
+            ValueError: the saved order is another one (dataset size, seed or shuffle).
+        """
+        for key in ("size", "seed", "shuffle"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"EpochSampler.load_state_dict: the saved data position is in an order "
+                    f"with {key}={state[key]!r}, this one has {key}={getattr(self, key)!r}; "
+                    "resume with the same dataset, seed and shuffle."
+                )
+        position = int(state["position"])
+        epoch = state.get("epoch")
+        self._pending = (None if epoch is None else int(epoch), position)
+
+
 def make_loader(
     data: Any,
     *,
@@ -136,21 +290,24 @@ def make_loader(
     world_size: int = 1,
     timeout_s: float | None = None,
     batch_size_inherited: bool = False,
+    pad: bool = True,
     where: str = "fit(train_data=...)",
 ) -> Iterable[Any]:
     """Return `data` if it is used as ready batches, else a StatefulDataLoader over it.
 
     Which data is batched is the module's table. A map-style dataset (or sequence of
-    samples) is read through torch's DistributedSampler (also with one rank): each rank gets
-    its own share, and epoch e's order is a pure function of (seed, e), so with
-    `sampler.set_epoch(e)` per epoch and the loader's `state_dict()` a run resumes mid-epoch
-    on exactly the next batch.
+    samples) is read through an `EpochSampler` (also with one rank): each rank gets its own
+    share of epoch e's order, a pure function of (seed, e), and the loader's `state_dict()`
+    holds the *global* position in it, so with `sampler.set_epoch(e)` per epoch a run
+    resumes mid-epoch on exactly the next items, at the same or another world size.
 
     Args:
         timeout_s: with num_workers > 0, the longest wait for a worker's batch (torch's
             DataLoader `timeout=`); None waits forever. Without workers there is none.
         batch_size_inherited: batch_size was not asked for this data but inherited (fit's
             eval_batch_size defaults to batch_size): a loader then ignores it without error.
+        pad: every rank reads as many items (training: the ranks step together); False
+            reads each item exactly once (evaluation; see EpochSampler).
 
     Raises:
         ValueError: a Dataset without batch_size, batch_size with data that batches itself,
@@ -167,15 +324,16 @@ def make_loader(
     is_iterable = isinstance(data, IterableDataset)
     if not is_iterable and len(data) == 0:
         raise ValueError(f"{where}: the dataset is empty (len 0).")
-    sampler: DistributedSampler[Any] | None = None
+    sampler: EpochSampler | None = None
     if not is_iterable:
-        sampler = DistributedSampler(
-            data,
-            num_replicas=world_size,
+        sampler = EpochSampler(
+            len(data),
             rank=rank,
+            world_size=world_size,
             shuffle=shuffle,
             seed=seed,
             drop_last=drop_last,
+            pad=pad,
         )
     return StatefulDataLoader(
         data,
@@ -188,6 +346,34 @@ def make_loader(
         # torch allows a timeout only with worker processes (0 means none).
         timeout=float(timeout_s) if timeout_s is not None and num_workers > 0 else 0.0,
     )
+
+
+def has_global_position(loader: object) -> bool:
+    """Whether `loader`'s `state_dict()` holds a global data position (an EpochSampler's).
+
+    Such a position resumes exactly at any world size; any other loader's position is
+    this rank's own (rank 0's, in a checkpoint).
+    """
+    return isinstance(loader, StatefulDataLoader) and isinstance(loader.sampler, EpochSampler)
+
+
+def as_global_position(position: Any, world_size: int) -> Any:
+    """A StatefulDataLoader state saved before EpochSampler, with its position made global.
+
+    Such a state (torch's DistributedSampler under the loader) counts the samples this rank
+    drew (`samples_yielded`); every rank drew as many, so the global position is that times
+    the world size it was saved at. States that hold an EpochSampler's already are returned
+    as they are.
+    """
+    if isinstance(position, Mapping):
+        converted = {key: as_global_position(value, world_size) for key, value in position.items()}
+        if "samples_yielded" in converted and "sampler_state" not in converted:
+            converted["sampler_state"] = {
+                "epoch": None,  # the epoch the run is in, whichever it is
+                "position": int(converted["samples_yielded"]) * world_size,
+            }
+        return converted
+    return position
 
 
 def iterate(loader: Iterable[Any], *, where: str = "fit(train_data=...)") -> Iterator[Any]:
@@ -242,4 +428,14 @@ def _timeout_error(loader: Any, iterator: Any, where: str) -> DataTimeoutError:
     )
 
 
-__all__ = ["DataKind", "DataTimeoutError", "data_kind", "is_loader", "iterate", "make_loader"]
+__all__ = [
+    "DataKind",
+    "DataTimeoutError",
+    "EpochSampler",
+    "as_global_position",
+    "data_kind",
+    "has_global_position",
+    "is_loader",
+    "iterate",
+    "make_loader",
+]

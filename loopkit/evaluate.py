@@ -10,6 +10,7 @@ import torch
 
 from ._batch import batch_size
 from ._types import LossFn
+from .data import EpochSampler
 from .metrics import Metric, accumulator_dtype, as_metric, to_host
 
 Predict = Callable[[torch.nn.Module, Any], Any]
@@ -34,7 +35,11 @@ def evaluate(
     at the end. With several processes (`strategy.world_size > 1` and torch.distributed
     initialised) the loss sums and counts and every metric's `state_tensors()` are summed
     across ranks (one all_reduce) before computing, so each rank returns the global result.
-    The record is only read: it is not consumed and stays usable.
+    Ranks may read different numbers of batches (fit's eval loader gives each item to one
+    rank, without padding, so each is counted once); under a strategy whose forward is a
+    collective (`strategy.is_sharded`: FSDP, Pipeline) a rank that runs out repeats its
+    last batch's forward, uncounted, until the busiest rank is done, so the collectives
+    stay matched. The record is only read: it is not consumed and stays usable.
 
     Results:
         "eval/loss": with `loss_fn`, the mean over every item: sum of `Loss.sum` over
@@ -145,7 +150,21 @@ def _sum_batches(
     loss_sum = torch.zeros((), dtype=acc, device=device)
     loss_count = torch.zeros((), dtype=acc, device=device)
     host_count = 0.0  # int counts add up on the host: no host-to-device copy per batch
-    n_batches = 0
+    n_batches, batch = 0, None
+    target = _forwards_on_every_rank(state, data, max_batches)
+
+    def run(batch: Any) -> tuple[Any, Any]:
+        with state.precision.autocast(device):
+            return strategy.eval_forward(  # type: ignore[no-any-return]
+                model,
+                batch,
+                loss_fn,
+                predict,
+                n_samples=batch_size(batch, _WHERE),
+                want_outputs=bool(named),
+                sum_dtype=acc,
+            )
+
     was_training = model.training
     model.eval()
     try:
@@ -154,17 +173,7 @@ def _sum_batches(
                 if max_batches is not None and n_batches >= max_batches:
                     break
                 batch = strategy.to_device(batch)
-                n_samples = batch_size(batch, _WHERE)
-                with state.precision.autocast(device):
-                    summed, outputs = strategy.eval_forward(
-                        model,
-                        batch,
-                        loss_fn,
-                        predict,
-                        n_samples=n_samples,
-                        want_outputs=bool(named),
-                        sum_dtype=acc,
-                    )
+                summed, outputs = run(batch)
                 if summed is not None:  # a pipeline's first stages add nothing
                     loss_sum += summed[0]
                     if isinstance(summed[1], torch.Tensor):
@@ -175,10 +184,44 @@ def _sum_batches(
                     for _, metric in named:
                         metric.update(outputs, batch)
                 n_batches += 1
+            for _ in range(n_batches, target):  # uncounted: only the collectives matter
+                run(batch)
     finally:
         model.train(was_training)
     loss_count += host_count
     return loss_sum, loss_count, n_batches
+
+
+def _forwards_on_every_rank(state: Any, data: Iterable[Any], max_batches: int | None) -> int:
+    """How many forwards every rank must run so that forward collectives stay matched; 0: any.
+
+    Only a strategy whose forward is a collective (`is_sharded`: FSDP gathers parameters,
+    a pipeline passes activations) reading an uneven EpochSampler share (pad=False) needs
+    it: a rank that runs out of batches then repeats its last one, uncounted, up to the
+    busiest rank's count. Every rank works it out alike from the sampler: no communication.
+
+    Raises:
+        ValueError: some rank would have no batch at all to repeat (fewer items than ranks).
+    """
+    sampler = getattr(data, "sampler", None)
+    strategy = state.strategy
+    if not (strategy.is_sharded and isinstance(sampler, EpochSampler) and not sampler.pad):
+        return 0
+    size, drop_last = data.batch_size, data.drop_last  # type: ignore[attr-defined]
+    busiest, idlest = sampler.busiest_share(), sampler.size // sampler.world_size
+
+    def batches(items: int) -> int:
+        return items // size if drop_last else -(-items // size)
+
+    target = batches(busiest) if max_batches is None else min(batches(busiest), max_batches)
+    if target > 0 and batches(idlest) == 0:
+        raise ValueError(
+            f"{_WHERE}(data=...): {sampler.size} eval item(s) in batches of {size} over "
+            f"{sampler.world_size} ranks leave a rank without a batch, and {strategy!r} "
+            "runs a collective in every forward, so the other ranks would wait for it. Use "
+            "more eval items (at least one batch per rank) or a smaller eval batch size."
+        )
+    return target
 
 
 def _global_results(

@@ -46,6 +46,8 @@ from .compiled import compile_step
 from .compose import chain, identity, inner_of, parts_of
 from .config import FitConfig, resolve_named
 from .data import iterate, make_loader
+from .fingerprint import FingerprintRecorder, fingerprint
+from .guards import zero_nonfinite
 from .logging import CSVLogger, JSONLLogger, ProgressBar, TensorBoardLogger
 from .metrics import Accuracy, TopKAccuracy, as_metric, to_host
 from .state import TrainState, Window
@@ -211,7 +213,9 @@ def fit(
         **kwargs: FitConfig fields: loss_fn, optimizer, schedule, max_steps, epochs,
             batch_size, accumulate (or samples_per_step / tokens_per_step), clip, precision,
             strategy, eval_data, eval_every, eval_batches, metrics, monitor, mode, callbacks,
-            log_every, log_dir, progress, seed, compile, step, ... (see FitConfig).
+            log_every, log_dir, fingerprint_every, progress, seed, compile, step, ... (see
+            FitConfig). With a log_dir, every step's fingerprint goes to
+            <log_dir>/fingerprints/ (fingerprint_every=0 turns it off; docs/forensics.md).
 
     Returns:
         FitResult with `.state`, `.history`, `.best`.
@@ -239,7 +243,12 @@ def fit(
     )
     loader, eval_loader = _loaders(train_data, cfg, state.strategy)
     k = _window_size(cfg, loader, state.strategy)
-    train_step = cfg.step or _default_step(cfg, k)
+    every = _fingerprint_every(cfg)
+    recorder = None  # the main rank records (its shards under FSDP, its stage under Pipeline)
+    if every and state.strategy.is_main:
+        recorder = FingerprintRecorder(Path(cfg.log_dir) / "fingerprints")  # type: ignore[arg-type]
+    several = state.strategy.world_size > 1
+    train_step = cfg.step or _default_step(cfg, k, recorder, every, guard=several)
     if cfg.step is None:
         # Tell forward the window size before the first micro-batch, so data-parallel
         # strategies all-reduce gradients once per window from the very first window.
@@ -248,10 +257,11 @@ def fit(
     if eval_loader is not None:
         evaluator = Evaluator(eval_loader, metrics, cfg.loss_fn, cfg.predict, cfg.eval_batches)
     mode: Mode = cfg.mode or (infer_mode(cfg.monitor) if eval_loader is not None else "min")
-    callbacks = _with_loggers(user_callbacks, cfg, state.strategy)
+    callbacks = _with_loggers(user_callbacks, cfg)
     max_epochs = cfg.epochs if cfg.epochs is not None else (None if cfg.max_steps else 1)
-    hparams = _hparams(cfg, loader, k, train_step, max_epochs)
+    hparams = {**_hparams(cfg, loader, k, train_step, max_epochs), "fingerprint_every": every}
     run = _Run(state, train_step, loader, callbacks, cfg, hparams, evaluator, mode)
+    run.fingerprints = recorder
     if cfg.compile:  # the whole step, compiled (loopkit.compiled); checks above read the chain
         run.train_step = compile_step(train_step)
     with run.interrupts:  # stop signals end the run at a step boundary (loopkit._interrupts)
@@ -306,27 +316,53 @@ def _loaders(train_data: Any, cfg: FitConfig, strategy: Strategy) -> tuple[Any, 
         world_size=strategy.dp_world_size,
         timeout_s=cfg.data_timeout_s,
         batch_size_inherited=cfg.eval_batch_size is None,
+        pad=False,  # each item once: evaluate sums over ranks, whatever each rank's share
         where="fit(eval_data=...)",
     )
     return loader, eval_loader
 
 
-def _default_step(cfg: FitConfig, k: int) -> Transform:
-    """fit's own step: forward, accumulate k, clip, skip non-finite, optimizer step."""
+def _default_step(
+    cfg: FitConfig,
+    k: int,
+    recorder: FingerprintRecorder | None = None,
+    every: int = 0,
+    *,
+    guard: bool = False,
+) -> Transform:
+    """fit's own step: forward, accumulate k, clip, skip non-finite, fingerprint, optimizer step.
+
+    The fingerprint sits after clip and before the update: it reads the window's final
+    gradients and the weights and optimizer state that enter the step. With `guard` (several
+    ranks) and nonfinite="raise", `zero_nonfinite()` sits there too: a NaN from one rank's
+    loss reaches every rank's gradients through the all-reduce, and it keeps it out of the
+    weights until the watch makes every rank raise together (loopkit.guards).
+    """
     return chain(
         forward(cfg.loss_fn),
         accumulate(k),
         clip(cfg.clip) if cfg.clip is not None else identity(),
         skip_nonfinite() if cfg.nonfinite == "skip" else identity(),
+        zero_nonfinite() if guard and cfg.nonfinite == "raise" else identity(),
+        fingerprint(recorder, every=every) if recorder is not None else identity(),
         optimizer_step(),
     )
 
 
-def _with_loggers(callbacks: Sequence[Any], cfg: FitConfig, strategy: Strategy) -> list[Any]:
-    """The user's callbacks, then (on the main rank only) the loggers fit's settings ask for."""
+def _fingerprint_every(cfg: FitConfig) -> int:
+    """fingerprint_every as set, or its default: 1 with a log_dir (0 with step= or compile)."""
+    if cfg.fingerprint_every is not None:
+        return cfg.fingerprint_every
+    return int(cfg.log_dir is not None and cfg.step is None and not cfg.compile)
+
+
+def _with_loggers(callbacks: Sequence[Any], cfg: FitConfig) -> list[Any]:
+    """The user's callbacks, then the loggers fit's settings ask for.
+
+    Every rank gets them (they write nothing off the main rank), so every rank has as many
+    callbacks as the main rank's checkpoints hold state for, and a resume fits on each.
+    """
     result = list(callbacks)
-    if not strategy.is_main:  # only the main process logs
-        return result
     if cfg.log_dir is not None:
         log_dir = Path(cfg.log_dir)
         result += [
@@ -390,14 +426,15 @@ class _Run:
         self.evaluator = evaluator
         self.evals = EvalTracker(cfg.monitor, mode)
         self.interrupts = Interrupts(state.strategy)
+        self.fingerprints: FingerprintRecorder | None = None  # fit sets it (main rank)
         self.saver = None
         if cfg.checkpoint_dir is not None:
             self.saver = CheckpointSaver(
                 cfg.checkpoint_dir, keep_last=cfg.keep_last, keep_best=cfg.keep_best
             )
-        self.watch = NonfiniteWatch(
+        self.watch = NonfiniteWatch(  # with several ranks its check is a collective
             cfg.nonfinite,
-            state.strategy.device,
+            state.strategy,
             deferred=cfg.step is None,
             chunk=_NONFINITE_CHUNK,
             max_skips=cfg.max_nonfinite_skips,
@@ -405,6 +442,7 @@ class _Run:
         # Micro-batches since the optimizer last stepped: more than the chain's longest
         # window means the step never trains (host-side ints, no device sync).
         self.open_micro_batches, self.max_open = 0, _largest_window(train_step)
+        self.seen = _SeenCounters(state)
 
     def train(self, max_epochs: int | None) -> FitResult:
         """Claim the run's directories (loopkit._saving.claim_run), train, give them back."""
@@ -418,13 +456,31 @@ class _Run:
         if self.saver is not None:
             self.saver.run_id = claim.run_id  # recorded in every checkpoint
         try:
-            return self._train(max_epochs)
+            result = self._train(max_epochs)
+        except BaseException:
+            self._flush_fingerprints(failing=True)  # the steps up to a failure, for forensics
+            raise
         finally:
             claim.release()  # the OS would free the lock at exit; a caller may go on
+        self._flush_fingerprints()
+        return result
+
+    def _flush_fingerprints(self, *, failing: bool = False) -> None:
+        """Write the buffered fingerprints (a host sync: log steps, saves and the end only)."""
+        if self.fingerprints is None:
+            return
+        try:
+            self.fingerprints.flush()
+        except Exception:
+            if not failing:
+                raise
+            logger.exception("could not write the fingerprints of the failed run")
 
     def _train(self, max_epochs: int | None) -> FitResult:
         """Run the epochs until max_steps, max_epochs or a callback's Stop."""
         resumed = self._resume()
+        if self.fingerprints is not None:
+            self.fingerprints.start(self.state.step)  # a resumed run continues its fingerprints
         stop = dispatch(self.callbacks, "on_fit_start", self.state, self.hparams)
         epoch = self.state.epoch
         while stop is None and (max_epochs is None or epoch < max_epochs):
@@ -449,10 +505,12 @@ class _Run:
             self.callbacks,
             source=self.cfg.resume,
             checkpoint_dir=self.cfg.checkpoint_dir,
+            allow_data_reshard=self.cfg.allow_data_reshard,
         )
         if resumed is None:
             return False
         self.state = resumed.state
+        self.seen = _SeenCounters(self.state)  # the checkpoint's counters are global sums
         self.result.history = resumed.history
         self.evals.best, self.evals.evaluated_at = resumed.best, resumed.evaluated_at
         self.claim.adopt(resumed.run_id)  # the run continues under its own id
@@ -482,7 +540,7 @@ class _Run:
             stop = dispatch(self.callbacks, "on_step_end", self.state, requests=requests) or stop
             request = self.cadence.merge(requests)
             stop = self._act(self.cadence.after_step(self.state.step, request)) or stop
-            if self.interrupts.poll():  # with several ranks: one host collective per step
+            if self.interrupts.poll(self.state.step):  # several ranks: one host collective
                 return Stop(self.interrupts.reason)
             if self._reached_max_steps() or stop is not None or request.end_epoch:
                 break
@@ -544,19 +602,26 @@ class _Run:
         elapsed_s = time.perf_counter() - self.start_s
         return {"step": state.step, "epoch": state.epoch, "time_s": elapsed_s, **values}
 
+    def _sum_seen(self) -> None:
+        """Make samples_seen / tokens_seen global sums (see _SeenCounters)."""
+        self.state = self.seen.summed(self.state)
+
     def _log(self) -> Stop | None:
+        self._sum_seen()
         # host sync: the one place train metrics leave the device, at log steps only.
         # With several processes the train metrics are reduced over ranks first (one
         # all_reduce): "train/loss" becomes the mean over every rank's items.
         train = self.state.strategy.reduce_metrics(self.state.metrics)
         values = to_host({**train, **collect_log_metrics(self.callbacks, self.state)})
         self.watch.check()
+        self._flush_fingerprints()
         self.result.history.append(self._row(values))
         return dispatch(self.callbacks, "on_log", self.state, values)
 
     def _evaluate(self) -> tuple[Stop | None, bool]:
         """Evaluate now; return the Stop a callback asked for and whether it is the best."""
         assert self.evaluator is not None
+        self._sum_seen()
         values = self.evaluator(self.state)
         is_best = self.evals.record(self.state.step, values)
         self.result.history.append(self._row(values))
@@ -565,6 +630,8 @@ class _Run:
     def _save(self) -> Stop | None:
         assert self.saver is not None
         self.watch.check()
+        self._flush_fingerprints()  # on disk before the checkpoint that follows them
+        self._sum_seen()
         path = self.saver.save(self.state, self._checkpoint_extra, self.evals.best_step)
         if path is None:
             return None
@@ -573,12 +640,18 @@ class _Run:
     def _checkpoint_extra(self) -> dict[str, Any]:
         history, evals = self.result.history, self.evals
         return checkpoint_extra(
-            self.loader, self.callbacks, history, evals.best, evals.evaluated_at, self.hparams
+            self.loader,
+            self.callbacks,
+            history,
+            evals.best,
+            evals.evaluated_at,
+            self.hparams,
+            data_world_size=self.state.strategy.dp_world_size,
         )
 
     def _finish(self, stop: Stop | None) -> FitResult:
         """Say why training stopped, check the losses, evaluate the last step, end the fit."""
-        if self.interrupts.poll():  # every rank polls here too: a late signal stops them all
+        if self.interrupts.poll(self.state.step):  # every rank polls: a late signal stops all
             return self._end_on_signal()
         if stop is not None:
             self.result.stopped_by = stop.reason
@@ -587,6 +660,7 @@ class _Run:
         self.watch.check()
         if self.evaluator is not None and self.evals.evaluated_at != self.state.step:
             self._evaluate()
+        self._sum_seen()
         dispatch(self.callbacks, "on_fit_end", self.state, self.result.stopped_by)
         self.result.state = self.state
         self.result.best = self.evals.best
@@ -603,10 +677,55 @@ class _Run:
         if self.saver is not None and self.state.micro_step == 0:
             self._save()  # nothing written if this step is on disk already
             saved = self.saver.directory / step_dir_name(self.state.step)
+        self._sum_seen()
         dispatch(self.callbacks, "on_fit_end", self.state, self.result.stopped_by)
         self.result.state, self.result.best = self.state, self.evals.best
         self.interrupts.announce(self.state.step, saved, self.cfg.checkpoint_dir)
         return self.result
+
+
+class _SeenCounters:
+    """samples_seen and tokens_seen as sums over every rank, made so where fit syncs anyway.
+
+    Each micro-batch adds this rank's own items to the record (no communication). At log,
+    eval, save and fit end, which sync the host already, `summed` adds up over ranks what
+    each rank counted since the last such point, in one all_reduce (`reduce_count`), and
+    the record gets the global totals. In between it holds them plus this rank's own since.
+    """
+
+    def __init__(self, state: TrainState) -> None:
+        self.samples, self.tokens = state.samples_seen, state.tokens_seen  # global here
+        self.at = (state.step, state.micro_step)
+
+    def summed(self, state: TrainState) -> TrainState:
+        """`state` with global counters (the same decision on every rank: no extra call)."""
+        strategy = state.strategy
+        if strategy.world_size == 1 or (state.step, state.micro_step) == self.at:
+            return state
+        # Every stage of a pipeline counts its batch's samples, so each rank adds its share
+        # dp_world_size / world_size of them; tokens are counted by the last stage only.
+        share = strategy.dp_world_size / strategy.world_size
+        added = [(state.samples_seen - self.samples) * share, state.tokens_seen - self.tokens]
+        packed = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float64, device=strategy.device) for v in added]
+        )
+        # host sync: at log/eval/save/fit end only, where fit syncs anyway.
+        samples, tokens = torch.as_tensor(strategy.reduce_count(packed)).tolist()
+        self.samples = self.samples + round(samples)
+        self.tokens = _plus(self.tokens, tokens, like=state.tokens_seen)
+        self.at = (state.step, state.micro_step)
+        return state.replace(samples_seen=self.samples, tokens_seen=self.tokens)
+
+
+def _plus(base: Any, added: float, *, like: Any) -> Any:
+    """`base + added` as the kind of number `like` is (an int, a float or a tensor)."""
+    is_float = (
+        like.is_floating_point() if isinstance(like, torch.Tensor) else isinstance(like, float)
+    )
+    value = base + (added if is_float else round(added))
+    if isinstance(like, torch.Tensor):
+        return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return value
 
 
 _ACCUMULATE: type[Any] = type(accumulate(1))
@@ -644,7 +763,7 @@ def _never_steps_error(step: Transform, micro_batches: int, at_step: int) -> Val
 
 
 def _set_epoch(loader: Any, epoch: int) -> None:
-    """Reshuffle a DistributedSampler per epoch, as torch requires."""
+    """Tell the sampler (an EpochSampler, a DistributedSampler) which epoch's order to read."""
     sampler = getattr(loader, "sampler", None)
     if sampler is not None and hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)

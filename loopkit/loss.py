@@ -50,12 +50,11 @@ def cross_entropy(
             f"cross_entropy(logits, targets): logits shape {tuple(logits.shape)} must be "
             f"targets shape {tuple(targets.shape)} plus a class dimension."
         )
+    if logits.ndim != 2:  # (..., classes) -> (items, classes); (batch, classes) is that already
+        logits = logits.reshape(-1, logits.shape[-1])
+        targets = targets.reshape(-1)
     total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=ignore_index,
-        reduction="sum",
-        label_smoothing=label_smoothing,
+        logits, targets, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing
     )
     return Loss(total, (targets != ignore_index).sum())
 

@@ -13,6 +13,11 @@ micro-batch's item count. Closing multiplies them by `c_1 / (c_1 + ... + c_k)`, 
 window's gradient is that of `sum(sum_i) / sum(c_i)`: the mean loss over every item,
 however the items were split. A one-micro-batch window needs no rescaling at all, so
 `accumulate(1)` costs nothing over a hand-written loop.
+
+Each transform is a `StagedTransform`: its `_changes(state, batch)` does the work and says
+which fields change, and its `__call__` puts them in a new record. In a chain the parts'
+changes go into one record per call (see `compose.chain`), so a window costs one record,
+not one per part.
 """
 
 from __future__ import annotations
@@ -57,6 +62,10 @@ class _Forward:
 
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
         state.check_fresh()
+        changes = self._changes(state, batch)
+        return state if changes is None else state._advance(self, changes)
+
+    def _changes(self, state: TrainState, batch: Batch, /) -> dict[str, Any] | None:
         window = state.window
         if window.closed:
             raise RuntimeError(
@@ -86,20 +95,17 @@ class _Forward:
             loss_scale=state.loss_scale,
             check_count=state.step == 0 and state.micro_step == 0,
         )
-        return state._advance(
-            self,
-            {
-                "micro_step": state.micro_step + 1,
-                "samples_seen": state.samples_seen + n_samples,
-                "tokens_seen": state.tokens_seen + count,
-                "window": Window(
-                    loss=scaled if first else window.loss + scaled,
-                    count=count if first else window.count + count,
-                    ref_count=ref,
-                    size=size,
-                ),
-            },
-        )
+        return {
+            "micro_step": state.micro_step + 1,
+            "samples_seen": state.samples_seen + n_samples,
+            "tokens_seen": state.tokens_seen + count,
+            "window": Window(
+                loss=scaled if first else window.loss + scaled,
+                count=count if first else window.count + count,
+                ref_count=ref,
+                size=size,
+            ),
+        }
 
     def __repr__(self) -> str:
         return f"forward({_name(self.loss_fn)})"
@@ -118,14 +124,18 @@ class _Accumulate:
 
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
         state.check_fresh()
+        changes = self._changes(state, batch)
+        return state if changes is None else state._advance(self, changes)
+
+    def _changes(self, state: TrainState, batch: Batch, /) -> dict[str, Any] | None:
         window = state.window
         if window.closed:
-            return state
+            return None
         if state.micro_step < self.k:
             if window.size == self.k:
-                return state
+                return None
             # Tell forward how long windows are, so it syncs gradients only on the last.
-            return state._advance(self, {"window": replace(window, size=self.k)})
+            return {"window": replace(window, size=self.k)}
         if state.micro_step > self.k:
             raise RuntimeError(
                 f"{self!r}: the open window already holds {state.micro_step} micro-batches. "
@@ -162,7 +172,7 @@ class _Accumulate:
             closed=True,
             found_inf=found_inf,
         )
-        return state._advance(self, {"window": closed, "metrics": {"train/loss": loss}})
+        return {"window": closed, "metrics": {"train/loss": loss}}
 
     def __repr__(self) -> str:
         return f"accumulate({self.k})"
@@ -188,10 +198,14 @@ class _Clip:
 
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
         state.check_fresh()
+        changes = self._changes(state, batch)
+        return state if changes is None else state._advance(self, changes)
+
+    def _changes(self, state: TrainState, batch: Batch, /) -> dict[str, Any] | None:
         if not state.window.closed:  # clipping acts on whole windows only
-            return state
+            return None
         norm = state.strategy.clip_grad_norm_(state.params, self.max_norm, self.norm_type)
-        return state._advance(self, {"metrics": {**state.metrics, "train/grad_norm": norm}})
+        return {"metrics": {**state.metrics, "train/grad_norm": norm}}
 
     def __repr__(self) -> str:
         if self.norm_type == 2.0:
@@ -203,9 +217,13 @@ class _Clip:
 class _OptimizerStep:
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
         state.check_fresh()
+        changes = self._changes(state, batch)
+        return state if changes is None else state._advance(self, changes)
+
+    def _changes(self, state: TrainState, batch: Batch, /) -> dict[str, Any] | None:
         window = state.window
         if not window.closed:
-            return state
+            return None
         optimizer, schedule = state.optimizer, state.schedule
         if isinstance(schedule, LRScheduler):
             lr = optimizer.param_groups[0]["lr"]
@@ -245,16 +263,13 @@ class _OptimizerStep:
         if isinstance(schedule, LRScheduler):
             schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        return state._advance(
-            self,
-            {
-                "step": state.step + 1,
-                "micro_step": 0,
-                "skipped_steps": state.skipped_steps + skipped,
-                "window": _empty_window(window.size),
-                "metrics": {**state.metrics, "train/lr": lr},
-            },
-        )
+        return {
+            "step": state.step + 1,
+            "micro_step": 0,
+            "skipped_steps": state.skipped_steps + skipped,
+            "window": _empty_window(window.size),
+            "metrics": {**state.metrics, "train/lr": lr},
+        }
 
     def __repr__(self) -> str:
         return "optimizer_step()"
@@ -264,10 +279,14 @@ class _OptimizerStep:
 class _SkipNonfinite:
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
         state.check_fresh()
+        changes = self._changes(state, batch)
+        return state if changes is None else state._advance(self, changes)
+
+    def _changes(self, state: TrainState, batch: Batch, /) -> dict[str, Any] | None:
         window = state.window
         loss = state.metrics.get("train/loss")
         if not window.closed or not isinstance(loss, torch.Tensor):
-            return state
+            return None
         bad = ~torch.isfinite(loss)
         norm = state.metrics.get("train/grad_norm")
         if isinstance(norm, torch.Tensor):
@@ -279,7 +298,7 @@ class _SkipNonfinite:
             # Each rank holds only its share of the loss: every rank must skip if any
             # rank's is bad, or their weights would part ways. One tiny all-reduce.
             found = (torch.as_tensor(state.strategy.reduce_count(found)) > 0).float()
-        return state._advance(self, {"window": replace(window, found_inf=found)})
+        return {"window": replace(window, found_inf=found)}
 
     def __repr__(self) -> str:
         return "skip_nonfinite()"

@@ -22,12 +22,12 @@ LAYERS: list[tuple[str, ...]] = [
      "_sharded"),
     ("strategies",),
     ("state",),
-    ("compose", "transforms", "compiled"),
+    ("compose", "transforms", "compiled", "fingerprint", "guards"),
     ("checkpoint", "evaluate", "metrics", "callbacks", "logging", "data", "config",
      "run_lock", "_cadence", "_eval_tracking", "_nonfinite_watch", "_resume", "_saving",
-     "_interrupts"),
-    ("fit",),
-    ("compat", "testing"),
+     "_interrupts", "run_config"),
+    ("fit", "forensics", "replay"),
+    ("compat", "testing", "certify"),
     ("__init__", "__main__", "cli"),
 ]  # fmt: skip
 

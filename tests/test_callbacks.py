@@ -428,13 +428,26 @@ class FakeClock:
         return self.now
 
 
-def _perf_state(samples, tokens, device="cpu"):
+def _perf_state(samples, tokens, device="cpu", world_size=1):
     return SimpleNamespace(
         step=0,
         samples_seen=samples,
         tokens_seen=tokens,
-        strategy=SimpleNamespace(device=torch.device(device), rank=0, is_main=True),
+        strategy=SimpleNamespace(
+            device=torch.device(device), rank=0, is_main=True, world_size=world_size
+        ),
     )
+
+
+def test_throughput_monitor_mfu_is_over_every_devices_peak():
+    """samples_seen/tokens_seen are job-wide sums, so MFU divides by world_size peaks."""
+    clock = FakeClock()
+    monitor = ThroughputMonitor(flops_per_item=6000.0, peak_flops=1e6, clock=clock)
+    monitor.on_fit_start(_perf_state(0, 0, world_size=4), {})
+    clock.now = 2.0
+    out = monitor.log_metrics(_perf_state(64, 640, world_size=4))
+    assert out["perf/tokens_per_s"] == 320.0
+    assert out["perf/mfu"] == 6000.0 * 320.0 / (1e6 * 4)
 
 
 def test_throughput_monitor_math_with_a_fake_clock():

@@ -104,7 +104,7 @@ def chain_of(loss_fn: Any, k: int) -> lk.Transform:
 # graph (the second new shape marks the length dynamic), then never again.
 LENGTHS = [6, 6, 10, 10, 7, 9, 5, 12, 8, 11]
 
-CASES = {
+CASES: dict[str, tuple[Callable[[], lk.Transform], Callable[[], torch.nn.Module], list[Any]]] = {
     "mean-k1": (
         lambda: chain_of(mean_loss, 1),
         lambda: mlp(d_hidden=16, dtype=torch.float32),
@@ -210,6 +210,7 @@ def run_fallback(step: lk.Transform, state_of: Callable[[], lk.TrainState], matc
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         compiled = lk.compile_step(step)
+        assert isinstance(compiled, CompiledStep)
         state = state_of()
         for batch in batches:
             state = compiled(state, batch)
@@ -226,6 +227,17 @@ def test_a_step_with_a_host_decision_falls_back_with_one_warning():
         lk.forward(mean_loss), lk.accumulate(1), lk.skip_nonfinite(), lk.optimizer_step()
     )
     run_fallback(step, lambda: new_state(mlp(dtype=torch.float32)), "skip_nonfinite()")
+
+
+def note_loss(state: lk.TrainState, batch: Any) -> lk.TrainState:
+    """A part of the user's own: it may do anything on the host."""
+    return state
+
+
+@pytest.mark.filterwarnings("default::loopkit.compiled.CompileFallbackWarning")
+def test_a_step_with_a_part_of_the_users_own_falls_back_with_one_warning():
+    step = lk.chain(lk.forward(mean_loss), lk.accumulate(1), note_loss, lk.optimizer_step())
+    run_fallback(step, lambda: new_state(mlp(dtype=torch.float32)), "note_loss")
 
 
 @pytest.mark.filterwarnings("default::loopkit.compiled.CompileFallbackWarning")

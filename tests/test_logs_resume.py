@@ -147,7 +147,7 @@ def test_a_resumed_runs_logs_equal_the_uninterrupted_runs(tmp_path, stop, eval_e
 
 
 def _files(log_dir: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(log_dir.iterdir())}
+    return {path.name: path.read_bytes() for path in sorted(log_dir.iterdir()) if path.is_file()}
 
 
 def test_a_fresh_run_into_a_used_log_dir_keeps_the_earlier_runs_files(tmp_path, caplog):

@@ -62,10 +62,11 @@ class TrainerState:
 
     `epoch` is a float during training (2.5 = half-way through the third epoch);
     `global_step` counts optimizer steps. `best_metric` / `best_model_checkpoint` track the
-    best evaluation by `metric_for_best_model`.
+    best evaluation by `metric_for_best_model`. `total_flos` and `num_input_tokens_seen`
+    are summed over every rank, as HF counts them. Fields and JSON as transformers 5's.
     """
 
-    epoch: float | None = None
+    epoch: float | None = 0
     global_step: int = 0
     max_steps: int = 0
     logging_steps: int = 500
@@ -99,7 +100,8 @@ class TrainerState:
         return dataclasses.asdict(self)
 
     def save_to_json(self, json_path: str | os.PathLike[str]) -> None:
-        """Write the state as JSON (atomically: a temporary file renamed into place)."""
+        """Write the state as HF does (indent 2, sorted keys), atomically: a temporary file
+        renamed into place."""
         tmp = f"{os.fspath(json_path)}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as file:
             file.write(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -249,8 +251,16 @@ class DefaultFlowCallback(TrainerCallback):
             control.should_save = True
         if state.global_step >= state.max_steps:
             control.should_training_stop = True
-            if args.save_strategy not in ("no", "best"):
-                control.should_save = True  # save the final model
+            # transformers 5: evaluate the last step too (unless it was an eval step), and
+            # save it with a step-based save strategy.
+            if (
+                args.eval_strategy == "steps"
+                and state.global_step % state.eval_steps != 0
+                and args.eval_delay <= state.global_step
+            ):
+                control.should_evaluate = True
+            if args.save_strategy == "steps":
+                control.should_save = True
         return control
 
     def on_epoch_end(
@@ -266,7 +276,9 @@ class DefaultFlowCallback(TrainerCallback):
 
 
 class PrinterCallback(TrainerCallback):
-    """Print each log dict (rank 0), as HF does when disable_tqdm=True."""
+    """Print each log dict (main process), as HF does when disable_tqdm=True: floats to 4
+    significant digits; like HF's, it removes "total_flos" from the logs it is given (so
+    the metrics train() returns have none; state.log_history keeps it)."""
 
     def on_log(
         self,
@@ -276,8 +288,18 @@ class PrinterCallback(TrainerCallback):
         logs: Any = None,
         **kwargs: Any,
     ) -> Any:
-        if state.is_world_process_zero and logs is not None:
-            print({k: v for k, v in logs.items() if k != "total_flos"})
+        if logs is None:
+            return
+        logs.pop("total_flos", None)
+        if state.is_world_process_zero:
+            print(_shown(logs))
+
+
+def _shown(logs: dict[str, Any]) -> dict[str, Any]:
+    """HF 5's display of a log dict: floats as 4 significant digits, no total_flos."""
+    return {
+        k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items() if k != "total_flos"
+    }
 
 
 class ProgressCallback(TrainerCallback):
@@ -313,12 +335,7 @@ class ProgressCallback(TrainerCallback):
         **kwargs: Any,
     ) -> Any:
         if self.training_bar is not None and logs is not None:
-            shown = {
-                k: (round(v, 2) if k == "epoch" else v)
-                for k, v in logs.items()
-                if k != "total_flos"
-            }
-            self.training_bar.write(str(shown))
+            self.training_bar.write(str(_shown(logs)))
 
     def on_train_end(
         self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -1,14 +1,22 @@
-"""HF's checkpoint rules on loopkit checkpoints: resume paths, best model, rotation, saving.
+"""HF's checkpoint rules on loopkit checkpoints: names, resume, best model, rotation, saving.
 
-The checkpoints are loopkit's (`output_dir/step-XXXXXXXX`, written by fit); these
-functions apply HF's rules to them: `resume_from_checkpoint` (HF's `checkpoint-N` names
-included), `metric_for_best_model` / `best_model_checkpoint`, `save_total_limit` (never
-deleting the best) and `load_best_model_at_end`.
+fit() writes each checkpoint atomically as `output_dir/step-XXXXXXXX` (loopkit's format:
+safetensors + JSON + a manifest of checksums). The Trainer then gives it HF's name,
+`output_dir/checkpoint-N`, with one atomic rename (`publish`), and adds HF's files
+beside loopkit's: `trainer_state.json`, `training_args.json` (JSON, never pickled) and,
+for a transformers model, its `config.json`. So HF scripts find `checkpoint-N`, and
+loopkit's validation, loading and exact resume read the same directory.
+
+HF's rules applied to them: `resume_from_checkpoint` (True: the newest valid one),
+a fresh run over an earlier run's checkpoints (moved aside, or deleted with
+`overwrite_output_dir`), `metric_for_best_model` / `best_model_checkpoint`,
+`save_total_limit` (the newest and the best are kept) and `load_best_model_at_end`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -22,19 +30,83 @@ from safetensors.torch import load_file
 
 from ..callbacks import improved
 from ..checkpoint import (
-    latest_checkpoint,
+    CheckpointError,
     list_checkpoints,
-    rotate_checkpoints,
     save_model,
-    step_dir_name,
+    validate_checkpoint,
+    write_pointer,
 )
 from ..strategies import unwrap
 from .args import TrainingArguments
 from .callbacks import TrainerState
 
+logger = logging.getLogger("loopkit.compat")
+
+PREFIX_CHECKPOINT_DIR = "checkpoint"
+"""HF's checkpoint directory prefix: `checkpoint-<global_step>`."""
+_HF_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    """HF's directory name of the checkpoint at `step`."""
+    return f"{PREFIX_CHECKPOINT_DIR}-{step}"
+
+
+def list_hf_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """The `checkpoint-N` directories under `output_dir`, newest step first."""
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and _HF_NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Rename `source` to `target`; an existing `target` is moved aside first, then deleted."""
+    if not target.exists():
+        os.rename(source, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.rename(target, old)
+    os.rename(source, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def publish(path: str | os.PathLike[str]) -> Path:
+    """Give fit's checkpoint `output_dir/step-XXXXXXXX` HF's name `checkpoint-N` (one atomic
+    rename; an older `checkpoint-N` is replaced) and point `latest` at it. Main rank only."""
+    source = Path(path)
+    target = source.with_name(checkpoint_name(int(source.name.split("-")[1])))
+    _replace_dir(source, target)
+    write_pointer(source.parent, target.name)
+    return target
+
+
+def _publish_strays(output_dir: str) -> None:
+    """Name fit's checkpoints that a crash left unpublished (step-* names) as HF's."""
+    for path in list_checkpoints(output_dir):
+        publish(path)
+
+
+def newest_valid_checkpoint(output_dir: str) -> Path | None:
+    """The newest complete checkpoint-N under output_dir (each is validated), or None."""
+    _publish_strays(output_dir)
+    for path in list_hf_checkpoints(output_dir):
+        try:
+            validate_checkpoint(path)
+        except CheckpointError as error:
+            logger.warning("skipping checkpoint %s: %s", path.name, error)
+            continue
+        return path
+    return None
+
 
 def resume_path(args: TrainingArguments, resume_from_checkpoint: str | bool | None) -> str | None:
-    """The checkpoint train() resumes from (HF's checkpoint-N names map to step-N), or None.
+    """The checkpoint train() resumes from, or None (a fresh run).
+
+    None means `args.resume_from_checkpoint`; False or None there: a fresh run. True: the
+    newest valid checkpoint-N of output_dir. A path: that checkpoint (loopkit's older
+    `step-XXXXXXXX` names are accepted too).
 
     Raises:
         ValueError: True and no valid checkpoint in output_dir, or no such directory.
@@ -46,7 +118,7 @@ def resume_path(args: TrainingArguments, resume_from_checkpoint: str | bool | No
         return None
     output_dir = str(args.output_dir)
     if value is True:
-        path = latest_checkpoint(output_dir, report=lambda _: None)
+        path = newest_valid_checkpoint(output_dir)
         if path is None:
             raise ValueError(
                 f"Trainer.train(resume_from_checkpoint=True): no valid checkpoint in "
@@ -54,16 +126,63 @@ def resume_path(args: TrainingArguments, resume_from_checkpoint: str | bool | No
             )
         return str(path)
     path = Path(value)
-    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-    if not path.exists() and match:  # HF's name for loopkit's step-XXXXXXXX directory
-        path = path.parent / step_dir_name(int(match.group(1)))
     if not path.is_dir():
         raise ValueError(
             f"Trainer.train(resume_from_checkpoint={value!r}): no such checkpoint "
             f"directory; the checkpoints in {output_dir!r} are "
-            f"{[p.name for p in list_checkpoints(output_dir)]}."
+            f"{[p.name for p in list_hf_checkpoints(output_dir)]}."
         )
     return str(path)
+
+
+def _move_aside(paths: list[Path], target_name: str) -> Path:
+    target, n = paths[0].parent / target_name, 1
+    while target.exists():
+        n += 1
+        target = target.with_name(f"{target_name}-{n}")
+    target.mkdir()
+    for path in paths:
+        os.rename(path, target / path.name)  # one atomic rename each: nothing half-moved
+    return target
+
+
+def prepare_output_dir(args: TrainingArguments, resume: str | None) -> None:
+    """Make output_dir hold only this run's future checkpoints (main rank, before fit).
+
+    A fresh run (no resume) over an earlier run's checkpoint-N: they are moved, unchanged,
+    to `output_dir/previous-run[-k]/` (or deleted with `overwrite_output_dir=True`), so
+    resume_from_checkpoint=True and rotation never mix two runs. A resume from an older
+    checkpoint: the newer ones (the future it abandons) go to
+    `output_dir/abandoned-after-checkpoint-N/`, as loopkit's fit does.
+    """
+    output_dir = str(args.output_dir)
+    _publish_strays(output_dir)
+    found = list_hf_checkpoints(output_dir)
+    if resume is None:
+        if not found:
+            return
+        if args.overwrite_output_dir:
+            for path in found:
+                shutil.rmtree(path)
+            logger.warning("overwrite_output_dir=True: deleted %d earlier checkpoints.", len(found))
+            return
+        target = _move_aside(found, "previous-run")
+        logger.warning(
+            "a fresh train() in %s, which holds an earlier run's checkpoints: moved them, "
+            "unchanged, to %s (pass resume_from_checkpoint=True to continue that run instead).",
+            output_dir,
+            target,
+        )
+        return
+    resumed = Path(resume)
+    match = _HF_NAME.match(resumed.name)
+    if match is None or resumed.parent.resolve() != Path(output_dir).resolve():
+        return
+    step = int(match.group(1))
+    newer = [p for p in found if int(p.name.split("-")[1]) > step]
+    if newer:
+        target = _move_aside(newer, f"abandoned-after-{resumed.name}")
+        logger.warning("resumed from %s: moved the newer checkpoints to %s.", resumed.name, target)
 
 
 def update_best_metric(
@@ -99,33 +218,47 @@ def update_best_metric(
 
 
 def update_best_checkpoint(args: TrainingArguments, state: TrainerState, saving_step: int) -> None:
-    """Point best_model_checkpoint at the best evaluation's checkpoint, once it exists."""
+    """Point best_model_checkpoint at the best evaluation's checkpoint-N, once it exists."""
     best = state.best_global_step
     if best is None:
         return
-    path = Path(str(args.output_dir)) / step_dir_name(best)
+    path = Path(str(args.output_dir)) / checkpoint_name(best)
     if best == saving_step or path.is_dir():
         state.best_model_checkpoint = str(path)
 
 
-def rotate_like_hf(args: TrainingArguments, state: TrainerState) -> None:
-    """Keep `save_total_limit` checkpoints as HF does, never deleting the best.
+def _delete(path: Path) -> None:
+    # Hidden first (one atomic rename), as loopkit's rotation does: no half-deleted
+    # checkpoint under its name after a crash.
+    hidden = path.with_name(f".{path.name}.del-{os.getpid()}")
+    os.rename(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
-    HF keeps the newest `limit` checkpoints, except that the best one is always kept: then
-    it keeps the best plus the newest limit - 1 others (with limit 1: the best and the
-    newest, so that training can resume). No limit: nothing is deleted.
+
+def rotate_like_hf(args: TrainingArguments, state: TrainerState) -> None:
+    """Keep `save_total_limit` checkpoints as HF does: the newest and the best always.
+
+    HF's rule (transformers.trainer_utils.rotate_checkpoints): protect the newest and the
+    best, keep max(limit, protected) checkpoints, deleting the oldest unprotected first.
     """
     limit = args.save_total_limit
     if limit is None:
         return
-    output_dir = str(args.output_dir)
-    best = state.best_model_checkpoint
-    newest = {p.resolve() for p in list_checkpoints(output_dir)[:limit]}
-    best_path = None if best is None else Path(best)
-    if best_path is None or not best_path.is_dir() or best_path.resolve() in newest:
-        rotate_checkpoints(output_dir, limit)
-    else:
-        rotate_checkpoints(output_dir, max(1, limit - 1), keep=[best_path])
+    found = list(reversed(list_hf_checkpoints(str(args.output_dir))))  # oldest first
+    if len(found) <= limit:
+        return
+    protected = {found[-1].resolve()}
+    if state.best_model_checkpoint is not None:
+        protected.add(Path(state.best_model_checkpoint).resolve())
+    keep = max(limit, len(protected))
+    remaining = len(found)
+    for path in found:
+        if remaining <= keep:
+            break
+        if path.resolve() in protected:
+            continue
+        _delete(path)
+        remaining -= 1
 
 
 def keep_only_best(args: TrainingArguments, state: TrainerState) -> None:
@@ -138,12 +271,9 @@ def keep_only_best(args: TrainingArguments, state: TrainerState) -> None:
     ):
         return
     best = Path(state.best_model_checkpoint).resolve()
-    for path in list_checkpoints(str(args.output_dir)):
+    for path in list_hf_checkpoints(str(args.output_dir)):
         if path.resolve() != best:
-            # Hidden first (one atomic rename), as loopkit's rotation does.
-            hidden = path.with_name(f".{path.name}.del-{os.getpid()}")
-            os.rename(path, hidden)
-            shutil.rmtree(hidden, ignore_errors=True)
+            _delete(path)
 
 
 def load_best_model(model: torch.nn.Module, state: TrainerState) -> None:
@@ -161,35 +291,72 @@ def load_best_model(model: torch.nn.Module, state: TrainerState) -> None:
     unwrap(model).load_state_dict(load_file(str(path)))
 
 
-def save_model_dir(
-    model: torch.nn.Module, processing_class: Any, args: TrainingArguments, directory: str
-) -> None:
-    """Trainer.save_model's directory: the weights, the processing class, the arguments.
-
-    A model with `save_pretrained` (an HF PreTrainedModel) saves itself that way; others
-    as loopkit.save_model (`model.safetensors` + `config.json`). The arguments go to
-    `training_args.json` (no pickle).
-    """
-    os.makedirs(directory, exist_ok=True)
-    save_pretrained = getattr(model, "save_pretrained", None)
-    if callable(save_pretrained):
-        save_pretrained(directory, safe_serialization=True)
-    else:
-        save_model(model, directory)
-    saver = getattr(processing_class, "save_pretrained", None)
-    if callable(saver):
-        saver(directory)
+def write_args(args: TrainingArguments, directory: str | os.PathLike[str]) -> None:
+    """`training_args.json`: HF's training_args.bin as JSON (nothing pickled)."""
     path = os.path.join(directory, "training_args.json")
     with open(path, "w", encoding="utf-8") as file:
         file.write(json.dumps(args.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
+def write_model_config(model: torch.nn.Module, directory: str | os.PathLike[str]) -> None:
+    """A transformers model's `config.json` (so `from_pretrained(checkpoint-N)` loads)."""
+    config = getattr(unwrap(model), "config", None)
+    to_json_file = getattr(config, "to_json_file", None)
+    if callable(to_json_file):
+        to_json_file(os.path.join(directory, "config.json"))
+
+
+def write_hf_files(
+    path: Path, state: TrainerState, args: TrainingArguments, model: torch.nn.Module
+) -> None:
+    """HF's files beside loopkit's in checkpoint-N: trainer_state.json, training_args.json,
+    and a transformers model's config.json."""
+    state.save_to_json(path / "trainer_state.json")
+    write_args(args, path)
+    write_model_config(model, path)
+
+
+def save_extras(processing_class: Any, args: TrainingArguments, directory: str) -> None:
+    """What save_model writes besides the weights: the processing class and the arguments."""
+    saver = getattr(processing_class, "save_pretrained", None)
+    if callable(saver):
+        saver(directory)
+    write_args(args, directory)
+
+
+def save_model_dir(
+    model: torch.nn.Module, processing_class: Any, args: TrainingArguments, directory: str
+) -> None:
+    """Trainer.save_model's directory, one process: weights, processing class, arguments.
+
+    A model with `save_pretrained` (an HF PreTrainedModel) saves itself that way; others
+    as loopkit.save_model (`model.safetensors` + `config.json`).
+    """
+    os.makedirs(directory, exist_ok=True)
+    save_pretrained = getattr(model, "save_pretrained", None)
+    if callable(save_pretrained):
+        save_pretrained(directory)  # safetensors (the default since transformers 4.35)
+    else:
+        save_model(model, directory)
+    save_extras(processing_class, args, directory)
+
+
 __all__ = [
+    "PREFIX_CHECKPOINT_DIR",
+    "checkpoint_name",
     "keep_only_best",
+    "list_hf_checkpoints",
     "load_best_model",
+    "newest_valid_checkpoint",
+    "prepare_output_dir",
+    "publish",
     "resume_path",
     "rotate_like_hf",
+    "save_extras",
     "save_model_dir",
     "update_best_checkpoint",
     "update_best_metric",
+    "write_args",
+    "write_hf_files",
+    "write_model_config",
 ]

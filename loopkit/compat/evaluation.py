@@ -188,16 +188,23 @@ class PredictionCollector:
         preprocess: Callable[[Any, Any], Any] | None,
         ignore_keys: Sequence[str],
         has_loss: bool,
+        batch_metrics: Callable[..., Mapping[str, Any] | None] | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
         self.labels_of = labels_of
         self.preprocess = preprocess
         self.ignore_keys = tuple(ignore_keys)
         self.has_loss = has_loss
+        self.batch_metrics = batch_metrics
+        self.strategy = strategy
         self.predictions: list[tuple[torch.Tensor, ...]] = []
         self.labels: list[tuple[torch.Tensor, ...]] = []
+        self._pending: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None
+        self.batch_result: Mapping[str, Any] | None = None
 
     def reset(self) -> None:
         self.predictions, self.labels = [], []
+        self._pending, self.batch_result = None, None
 
     def update(self, outputs: Any, batch: Any) -> None:
         logits: Any = prediction_tensors(outputs, self.has_loss, self.ignore_keys)
@@ -206,8 +213,43 @@ class PredictionCollector:
             joined = logits[0] if len(logits) == 1 else logits
             joined = self.preprocess(joined, labels[0] if len(labels) == 1 else labels)
             logits = (joined,) if isinstance(joined, torch.Tensor) else tuple(joined)
-        self.predictions.append(tuple(t.detach() for t in logits))
-        self.labels.append(tuple(t.detach() for t in labels))
+        logits = tuple(t.detach() for t in logits)
+        labels = tuple(t.detach() for t in labels)
+        self.predictions.append(logits)
+        self.labels.append(labels)
+        if self.batch_metrics is not None and labels:
+            # HF's batch_eval_metrics: compute_result=True on the last batch only, which is
+            # known once the next one arrives (or the evaluation ends): one batch held back.
+            self._flush(last=False)
+            self._pending = (logits, labels)
+
+    def _flush(self, *, last: bool) -> None:
+        if self._pending is None or self.batch_metrics is None:
+            return
+        logits, labels = self._pending
+        self._pending = None
+        if self.strategy is not None and self.strategy.world_size > 1:  # one batch of each rank
+            device = logits[0].device
+            logits = tuple(
+                torch.from_numpy(a).to(device) for a in _gather_batch(logits, self.strategy)
+            )
+            labels = tuple(
+                torch.from_numpy(a).to(device) for a in _gather_batch(labels, self.strategy)
+            )
+        result = self.batch_metrics(
+            EvalPrediction(
+                logits[0] if len(logits) == 1 else logits,
+                labels[0] if len(labels) == 1 else labels,
+            ),
+            compute_result=last,
+        )
+        if last:
+            self.batch_result = result
+
+    def finish_batches(self) -> Mapping[str, Any] | None:
+        """batch_eval_metrics: compute the held-back last batch with compute_result=True."""
+        self._flush(last=True)
+        return self.batch_result
 
     def compute(self) -> float:
         return 0.0
@@ -226,6 +268,11 @@ class PredictionCollector:
         predictions = preds[0] if len(preds) == 1 else tuple(preds)
         label_ids = None if not labels else labels[0] if len(labels) == 1 else tuple(labels)
         return predictions, label_ids
+
+
+def _gather_batch(parts: tuple[torch.Tensor, ...], strategy: Strategy) -> list[np.ndarray]:
+    """One batch's tensors of every rank, in dataset order (a collective)."""
+    return gather_in_order([to_numpy(t) for t in parts], strategy, None)
 
 
 def concat_batches(parts: list[tuple[torch.Tensor, ...]]) -> list[np.ndarray]:
@@ -303,7 +350,8 @@ def run_evaluation(
 
     With `collector`, the predictions and labels of the whole set are gathered over the
     ranks (`view.strategy`) and cut to `n_items`; compute_metrics then sees them when there
-    are labels. Without `loss_fn`, `predict` gives the outputs the collector reads.
+    are labels (or, with the collector's `batch_metrics`, each batch as it comes). Without
+    `loss_fn`, `predict` gives the outputs the collector reads.
     """
     values = evaluate(
         view,
@@ -317,9 +365,11 @@ def run_evaluation(
         metrics[f"{prefix}_loss"] = values["eval/loss"]
     if collector is None:
         return EvalResult(None, None, metrics, n_items)
+    computed = collector.finish_batches() if collector.batch_metrics is not None else None
     predictions, label_ids = collector.gathered(view.strategy, n_items)
-    if compute_metrics is not None and label_ids is not None:
+    if collector.batch_metrics is None and compute_metrics is not None and label_ids is not None:
         computed = compute_metrics(EvalPrediction(predictions, label_ids))
+    if computed is not None:
         for key, value in dict(computed).items():
             name = key if key.startswith(f"{prefix}_") else f"{prefix}_{key}"
             metrics[name] = value.item() if hasattr(value, "item") else value

@@ -1,10 +1,18 @@
-"""The Trainer's inputs: collators, data loaders, and how a batch reaches the model.
+"""The Trainer's inputs: datasets, columns, collators, data loaders, and batches.
 
-HF's rules for a batch: samples are collated by `default_data_collator` (or the
-processing class's `pad`); a dict batch loses the keys `forward` does not take
-(`remove_unused_columns`) and calls `model(**batch)`; the labels are under
-`args.label_names` (default "labels"), and a loss averages over the labels that are not
--100 (`num_items_in_batch`).
+HF's rules, followed here:
+
+- a dataset is any object with `__len__` and `__getitem__` (a torch Dataset or not, an HF
+  `datasets.Dataset`), or an iterable dataset (torch's or `datasets.IterableDataset`);
+- `remove_unused_columns`: the columns `forward` does not name (plus "label",
+  "label_ids" and the label names) are dropped *before* collation, from a
+  `datasets.Dataset` with `remove_columns`, from other datasets' dict samples by the
+  collator (HF's RemoveColumnsCollator);
+- samples are collated by `default_data_collator`, or by HF's DataCollatorWithPadding
+  (the processing class's `pad`) when a tokenizer is given, or by `data_collator=`;
+- a dict batch calls `model(**batch)`; the labels are under `label_names` (default: the
+  forward arguments whose name contains "label", as HF finds them); a loss averages over
+  the labels that are not -100 (`num_items_in_batch`).
 """
 
 from __future__ import annotations
@@ -47,7 +55,10 @@ def default_data_collator(features: list[Any]) -> Any:
         if isinstance(first["label_ids"], torch.Tensor):
             batch["labels"] = torch.stack([f["label_ids"] for f in features])
         else:
-            batch["labels"] = torch.tensor([f["label_ids"] for f in features])
+            is_int = isinstance(first["label_ids"][0], (int, np.integer))
+            batch["labels"] = torch.tensor(
+                [f["label_ids"] for f in features], dtype=torch.long if is_int else torch.float
+            )
     for key, value in first.items():
         if key in ("label", "label_ids") or value is None or isinstance(value, str):
             continue
@@ -62,27 +73,113 @@ def default_data_collator(features: list[Any]) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class PadCollator:
-    """Collate with a tokenizer's `pad(features, return_tensors="pt")`, labels as "labels"."""
+    """HF's DataCollatorWithPadding: `pad(features, padding=True, return_tensors="pt")`,
+    labels as "labels"."""
 
     pad: Callable[..., Any]
 
     def __call__(self, features: list[Any]) -> Any:
-        batch = dict(self.pad(features, return_tensors="pt"))
+        batch = dict(self.pad(features, padding=True, return_tensors="pt"))
         for old in ("label", "label_ids"):
             if old in batch:
                 batch["labels"] = batch.pop(old)
         return batch
 
 
+@dataclass(frozen=True, slots=True)
+class RemoveColumns:
+    """HF's RemoveColumnsCollator: drop the keys `forward` does not take, then collate.
+
+    Attributes:
+        collate: the collator that builds the batch.
+        keep: the columns kept (forward's argument names, "label", "label_ids", labels).
+    """
+
+    collate: Collator
+    keep: frozenset[str]
+
+    def __call__(self, features: list[Any]) -> Any:
+        if features and isinstance(features[0], Mapping):
+            features = [{k: v for k, v in f.items() if k in self.keep} for f in features]
+        return self.collate(features)
+
+
 def default_collator(processing_class: Any) -> Collator:
-    """The processing class's `pad` when it has one (a tokenizer), else default_data_collator."""
+    """DataCollatorWithPadding (the processing class's `pad`) with a tokenizer, else
+    default_data_collator (HF's choice)."""
     pad = getattr(processing_class, "pad", None)
     return PadCollator(pad) if callable(pad) else default_data_collator
 
 
-def label_names(args: TrainingArguments) -> list[str]:
-    """The batch keys that hold labels: `args.label_names`, default ["labels"]."""
-    return list(args.label_names or ["labels"])
+def forward_parameters(model: torch.nn.Module) -> tuple[list[str], bool]:
+    """`forward`'s parameter names (in order), and whether it takes **kwargs."""
+    params = inspect.signature(unwrap(model).forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return list(params), takes_any
+
+
+def find_labels(model: torch.nn.Module) -> list[str]:
+    """HF's default label names: forward's arguments named like a label.
+
+    QA models' `start_positions` / `end_positions` count too; with none, ["labels"].
+    """
+    names, _ = forward_parameters(model)
+    found = [n for n in names if "label" in n]
+    if not found and {"start_positions", "end_positions"} <= set(names):
+        found = ["start_positions", "end_positions"]
+    return found or ["labels"]
+
+
+def label_names(args: TrainingArguments, model: torch.nn.Module | None = None) -> list[str]:
+    """The batch keys that hold labels: `args.label_names`, else HF's default for `model`."""
+    if args.label_names is not None:
+        return list(args.label_names)
+    return ["labels"] if model is None else find_labels(model)
+
+
+def signature_columns(model: torch.nn.Module, labels: Sequence[str]) -> frozenset[str]:
+    """The sample keys HF keeps: forward's argument names, "label", "label_ids", the labels."""
+    names, _ = forward_parameters(model)
+    return frozenset([*names, "label", "label_ids", *labels])
+
+
+def is_hf_dataset(dataset: Any) -> bool:
+    """Whether `dataset` is an HF `datasets.Dataset` or `datasets.IterableDataset`."""
+    return type(dataset).__module__.startswith("datasets.") and hasattr(dataset, "remove_columns")
+
+
+def dataset_for_model(dataset: Any, model: torch.nn.Module, args: TrainingArguments) -> Any:
+    """An HF dataset without the columns `forward` does not take (remove_unused_columns).
+
+    Other datasets are returned as they are (their samples lose those keys in the
+    collator, see `collator_for`).
+
+    Raises:
+        ValueError: no column of the dataset is one forward takes (HF's error).
+    """
+    if not (args.remove_unused_columns and is_hf_dataset(dataset)):
+        return dataset
+    columns = list(dataset.column_names or [])
+    if not columns:  # an IterableDataset whose columns are not known ahead
+        return dataset
+    keep = signature_columns(model, label_names(args, model))
+    ignored = [c for c in columns if c not in keep]
+    if len(ignored) == len(columns):
+        raise ValueError(
+            f"Trainer: no column of the dataset ({columns}) is an argument of "
+            f"{type(unwrap(model)).__name__}.forward {sorted(keep - {'label', 'label_ids'})}; "
+            "rename the columns, or pass TrainingArguments(remove_unused_columns=False)."
+        )
+    return dataset.remove_columns(ignored) if ignored else dataset
+
+
+def collator_for(
+    collate: Collator, dataset: Any, model: torch.nn.Module, args: TrainingArguments
+) -> Collator:
+    """`collate`, behind HF's RemoveColumnsCollator for datasets that are not HF datasets."""
+    if not args.remove_unused_columns or is_hf_dataset(dataset):
+        return collate
+    return RemoveColumns(collate, signature_columns(model, label_names(args, model)))
 
 
 def call_model(model: torch.nn.Module, inputs: Any, **kwargs: Any) -> Any:
@@ -95,7 +192,7 @@ def call_model(model: torch.nn.Module, inputs: Any, **kwargs: Any) -> Any:
 
 
 class BatchReader:
-    """Reads batches for one model: what reaches `forward`, the labels, the item count.
+    """Reads batches for one model: the labels and the item count.
 
     Built per train() or evaluation from the args of that moment; `forward`'s signature is
     read once, on first use.
@@ -103,34 +200,24 @@ class BatchReader:
     Args:
         model: the Trainer's model (wrappers such as DDP or torch.compile are looked through).
         label_names: the batch keys holding labels.
-        remove_unused_columns: drop dict keys `forward` does not take (HF's option).
+        shifts_labels: the model's loss predicts token t+1 from token t (a causal LM), so
+            position 0 of each row is no item: count `labels[..., 1:]` (HF's rule).
     """
 
     def __init__(
-        self, model: torch.nn.Module, label_names: Sequence[str], remove_unused_columns: bool
+        self, model: torch.nn.Module, label_names: Sequence[str], shifts_labels: bool = False
     ) -> None:
         self.model = unwrap(model)
         self.label_names = list(label_names)
-        self.remove_unused_columns = remove_unused_columns
+        self.shifts_labels = shifts_labels
         self._forward: tuple[set[str], bool] | None = None
 
     def forward_parameters(self) -> tuple[set[str], bool]:
         """`forward`'s parameter names, and whether it takes **kwargs."""
         if self._forward is None:
-            params = inspect.signature(self.model.forward).parameters
-            takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-            self._forward = (set(params), takes_any)
+            names, takes_any = forward_parameters(self.model)
+            self._forward = (set(names), takes_any)
         return self._forward
-
-    def prepare(self, batch: Any) -> Any:
-        """A dict batch without the keys forward does not take (remove_unused_columns)."""
-        if not isinstance(batch, Mapping) or not self.remove_unused_columns:
-            return batch
-        names, takes_any = self.forward_parameters()
-        if takes_any:
-            return dict(batch)
-        keep = names | set(self.label_names)
-        return {k: v for k, v in batch.items() if k in keep}
 
     def labels(self, batch: Any) -> tuple[torch.Tensor, ...]:
         """The label tensors of a batch: its label keys (a dict), or batch[1] (a tuple)."""
@@ -147,16 +234,40 @@ class BatchReader:
         return ()
 
     def item_count(self, batch: Any) -> torch.Tensor | None:
-        """Items the loss averages over: labels that are not -100 (HF's num_items_in_batch)."""
+        """Items the loss averages over: labels that are not -100 (HF's num_items_in_batch).
+
+        A batch's "shift_labels" are counted as they are; a causal LM's labels from
+        position 1 on.
+        """
+        if isinstance(batch, Mapping) and isinstance(batch.get("shift_labels"), torch.Tensor):
+            return batch["shift_labels"].ne(IGNORE_INDEX).sum()
         labels = self.labels(batch)
         if not labels:
             return None
-        return labels[0].ne(IGNORE_INDEX).sum()  # stays on device: no host sync
+        counted = labels[0][..., 1:] if self.shifts_labels else labels[0]
+        return counted.ne(IGNORE_INDEX).sum()  # stays on device: no host sync
+
+
+def loss_shifts_labels(model: torch.nn.Module) -> bool:
+    """Whether `model` is a transformers causal LM whose loss shifts the labels (HF's test:
+    its `loss_type` maps to ForCausalLMLoss, and it is not an encoder-decoder)."""
+    module = unwrap(model)
+    loss_type = getattr(module, "loss_type", None)
+    if loss_type is None:
+        return False
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except ImportError:
+        return False
+    config = getattr(module, "config", None)
+    return LOSS_MAPPING.get(loss_type) is ForCausalLMLoss and not getattr(
+        config, "is_encoder_decoder", False
+    )
 
 
 def batch_reader(model: torch.nn.Module, args: TrainingArguments) -> BatchReader:
-    """A BatchReader for `model` with the label names and column rule of `args`."""
-    return BatchReader(model, label_names(args), args.remove_unused_columns)
+    """A BatchReader for `model` with the label names of `args`."""
+    return BatchReader(model, label_names(args, model), loss_shifts_labels(model))
 
 
 def has_labels(dataset: Any, loader: Any, collate: Collator, reader: BatchReader) -> bool:
@@ -168,21 +279,34 @@ def has_labels(dataset: Any, loader: Any, collate: Collator, reader: BatchReader
     return bool(reader.labels(sample))
 
 
+def _shard(dataset: Any, strategy: Strategy) -> Any:
+    """An HF IterableDataset's share for this data-parallel rank (others: as they are)."""
+    if strategy.dp_world_size > 1 and is_hf_dataset(dataset) and not hasattr(dataset, "__len__"):
+        from datasets.distributed import split_dataset_by_node
+
+        return split_dataset_by_node(
+            dataset, rank=strategy.dp_rank, world_size=strategy.dp_world_size
+        )
+    return dataset
+
+
 def train_loader(
     dataset: Any, args: TrainingArguments, strategy: Strategy, collate: Collator
 ) -> Any:
-    """The training loader: shuffled per epoch by (data_seed or seed, epoch), this rank's share."""
+    """The training loader: shuffled per epoch by (data_seed or seed, epoch) ('random'
+    sampling), this data-parallel rank's share (under Pipeline every stage of a replica
+    reads the same batches)."""
     return make_loader(
-        dataset,
+        _shard(dataset, strategy),
         batch_size=args.per_device_train_batch_size,
-        shuffle=True,
+        shuffle=args.train_sampling_strategy == "random",
         seed=args.data_seed if args.data_seed is not None else args.seed,
         drop_last=args.dataloader_drop_last,
         num_workers=args.dataloader_num_workers,
         pin_memory=args.dataloader_pin_memory and torch.device(strategy.device).type == "cuda",
         collate_fn=collate,
-        rank=strategy.rank,
-        world_size=strategy.world_size,
+        rank=strategy.dp_rank,
+        world_size=strategy.dp_world_size,
         where="Trainer(train_dataset=...)",
     )
 
@@ -190,17 +314,18 @@ def train_loader(
 def eval_loader(
     dataset: Any, args: TrainingArguments, strategy: Strategy, collate: Collator
 ) -> Any:
-    """An evaluation loader: dataset order, this rank's share (rank r reads items r, r+w, ...)."""
+    """An evaluation loader: dataset order, this data-parallel rank's share (rank r reads
+    items r, r+w, ...)."""
     return make_loader(
-        dataset,
+        _shard(dataset, strategy),
         batch_size=args.per_device_eval_batch_size,
         shuffle=False,
         seed=args.seed,
         drop_last=args.dataloader_drop_last,
         num_workers=args.dataloader_num_workers,
         collate_fn=collate,
-        rank=strategy.rank,
-        world_size=strategy.world_size,
+        rank=strategy.dp_rank,
+        world_size=strategy.dp_world_size,
         where="Trainer(eval_dataset=...)",
     )
 
@@ -218,13 +343,21 @@ __all__ = [
     "BatchReader",
     "Collator",
     "PadCollator",
+    "RemoveColumns",
     "batch_reader",
     "batches_per_epoch",
     "call_model",
+    "collator_for",
+    "dataset_for_model",
     "default_collator",
     "default_data_collator",
     "eval_loader",
+    "find_labels",
+    "forward_parameters",
     "has_labels",
+    "is_hf_dataset",
     "label_names",
+    "loss_shifts_labels",
+    "signature_columns",
     "train_loader",
 ]

@@ -16,7 +16,8 @@ import torch
 
 from .._types import LossFn
 from ..loss import Loss
-from .inputs import BatchReader, call_model
+from ..strategies import unwrap
+from .inputs import BatchReader, call_model, forward_parameters
 
 ComputeLoss = Callable[..., Any]
 """`compute_loss(model, inputs, num_items_in_batch=...)`: the Trainer's (maybe overridden)."""
@@ -68,27 +69,39 @@ def model_loss(
     return loss_of(outputs), outputs
 
 
+def accepts_loss_kwargs(model: torch.nn.Module) -> bool:
+    """The default of Trainer.model_accepts_loss_kwargs: whether the model *declares* that it
+    normalises its loss by `num_items_in_batch`.
+
+    Its `accepts_loss_kwargs` attribute, else whether forward names `num_items_in_batch`.
+    HF also counts a bare `**kwargs`; here such a model is called without it and its mean
+    loss is weighted by its item count, which gives the same gradients for a model that
+    honours num_items_in_batch and HF's own result (k=1) for one that ignores it.
+    """
+    module = unwrap(model)
+    declared = getattr(module, "accepts_loss_kwargs", None)
+    if declared is not None:
+        return bool(declared)
+    names, _ = forward_parameters(module)
+    return "num_items_in_batch" in names
+
+
 def passes_num_items(
-    reader: BatchReader,
+    model_accepts_loss_kwargs: bool,
     *,
     compute_loss_func: Callable[..., torch.Tensor] | None,
     compute_loss_overridden: bool,
 ) -> bool:
-    """Whether the model normalises its own loss by num_items_in_batch (HF's check).
+    """Whether compute_loss gets num_items_in_batch (and returns a summed loss).
 
     True with a compute_loss_func; False when compute_loss is overridden (it decides
-    itself); else the model's `accepts_loss_kwargs`, or whether forward takes
-    `num_items_in_batch`.
+    itself); else `model_accepts_loss_kwargs`.
     """
     if compute_loss_func is not None:
         return True
     if compute_loss_overridden:
         return False
-    accepts = getattr(reader.model, "accepts_loss_kwargs", None)
-    if accepts is not None:
-        return bool(accepts)
-    names, _ = reader.forward_parameters()
-    return "num_items_in_batch" in names
+    return model_accepts_loss_kwargs
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -115,17 +128,16 @@ class TrainLoss:
     def __call__(self, model: torch.nn.Module, batch: Any, /) -> Any:
         if self.loss_fn is not None:
             return self.loss_fn(model, batch)
-        inputs = self.reader.prepare(batch)
-        count = self.reader.item_count(inputs)
+        count = self.reader.item_count(batch)
         if self.pass_num_items:
-            loss = self.compute_loss(model, inputs, num_items_in_batch=1)
+            loss = self.compute_loss(model, batch, num_items_in_batch=1)
             if count is None:
                 raise ValueError(
                     "Trainer: the model takes num_items_in_batch but the batch has no labels "
                     f"({self.reader.label_names}) to count items from; pass loss_fn=... ."
                 )
             return Loss(loss, count)
-        loss = self.compute_loss(model, inputs)
+        loss = self.compute_loss(model, batch)
         return loss if count is None else Loss(loss * count, count)
 
     def __repr__(self) -> str:  # short: fit records the step's repr with each checkpoint
@@ -143,7 +155,7 @@ class EvalLoss:
     def __call__(self, model: torch.nn.Module, batch: Any, /) -> Any:
         if self.loss_fn is not None:
             return self.loss_fn(model, batch)
-        return self.compute_loss(model, self.reader.prepare(batch))
+        return self.compute_loss(model, batch)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -153,11 +165,12 @@ class ForwardOutputs:
     reader: BatchReader
 
     def __call__(self, model: torch.nn.Module, batch: Any, /) -> Any:
-        return call_model(model, self.reader.prepare(batch))
+        return call_model(model, batch)
 
 
 __all__ = [
     "ComputeLoss",
+    "accepts_loss_kwargs",
     "EvalLoss",
     "ForwardOutputs",
     "TrainLoss",

@@ -84,10 +84,13 @@ class DecayGroups:
 
 
 def builtin_optimizer(args: TrainingArguments) -> OptimizerSpec:
-    """`args.optim`: torch's AdamW with adam_beta1/2 and adam_epsilon (fused for
-    adamw_torch_fused), or SGD; both at args.learning_rate."""
+    """`args.optim` as HF builds it: torch's AdamW with adam_beta1/2 and adam_epsilon (fused
+    for adamw_torch_fused, HF 5's default), or SGD / Adagrad with optim_args; all at
+    args.learning_rate."""
     if args.optim == "sgd":
-        return OptimizerSpec(torch.optim.SGD, {"lr": args.learning_rate})
+        return OptimizerSpec(torch.optim.SGD, {"lr": args.learning_rate, **args.optim_kwargs()})
+    if args.optim == "adagrad":
+        return OptimizerSpec(torch.optim.Adagrad, {"lr": args.learning_rate, **args.optim_kwargs()})
     kwargs: dict[str, Any] = {
         "lr": args.learning_rate,
         "betas": (args.adam_beta1, args.adam_beta2),
@@ -119,7 +122,7 @@ def make_optimizer(
 
 def hf_schedule(args: TrainingArguments, max_steps: int, warmup: int) -> Any:
     """The loopkit schedule for args.lr_scheduler_type, with HF's formulas and kwargs."""
-    kind, kwargs = args.lr_scheduler_type, args.lr_scheduler_kwargs
+    kind, kwargs = args.lr_scheduler_type, args.scheduler_kwargs()
     # A warmup longer than the run: HF's factors for the steps that run are those of a
     # run as long as the warmup (loopkit's schedules refuse total < warmup).
     total = max(max_steps, warmup)

@@ -13,16 +13,20 @@ from .args import TrainingArguments
 
 
 def speed_metrics(
-    prefix: str, start: float, num_samples: int | None, num_steps: int | None
+    prefix: str,
+    start: float,
+    num_samples: float | None = None,
+    num_steps: int | None = None,
+    num_tokens: int | None = None,
 ) -> dict[str, float]:
-    """HF's `<prefix>_runtime`, `_samples_per_second`, `_steps_per_second` since `start`."""
+    """HF's `<prefix>_runtime`, `_samples_per_second`, `_steps_per_second`,
+    `_tokens_per_second` since `start`."""
     runtime = time.time() - start
     result = {f"{prefix}_runtime": round(runtime, 4)}
     if runtime > 0:
-        if num_samples is not None:
-            result[f"{prefix}_samples_per_second"] = round(num_samples / runtime, 3)
-        if num_steps is not None:
-            result[f"{prefix}_steps_per_second"] = round(num_steps / runtime, 3)
+        for unit, count in (("samples", num_samples), ("steps", num_steps), ("tokens", num_tokens)):
+            if count is not None:
+                result[f"{prefix}_{unit}_per_second"] = round(count / runtime, 3)
     return result
 
 

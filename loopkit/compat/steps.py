@@ -1,11 +1,15 @@
 """The Trainer's step chain and run length: loopkit's public transforms, with HF's windows.
 
-    notify("on_step_begin") -> forward(loss) -> accumulate(k, HF's short last window)
-    -> notify("on_substep_end") -> clip(max_grad_norm) -> notify("on_pre_optimizer_step")
+    notify("on_step_begin") -> observe_inputs -> forward(loss)
+    -> accumulate(k, HF's short last window)
+    -> notify("on_substep_end") -> clip(max_grad_norm) or grad_norm()
+    -> notify("on_pre_optimizer_step")
     -> optimizer_step() -> notify("on_optimizer_step")
 
-`notify` transforms fire an HF callback event when they apply; they read the record and
-return it as is.
+`notify` transforms fire an HF callback event when they apply, and `observe_inputs` hands
+each micro-batch (as the loader made it, before it moves to the device) to the Trainer,
+which counts its FLOPs and input tokens as HF does; both read the record and return it as
+is.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from .._types import LossFn, Transform
-from ..compose import chain, identity, when
+from ..compose import chain, when
 from ..state import TrainState
 from ..transforms import accumulate, clip, forward, optimizer_step
 from .args import TrainingArguments
@@ -29,6 +33,10 @@ class EventSink(Protocol):
     """Whatever fires HF events on the Trainer's callbacks (the bridge)."""
 
     def fire(self, event: str, **kwargs: Any) -> None: ...
+
+    def on_inputs(self, batch: Any) -> None:
+        """See one micro-batch before its forward (FLOPs, input tokens)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -57,6 +65,45 @@ class _Notify:
 def notify(sink: EventSink, event: StepEvent) -> Transform:
     """A transform that calls the HF `event` on the Trainer's callbacks when it applies."""
     return _Notify(sink, event)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _ObserveInputs:
+    sink: EventSink
+
+    def __call__(self, state: TrainState, batch: Any, /) -> TrainState:
+        self.sink.on_inputs(batch)
+        return state  # observes only: the record is not consumed
+
+    def __repr__(self) -> str:
+        return "observe_inputs()"
+
+
+@dataclass(frozen=True, slots=True)
+class _GradNorm:
+    def __call__(self, state: TrainState, batch: Any, /) -> TrainState:
+        if not state.window.closed:
+            return state
+        # HF logs the norm without clipping too: an infinite bound scales by 1.
+        norm = state.strategy.clip_grad_norm_(state.params, math.inf, 2.0)
+        return state.replace(metrics={**state.metrics, "train/grad_norm": norm})
+
+    def __repr__(self) -> str:
+        return "grad_norm()"
+
+
+def grad_norm() -> Transform:
+    """At a window's close, record the global gradient norm as "train/grad_norm", unclipped.
+
+    HF's Trainer logs grad_norm when max_grad_norm is 0 too; this is `clip` with no bound.
+    Cost: one pass over the gradients per optimizer step, as clipping.
+    """
+    return _GradNorm()
+
+
+def observe_inputs(sink: EventSink) -> Transform:
+    """A transform that shows each micro-batch to `sink.on_inputs` (FLOPs, input tokens)."""
+    return _ObserveInputs(sink)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,13 +188,15 @@ def train_samples(args: TrainingArguments, dataset: Any, run: RunLength, world_s
 def train_step(
     sink: EventSink, loss_fn: LossFn, run: RunLength, max_grad_norm: float | None
 ) -> Transform:
-    """The Trainer's step chain (see the module docstring); no clipping for 0 or None."""
+    """The Trainer's step chain (see the module docstring); no clipping for 0 or None (the
+    norm is still recorded, as HF logs it)."""
     return chain(
         notify(sink, "on_step_begin"),
+        observe_inputs(sink),
         forward(loss_fn),
         hf_window(run.accumulation, run.batches_per_epoch),
         notify(sink, "on_substep_end"),
-        clip(max_grad_norm) if max_grad_norm else identity(),
+        clip(max_grad_norm) if max_grad_norm else grad_norm(),
         notify(sink, "on_pre_optimizer_step"),
         optimizer_step(),
         notify(sink, "on_optimizer_step"),
@@ -160,7 +209,9 @@ __all__ = [
     "RunLength",
     "StepEvent",
     "hf_window",
+    "grad_norm",
     "notify",
+    "observe_inputs",
     "run_length",
     "train_samples",
     "train_step",

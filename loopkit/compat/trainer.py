@@ -3,15 +3,18 @@
 `Trainer.train()` builds one step chain from loopkit's public transforms (steps.py) and
 calls `fit()` once; there is no second training loop. What HF's Trainer does around its
 loop (the callback events, log / evaluate / save decisions, best-model tracking,
-checkpoint rotation) runs in two loopkit callbacks (bridge.py), which see the Trainer
-through `TrainerHost`. Checkpoints are loopkit's (safetensors + JSON, atomic, exact
-resume), written by fit() into `output_dir`. The pieces the Trainer composes: inputs.py
-(collators, loaders, batches), losses.py (loss adapters), evaluation.py, optimizers.py,
-checkpoints.py, runtime.py and reporting.py.
+checkpoint names and rotation, FLOPs and token counts) runs in two loopkit callbacks
+(bridge.py), which see the Trainer through `TrainerHost`. Checkpoints are loopkit's
+(safetensors + JSON, atomic, exact resume), written by fit() and named `checkpoint-N`
+in `output_dir`. The pieces the Trainer composes: inputs.py (datasets, columns,
+collators, loaders), losses.py (loss adapters), evaluation.py, optimizers.py,
+checkpoints.py, runtime.py, memory.py and reporting.py; members.py holds the smaller
+HF members.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -20,9 +23,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..checkpoint import save_model as save_model_file
 from ..fit import FitResult, fit
 from ..state import TrainState
 from ..strategies import Strategy, unwrap
+from . import members
 from .args import TrainingArguments
 from .bridge import Bridge, StopWhenAsked
 from .callbacks import (
@@ -33,7 +38,15 @@ from .callbacks import (
     TrainerControl,
     TrainerState,
 )
-from .checkpoints import keep_only_best, load_best_model, resume_path, save_model_dir
+from .checkpoints import (
+    keep_only_best,
+    load_best_model,
+    prepare_output_dir,
+    resume_path,
+    save_extras,
+    save_model_dir,
+    write_model_config,
+)
 from .evaluation import (
     EvalPrediction,
     EvalResult,
@@ -46,17 +59,39 @@ from .evaluation import (
 )
 from .inputs import (
     batch_reader,
+    collator_for,
+    dataset_for_model,
     default_collator,
     eval_loader,
     has_labels,
     label_names,
     train_loader,
 )
-from .losses import EvalLoss, ForwardOutputs, TrainLoss, model_loss, passes_num_items
-from .optimizers import check_optimizers, make_optimizer, make_schedule
+from .losses import (
+    EvalLoss,
+    ForwardOutputs,
+    TrainLoss,
+    accepts_loss_kwargs,
+    model_loss,
+    passes_num_items,
+)
+from .members import Refused
+from .memory import MemoryTracker
+from .optimizers import builtin_optimizer, check_optimizers, make_optimizer, make_schedule
 from .reporting import Reporters, speed_metrics
-from .runtime import precision_of, prepare_model, resolve_strategy, set_seed
+from .runtime import (
+    activate_neftune,
+    apply_log_level,
+    deactivate_neftune,
+    precision_of,
+    prepare_model,
+    resolve_strategy,
+    seed_run,
+    set_use_cache,
+)
 from .steps import RunLength, run_length, train_samples, train_step
+
+logger = logging.getLogger("loopkit.compat")
 
 
 class TrainOutput(NamedTuple):
@@ -73,7 +108,7 @@ class Trainer:
     A script written for HF's `Trainer` runs by changing its imports; the training is the
     same (schedule, AdamW with decay on weights only, clipping, gradient accumulation
     normalised over each window's items, data order), not a look-alike. See
-    docs/migrating.md for the names side by side and what differs.
+    docs/migrating.md for every argument and member side by side and what differs.
 
     Args:
         model: the module to train. Its forward takes the batch's keys (a dict batch) or
@@ -82,28 +117,31 @@ class Trainer:
             pass `loss_fn`.
         args: TrainingArguments, or a plain dict of its fields (unknown names raise).
         data_collator: builds a batch from a list of samples; default: HF's
-            default_data_collator (or `processing_class.pad` when it has one).
-        train_dataset / eval_dataset: map-style or iterable datasets (eval_dataset may be a
-            dict of them).
+            default_data_collator, or DataCollatorWithPadding with a tokenizer.
+        train_dataset / eval_dataset: any object with `__len__` and `__getitem__` (a torch
+            Dataset, an HF `datasets.Dataset`, a list), or an iterable dataset; eval_dataset
+            may be a dict of them.
         processing_class: a tokenizer or processor; saved with save_model when it has
             `save_pretrained`.
-        model_init: a function returning a fresh model (called after seeding).
+        model_init: a function returning a fresh model (called after seeding, and again at
+            each train()).
+        compute_loss_func: HF's `(outputs, labels, num_items_in_batch) -> loss`.
         compute_metrics: `EvalPrediction -> dict[str, float]`, on numpy arrays gathered
-            over the whole eval set (all ranks).
+            over the whole eval set (all ranks); with batch_eval_metrics, per batch.
         callbacks: TrainerCallback objects or classes, called in the order given, after
             DefaultFlowCallback.
         optimizers: (optimizer, lr_scheduler); an optimizer built on the model's parameters
-            and/or a torch LRScheduler on it. None: AdamW and the args' schedule.
-        optimizer_factory: `params -> Optimizer` (loopkit's factory, required by FSDP).
+            and/or a torch LRScheduler on it. None: args.optim and the args' schedule.
         optimizer_cls_and_kwargs: (optimizer class, kwargs): built on HF's two decay groups.
-        lr_scheduler_factory: `(num_warmup_steps=..., num_training_steps=...) -> schedule`,
-            e.g. a loopkit.schedules class.
-        strategy: any loopkit Strategy (SingleDevice, DDP, FSDP, Pipeline); None picks
-            SingleDevice, or DDP under torchrun, or Pipeline from the pipeline_* args.
-        loss_fn: loopkit's `loss_fn(model, batch) -> Loss(sum, count) | mean`, for models
-            that do not compute their loss.
         preprocess_logits_for_metrics: `(logits, labels) -> logits`, per eval batch.
-        compute_loss_func: HF's `(outputs, labels, num_items_in_batch) -> loss`.
+        optimizer_factory: (loopkit) `params -> Optimizer`, as FSDP needs.
+        lr_scheduler_factory: (loopkit) `(num_warmup_steps=..., num_training_steps=...) ->
+            schedule`, e.g. a loopkit.schedules class.
+        strategy: (loopkit) any Strategy (SingleDevice, DDP, FSDP, Pipeline); None picks
+            SingleDevice, or DDP under torchrun, or Pipeline from the pipeline_* args.
+        loss_fn: (loopkit) `loss_fn(model, batch) -> Loss(sum, count) | mean`, for models
+            that do not compute their loss.
+        tokenizer: HF's name for processing_class before transformers 4.46.
 
     Raises:
         ValueError / TypeError: a bad argument or combination, naming it, before any work.
@@ -118,21 +156,25 @@ class Trainer:
         eval_dataset: Any = None,
         processing_class: Any = None,
         model_init: Callable[[], torch.nn.Module] | None = None,
-        compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None = None,
+        compute_loss_func: Callable[..., torch.Tensor] | None = None,
+        compute_metrics: Callable[..., Any] | None = None,
         callbacks: list[Any] | None = None,
         optimizers: tuple[Any, Any] = (None, None),
-        optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = None,
         optimizer_cls_and_kwargs: tuple[type, dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
+        *,
+        optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = None,
         lr_scheduler_factory: Callable[..., Any] | None = None,
         strategy: Strategy | None = None,
         loss_fn: Callable[[torch.nn.Module, Any], Any] | None = None,
-        *,
-        preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
-        compute_loss_func: Callable[..., torch.Tensor] | None = None,
         tokenizer: Any = None,
     ) -> None:
         self.args = _arguments(args)
-        set_seed(self.args.seed)
+        self.strategy = resolve_strategy(self.args, strategy)
+        self._memory = MemoryTracker(not self.args.skip_memory_metrics, self.strategy.device)
+        self._memory.start("init")
+        apply_log_level(self.args)
+        seed_run(self.args)
         self.model_init = model_init
         self.model = _first_model(model, model_init)
         self.processing_class = processing_class if processing_class is not None else tokenizer
@@ -158,12 +200,19 @@ class Trainer:
         self.optimizer_factory = optimizer_factory
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.lr_scheduler_factory = lr_scheduler_factory
-        self.strategy = resolve_strategy(self.args, strategy)
+        self.model_accepts_loss_kwargs = accepts_loss_kwargs(self.model)
         check_eval_settings(self.args, eval_dataset, compute_metrics)
+        self._init_state(callbacks)
+        set_use_cache(self.model, self.args)
+        self._memory.stop("init")
+
+    def _init_state(self, callbacks: list[Any] | None) -> None:
         progress = PrinterCallback if self.args.disable_tqdm else ProgressCallback
         self.callback_handler = CallbackHandler([DefaultFlowCallback, *(callbacks or []), progress])
         self.state = TrainerState()
         self.control = TrainerControl()
+        self.is_in_train = False
+        self.neftune_noise_alpha = self.args.neftune_noise_alpha
         self._live_state: TrainState | None = None  # fit's record, once train() ran
         self._compiled = False
         self._eval_loaders: dict[int, Any] = {}
@@ -219,7 +268,7 @@ class Trainer:
             model,
             inputs,
             compute_loss_func=self.compute_loss_func,
-            label_name=label_names(self.args)[0],
+            label_name=label_names(self.args, self.model)[0],
             num_items_in_batch=num_items_in_batch,
         )
         return (loss, outputs) if return_outputs else loss
@@ -227,13 +276,22 @@ class Trainer:
     def _train_loss(self) -> TrainLoss:
         reader = batch_reader(self.model, self.args)
         pass_num_items = self.loss_fn is None and passes_num_items(
-            reader,
+            self.model_accepts_loss_kwargs,
             compute_loss_func=self.compute_loss_func,
             compute_loss_overridden=type(self).compute_loss is not Trainer.compute_loss,
         )
         return TrainLoss(self.compute_loss, reader, pass_num_items, self.loss_fn)
 
     # -- train -------------------------------------------------------------------------
+
+    def get_train_dataloader(self) -> Any:
+        """The training loader (override to feed your own): train_dataset without the
+        columns forward does not take, collated, shuffled per epoch, this rank's share."""
+        if self.train_dataset is None:
+            raise ValueError("Trainer.train(): needs Trainer(train_dataset=...).")
+        dataset = dataset_for_model(self.train_dataset, self.model, self.args)
+        collate = collator_for(self.data_collator, dataset, self.model, self.args)
+        return train_loader(dataset, self.args, self.strategy, collate)
 
     def train(
         self,
@@ -245,10 +303,13 @@ class Trainer:
         """Train with loopkit.fit(); return TrainOutput(global_step, training_loss, metrics).
 
         Args:
-            resume_from_checkpoint: True (the newest valid checkpoint in output_dir), a
-                checkpoint directory (HF's `checkpoint-500` name is accepted), or None (then
-                TrainingArguments.resume_from_checkpoint). Resume is exact: the run ends
-                with the same weights as one never interrupted.
+            resume_from_checkpoint: True (the newest valid checkpoint-N in output_dir), a
+                checkpoint directory, or None (then TrainingArguments.resume_from_checkpoint).
+                Resume is exact: the run ends with the same weights as one never
+                interrupted. A fresh run moves an earlier run's checkpoints in output_dir
+                aside (deletes them with overwrite_output_dir=True).
+            ignore_keys_for_eval: output keys that are not predictions, for the evaluations
+                during training.
 
         Raises:
             ValueError: no train_dataset, no checkpoint to resume from, a dataset without a
@@ -257,29 +318,56 @@ class Trainer:
         if kwargs:
             raise TypeError(f"Trainer.train() got unexpected arguments {sorted(kwargs)}.")
         if trial is not None:
-            raise ValueError("Trainer.train(trial=...): hyperparameter search is not supported.")
+            raise ValueError(
+                "Trainer.train(trial=...): not supported by loopkit.compat: hyperparameter "
+                "search (run one Trainer per trial from your search loop)."
+            )
+        self._memory.start("train")
         args = self.args
-        if self.train_dataset is None:
-            raise ValueError("Trainer.train(): needs Trainer(train_dataset=...).")
         resume = resume_path(args, resume_from_checkpoint)
-        if self.model_init is not None:
-            set_seed(args.seed)
-            self.model = self.model_init()
-            self.callback_handler.shared["model"] = self.model
+        self._fresh_model()
         self._ignore_keys_for_eval = list(ignore_keys_for_eval or [])
         self._compiled = prepare_model(self.model, args, compiled=self._compiled)
-        loader = train_loader(self.train_dataset, args, self.strategy, self.data_collator)
+        loader = self.get_train_dataloader()
         run = run_length(args, loader)
-        bridge = Bridge(self, run)
-        step = train_step(bridge, self._train_loss(), run, args.max_grad_norm)
-        self.state = TrainerState()
-        self.control = TrainerControl()
+        if self.strategy.is_main:
+            prepare_output_dir(args, resume)
+            _log_start(args, loader, run, self.get_num_trainable_parameters())
+        self.state, self.control = TrainerState(), TrainerControl()
         self.callback_handler.shared.update(train_dataloader=loader)
         start = time.time()
-        result = fit(
+        bridge = Bridge(self, run, start)
+        neftune = (
+            activate_neftune(self.model, self.neftune_noise_alpha)
+            if self.neftune_noise_alpha is not None
+            else None
+        )
+        self.is_in_train = True
+        try:
+            result = self._fit(loader, run, bridge, resume)
+        finally:
+            self.is_in_train = False
+            if neftune is not None:
+                deactivate_neftune(self.model, neftune)
+        return self._finish(result, bridge, run, start)
+
+    def _fresh_model(self) -> None:
+        """HF: with model_init, each train() starts from a fresh model, seeded first."""
+        if self.model_init is None:
+            return
+        seed_run(self.args)
+        self.model = self.call_model_init()
+        self.model_accepts_loss_kwargs = accepts_loss_kwargs(self.model)
+        set_use_cache(self.model, self.args)
+        self._compiled = False
+        self.callback_handler.shared["model"] = self.model
+
+    def _fit(self, loader: Any, run: RunLength, bridge: Bridge, resume: str | None) -> FitResult:
+        args = self.args
+        return fit(
             self.model,
             loader,
-            step=step,
+            step=train_step(bridge, self._train_loss(), run, args.max_grad_norm),
             optimizer=make_optimizer(
                 self.model,
                 args,
@@ -299,30 +387,36 @@ class Trainer:
             seed=args.seed,
             checkpoint_dir=args.output_dir,
             resume=resume or False,
+            # HF keeps training on a NaN/inf loss (logging_nan_inf_filter filters the log).
+            # "skip" only stops fit from raising: this chain has no skip_nonfinite, so every
+            # update is applied, as in HF; fp16 overflow skips never stop the run either.
+            nonfinite="skip",
+            max_nonfinite_skips=2**62,
             callbacks=[bridge, StopWhenAsked(bridge)],
             log_every=None,
             progress=False,
         )
-        return self._finish(result, bridge, run, start)
 
     def _finish(
         self, result: FitResult, bridge: Bridge, run: RunLength, start: float
     ) -> TrainOutput:
-        """After fit(): the best model, the train metrics (logged), HF's last rotation."""
+        """After fit(): the train metrics (logged), the best model, HF's last rotation."""
         self._live_state = result.state
-        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
-            load_best_model(self.model, self.state)
         loss_total = bridge.loss_total + bridge.unlogged_loss(result.state)  # host sync: once
         train_loss = loss_total / max(self.state.global_step, 0.001)
         metrics = speed_metrics(
             "train",
             start,
-            train_samples(self.args, self.train_dataset, run, self.strategy.world_size),
+            train_samples(self.args, self.train_dataset, run, self.strategy.dp_world_size),
             run.max_steps,
         )
+        bridge.store_counts(result.state)
         metrics["total_flos"] = float(self.state.total_flos)
         metrics["train_loss"] = train_loss
+        self._memory.stop("train", metrics)
         self.log(metrics)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            load_best_model(self.model, self.state)
         keep_only_best(self.args, self.state)
         self._call_event("on_train_end")
         self._reporters.close()
@@ -331,9 +425,19 @@ class Trainer:
     # -- logging -----------------------------------------------------------------------
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Record `logs` in state.log_history (with epoch and step) and call on_log."""
+        """Record `logs` in state.log_history (with epoch and step) and call on_log.
+
+        With include_num_input_tokens_seen, the logs carry num_input_tokens_seen (and,
+        given `start_time`, HF's train_tokens_per_second).
+        """
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
+        if self.args.include_num_input_tokens_seen != "no":
+            logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+            if start_time is not None:
+                logs.update(
+                    speed_metrics("train", start_time, num_tokens=self.state.num_input_tokens_seen)
+                )
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self._call_event("on_log", logs=logs)
         self._reporters.log(logs, step=self.state.global_step, epoch=self.state.epoch)
@@ -347,21 +451,34 @@ class Trainer:
         self.model.to(self.strategy.device)
         return EvalView(self.model, self.strategy, precision_of(self.args))
 
-    def _eval_loader(self, dataset: Any) -> Any:
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        """An evaluation loader (dataset order, this rank's share); kept per dataset."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("Trainer.evaluate(): needs eval_dataset=... here or in Trainer(...).")
         key = id(dataset)
         if key not in self._eval_loaders:
-            self._eval_loaders[key] = eval_loader(
-                dataset, self.args, self.strategy, self.data_collator
+            prepared = dataset_for_model(dataset, self.model, self.args)
+            collate = collator_for(self.data_collator, prepared, self.model, self.args)
+            self._eval_loaders[key] = (
+                eval_loader(prepared, self.args, self.strategy, collate),
+                prepared,
+                collate,
             )
-        return self._eval_loaders[key]
+        return self._eval_loaders[key][0]
+
+    def get_test_dataloader(self, test_dataset: Any) -> Any:
+        """A prediction loader over `test_dataset` (as get_eval_dataloader)."""
+        return self.get_eval_dataloader(test_dataset)
 
     def _evaluation(
         self, dataset: Any, ignore_keys: list[str] | None, prefix: str, want_predictions: bool
     ) -> EvalResult:
-        loader = self._eval_loader(dataset)
+        loader = self.get_eval_dataloader(dataset)
+        _, prepared, collate = self._eval_loaders[id(dataset)]
         self.callback_handler.shared["eval_dataloader"] = loader
         reader = batch_reader(self.model, self.args)
-        labelled = has_labels(dataset, loader, self.data_collator, reader)
+        labelled = has_labels(prepared, loader, collate, reader)
         collector = None
         if want_predictions:
             collector = PredictionCollector(
@@ -369,6 +486,8 @@ class Trainer:
                 self.preprocess_logits_for_metrics,
                 list(ignore_keys or self._ignore_keys_for_eval),
                 has_loss=labelled and self.loss_fn is None,
+                batch_metrics=self.compute_metrics if self.args.batch_eval_metrics else None,
+                strategy=self.strategy,
             )
         if not labelled and collector is None:
             return EvalResult(None, None, {}, None)
@@ -406,15 +525,17 @@ class Trainer:
             for name, part in dataset.items():
                 merged.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return merged
+        self._memory.start("eval")
         start = time.time()
         want = self.compute_metrics is not None and not self.args.prediction_loss_only
         result = self._evaluation(dataset, ignore_keys, metric_key_prefix, want)
         metrics, n_items = result.metrics, result.n_items
-        world_batch = self.args.per_device_eval_batch_size * self.strategy.world_size
+        world_batch = self.args.per_device_eval_batch_size * self.strategy.dp_world_size
         steps = None if n_items is None else math.ceil(n_items / world_batch)
         metrics.update(speed_metrics(metric_key_prefix, start, n_items, steps))
         self.log(metrics)
         self._call_event("on_evaluate", metrics=metrics)
+        self._memory.stop("eval", metrics)
         return metrics
 
     def predict(
@@ -424,14 +545,15 @@ class Trainer:
         metric_key_prefix: str = "test",
     ) -> PredictionOutput:
         """Predictions (and metrics, when the dataset has labels) on `test_dataset`."""
+        self._memory.start("test")
         start = time.time()
         result = self._evaluation(test_dataset, ignore_keys, metric_key_prefix, True)
         metrics, n_items = result.metrics, result.n_items
-        steps = (
-            None if n_items is None else math.ceil(n_items / self.args.per_device_eval_batch_size)
-        )
+        world_batch = self.args.per_device_eval_batch_size * self.strategy.dp_world_size
+        steps = None if n_items is None else math.ceil(n_items / world_batch)
         metrics.update(speed_metrics(metric_key_prefix, start, n_items, steps))
         self._call_event("on_predict", metrics=metrics)
+        self._memory.stop("test", metrics)
         return PredictionOutput(result.predictions, result.label_ids, metrics)
 
     # -- saving ------------------------------------------------------------------------
@@ -445,10 +567,23 @@ class Trainer:
 
         A model with `save_pretrained` (an HF PreTrainedModel) saves itself that way;
         others as loopkit.save_model: `model.safetensors` + `config.json`, loadable with
-        `model.load_state_dict(safetensors.torch.load_file(...))`. The main process writes.
+        `model.load_state_dict(safetensors.torch.load_file(...))`. Where the ranks hold
+        parts of the trained model (FSDP, Pipeline) this is a collective: every rank calls
+        it, the whole model gathers on the main rank, which writes.
         """
-        if self.strategy.is_main:
-            directory = output_dir if output_dir else str(self.args.output_dir)
+        directory = output_dir if output_dir else str(self.args.output_dir)
+        live, strategy = self._live_state, self.strategy
+        if (
+            live is not None
+            and strategy.world_size > 1
+            and (strategy.is_sharded or strategy.dp_world_size != strategy.world_size)
+        ):
+            save_model_file(live, directory)  # every rank: the gather is a collective
+            if strategy.is_main:
+                write_model_config(self.model, directory)
+                save_extras(self.processing_class, self.args, directory)
+            return
+        if strategy.is_main:
             save_model_dir(self.unwrapped_model(), self.processing_class, self.args, directory)
 
     def save_state(self) -> None:
@@ -458,9 +593,161 @@ class Trainer:
             os.makedirs(directory, exist_ok=True)
             self.state.save_to_json(os.path.join(directory, "trainer_state.json"))
 
+    # -- HF's smaller members (loopkit.compat.members) ----------------------------------
+
+    @property
+    def model_wrapped(self) -> torch.nn.Module:
+        """The outermost model: fit's wrapped one (DDP, FSDP, compiled) once train() ran."""
+        live = self._live_state
+        return live.model if live is not None else self.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer of the last train() (None before)."""
+        live = self._live_state
+        return live.optimizer if live is not None else self.optimizers[0]
+
+    @property
+    def lr_scheduler(self) -> Any:
+        """The schedule of the last train(): a torch LRScheduler, or loopkit's (step -> lr)."""
+        live = self._live_state
+        return live.schedule if live is not None else self.optimizers[1]
+
+    @property
+    def accelerator(self) -> members.AcceleratorView:
+        """A view with the accelerate.Accelerator members HF scripts call (unwrap_model,
+        is_main_process, wait_for_everyone, ...), answered by the strategy."""
+        return members.AcceleratorView(self.strategy)
+
+    def get_num_trainable_parameters(self) -> int:
+        """The number of trainable parameters (elements of those that require grad)."""
+        return members.num_trainable_parameters(self.model)
+
+    def get_learning_rates(self) -> list[float]:
+        """Each parameter group's current learning rate (after train())."""
+        return members.learning_rates(self.optimizer)
+
+    def get_decay_parameter_names(self, model: torch.nn.Module | None = None) -> list[str]:
+        """The names of the parameters that get weight decay (HF's rule)."""
+        return members.decay_parameter_names(self.model if model is None else model)
+
+    def floating_point_ops(self, inputs: Any) -> float:
+        """FLOPs of one forward + backward on `inputs`, HF's estimate (override freely)."""
+        return members.floating_point_ops(self.model, inputs)
+
+    def input_tokens(self, inputs: Any) -> int | torch.Tensor | None:
+        """The tokens of `inputs` that include_num_input_tokens_seen counts (None: "no")."""
+        return members.input_tokens(
+            str(self.args.include_num_input_tokens_seen),
+            self.model,
+            self.processing_class,
+            inputs,
+        )
+
+    def num_examples(self, dataloader: Any) -> int:
+        """The number of samples behind a loader."""
+        return members.num_examples(dataloader)
+
+    def get_total_train_batch_size(self, args: TrainingArguments | None = None) -> int:
+        """Samples per optimizer step over every data-parallel rank."""
+        args = self.args if args is None else args
+        return (
+            args.per_device_train_batch_size
+            * args.gradient_accumulation_steps
+            * self.strategy.dp_world_size
+        )
+
+    def call_model_init(self, trial: Any = None) -> torch.nn.Module:
+        """A fresh model from model_init.
+
+        Raises:
+            ValueError: no model_init, or it did not return a torch module.
+        """
+        if self.model_init is None:
+            raise ValueError("Trainer.call_model_init(): needs Trainer(model_init=...).")
+        return _first_model(None, self.model_init)
+
     def is_world_process_zero(self) -> bool:
         """Whether this is the main process (rank 0)."""
         return self.strategy.is_main
+
+    def is_local_process_zero(self) -> bool:
+        """Whether this is the first process of its node."""
+        return self.args.local_process_index == 0
+
+    def metrics_format(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """HF's human-readable metrics (runtime as h:mm:ss, memory in MB)."""
+        return members.metrics_format(metrics)
+
+    def log_metrics(self, split: str, metrics: dict[str, Any]) -> None:
+        """Print the metrics of `split`, formatted (main process)."""
+        if self.strategy.is_main:
+            members.log_metrics(split, metrics)
+
+    def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
+        """Write `<split>_results.json` (and all_results.json) to output_dir (main process)."""
+        if self.strategy.is_main:
+            members.save_metrics(str(self.args.output_dir), split, metrics, combined)
+
+    @property
+    def label_names(self) -> list[str]:
+        """The batch keys holding labels: args.label_names, else HF's default for the model."""
+        return label_names(self.args, self.model)
+
+    def store_flos(self) -> None:
+        """Nothing to do: FLOPs reach state.total_flos at log steps, saves and the end."""
+
+    def get_tp_size(self) -> int:
+        """Tensor-parallel size: 1 (loopkit has no tensor parallelism)."""
+        return 1
+
+    def get_cp_size(self) -> int:
+        """Context-parallel size: 1 (loopkit has no context parallelism)."""
+        return 1
+
+    def get_sp_size(self) -> int:
+        """Sequence-parallel size: 1 (loopkit has no sequence parallelism)."""
+        return 1
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(
+        args: TrainingArguments, model: torch.nn.Module | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """The optimizer class and keyword arguments args.optim stands for (HF's helper)."""
+        spec = builtin_optimizer(args)
+        return spec.cls, dict(spec.kwargs)
+
+    hyperparameter_search = Refused()
+    push_to_hub = Refused()
+    init_hf_repo = Refused()
+    create_model_card = Refused()
+    training_step = Refused()
+    prediction_step = Refused()
+    evaluation_loop = Refused()
+    create_optimizer = Refused()
+    create_scheduler = Refused()
+    create_optimizer_and_scheduler = Refused()
+    get_batch_samples = Refused()
+    get_optimizer_group = Refused()
+    get_resumed_dataloader = Refused()
+    set_initial_training_values = Refused()
+    autocast_smart_context_manager = Refused()
+    compute_loss_context_manager = Refused()
+    create_accelerator_and_postprocess = Refused()
+    end = Refused()
+
+
+def _log_start(args: TrainingArguments, loader: Any, run: RunLength, trainable: int) -> None:
+    """HF's "***** Running training *****" summary, on the 'loopkit.compat' logger (INFO)."""
+    batches = run.batches_per_epoch
+    examples = len(loader.dataset) if batches is not None and hasattr(loader, "dataset") else None
+    logger.info("***** Running training *****")
+    logger.info("  Num examples = %s", "unknown" if examples is None else f"{examples:,}")
+    logger.info("  Num Epochs = %s", run.epochs)
+    logger.info("  Instantaneous batch size per device = %d", args.per_device_train_batch_size)
+    logger.info("  Gradient Accumulation steps = %d", args.gradient_accumulation_steps)
+    logger.info("  Total optimization steps = %d", run.max_steps)
+    logger.info("  Number of trainable parameters = %d", trainable)
 
 
 def _arguments(args: TrainingArguments | Mapping[str, Any] | None) -> TrainingArguments:

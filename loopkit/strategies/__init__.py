@@ -8,6 +8,7 @@ functions of `loopkit.strategies.common`.
 from __future__ import annotations
 
 from .._types import STRATEGY_MEMBERS, Strategy, check_strategy
+from . import liveness as liveness
 from .common import unwrap
 from .ddp import DDP
 from .env import DistributedError
@@ -24,5 +25,6 @@ __all__ = [
     "SingleDevice",
     "Strategy",
     "check_strategy",
+    "liveness",
     "unwrap",
 ]

@@ -7,7 +7,7 @@ calls it per chunk with a StandIn that returns the pipeline's output for that ch
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -109,6 +109,9 @@ class ChunkLoss:
         self.size = 0
         self.ref: Any = None
         self.records: list[tuple[torch.Tensor, Any]] = []
+        # A traced model's last stage returns its outputs flattened (torch's stages pass
+        # tensors and tuples only); this gives them back their structure (a dict, say).
+        self.unflatten: Callable[[Any], Any] | None = None
 
     def start(self, loss_fn: LossFn, chunks: list[Any], size: int, ref: Any) -> None:
         self.loss_fn, self.chunks, self.size, self.ref = loss_fn, chunks, size, ref
@@ -117,7 +120,7 @@ class ChunkLoss:
     def __call__(self, output: Any, index: torch.Tensor) -> torch.Tensor:
         assert self.loss_fn is not None
         chunk = self.chunks[int(index[0])]  # index lives on the CPU: no device sync
-        stand_in = StandIn(output)
+        stand_in = StandIn(output if self.unflatten is None else self.unflatten(output))
         with self.precision.autocast(self.device):
             returned = self.loss_fn(stand_in, chunk)  # type: ignore[arg-type]
             value, count, is_mean = as_loss(returned, self.size, "Pipeline")

@@ -13,7 +13,7 @@ from .._batch import move
 from .._types import Batch, OptimizerFactory
 from ..precision import Precision
 from . import common
-from .env import DEFAULT_TIMEOUT_S, init_distributed
+from .env import DEFAULT_STARTUP_TIMEOUT_S, DEFAULT_TIMEOUT_S, init_distributed
 
 _NO_CONTEXT = contextlib.nullcontext()
 
@@ -40,8 +40,11 @@ class DDP:
     Args:
         device: "cpu", "cuda", "cuda:N" or None for cuda:LOCAL_RANK when CUDA is available,
             else cpu. CUDA uses the nccl backend, cpu uses gloo.
-        timeout_s: seconds a collective waits for the other ranks before raising; a dead
-            peer raises at once, a hung one after this long.
+        timeout_s: seconds a collective waits for the other ranks once fit's first step is
+            done; a dead peer raises at once, a hung one after this long, naming the lost
+            rank (see loopkit.strategies.liveness).
+        startup_timeout_s: the same for joining the group and the first step (compiles,
+            loading, first data), which may take much longer.
         find_unused_parameters, gradient_as_bucket_view, static_graph, bucket_cap_mb: passed
             to DistributedDataParallel (same defaults). Buffers are broadcast from rank 0
             at every forward, as DistributedDataParallel does by default.
@@ -62,6 +65,7 @@ class DDP:
         device: str | torch.device | None = None,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
         find_unused_parameters: bool = False,
         gradient_as_bucket_view: bool = False,
         static_graph: bool = False,
@@ -83,7 +87,9 @@ class DDP:
                 f"DDP(bucket_cap_mb={bucket_cap_mb!r}): the gradient bucket size in MiB, a "
                 "positive number, or None for DistributedDataParallel's default (25)."
             )
-        env, self.device = init_distributed(device, timeout_s=timeout_s, where="DDP")
+        env, self.device = init_distributed(
+            device, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s, where="DDP"
+        )
         self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
         self.dp_rank, self.dp_world_size = self.rank, self.world_size  # every rank a replica
         self.is_main = self.rank == 0

@@ -18,6 +18,12 @@ guessing would start processes that wait for peers that never come.
 
 The backend is nccl when the device is CUDA, gloo otherwise (CPU, also for tests). The
 device is `cuda:LOCAL_RANK` when CUDA is available, else cpu.
+
+Two timeouts bound how long a collective waits for a peer. The process group is formed
+with the generous `startup_timeout_s` (forming the group, wrapping and loading the model,
+compiling, the first step); once the first optimizer step has ended on every rank, fit
+shortens every group to the strategy's `timeout_s` (loopkit.strategies.liveness). When a
+collective fails, the DistributedError names the rank(s) that did not answer a roll call.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from . import liveness
+
 Source = Literal["torchrun", "slurm", "single"]
 
 _TORCHRUN_REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -40,12 +48,35 @@ _SLURM_REQUIRED = ("SLURM_PROCID", "SLURM_LOCALID")
 _SLURM_NODELISTS = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
 _SLURM_NTASKS = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
 
-DEFAULT_TIMEOUT_S = 600.0
-"""How long a collective (or the rendezvous) waits for a peer before failing."""
+DEFAULT_TIMEOUT_S = 300.0
+"""How long a collective waits for a peer once the first optimizer step is done.
+
+The longest a healthy run makes ranks wait for one another after start-up is one rank
+working alone: under DDP, rank 0 writing and hashing a checkpoint while the others wait
+in the save's closing collective. 300 s covers a checkpoint of roughly 100 GB; a
+stopped rank then holds the others for 300 s plus a roll call (a few seconds)."""
+
+DEFAULT_STARTUP_TIMEOUT_S = 600.0
+"""How long a collective (or the rendezvous) waits until the first optimizer step is done.
+
+Start-up is where ranks legitimately drift apart by minutes: nodes that start late,
+loading a checkpoint, compiling, the first step's allocations and communicator set-up.
+600 s is torch's own NCCL default and loopkit's earlier single timeout, so nothing that
+started before waits less now."""
 
 
 class DistributedError(RuntimeError):
-    """A collective failed: another process died, hung past the timeout, or never started."""
+    """A collective failed: another process died, hung past the timeout, or never started.
+
+    Attributes:
+        lost_ranks: the ranks that did not answer the roll call made after the failure
+            (loopkit.strategies.liveness), sorted; empty when every rank answered or no
+            roll call was possible.
+    """
+
+    def __init__(self, message: str, *, lost_ranks: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.lost_ranks = tuple(sorted(lost_ranks))
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,18 +273,23 @@ def init_distributed(
     device: str | torch.device | None = None,
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
     environ: Mapping[str, str] | None = None,
     where: str = "init_distributed",
 ) -> tuple[DistEnv, torch.device]:
     """Join (or create) the default process group described by the environment.
 
     If torch.distributed is already initialised (by the user or an earlier strategy), that
-    group is used as it is, after checking it agrees with the environment.
+    group is used as it is (its timeout too), after checking it agrees with the
+    environment. Either way this rank publishes its host and pid for roll calls
+    (loopkit.strategies.liveness) when there are several ranks.
 
     Args:
         device: as for `device_for`; decides the backend (nccl for CUDA, gloo otherwise).
-        timeout_s: seconds a collective, or the initial rendezvous, waits for the other
-            processes before raising (a dead or hung peer gives an error, not a hang).
+        timeout_s: seconds a collective waits for the other processes once the first
+            optimizer step is done (fit shortens the groups to it then).
+        startup_timeout_s: seconds the rendezvous and every collective wait until then;
+            the group is formed with max(timeout_s, startup_timeout_s).
         environ: the variables to read; None reads `os.environ`.
         where: the caller's name for error messages.
 
@@ -263,117 +299,117 @@ def init_distributed(
     Raises:
         ValueError: a half-set environment, a bad device or timeout, or an initialised
             process group that disagrees with the environment.
-        DistributedError: the other processes did not join within `timeout_s`.
+        DistributedError: the other processes did not join within the start-up timeout.
     """
-    if not (
-        isinstance(timeout_s, (int, float))
-        and not isinstance(timeout_s, bool)
-        and 0 < timeout_s < float("inf")
-    ):
-        raise ValueError(
-            f"{where}(timeout_s={timeout_s!r}): seconds a collective waits for the other "
-            "processes, a positive finite number, e.g. timeout_s=600."
-        )
+    _check_seconds(where, "timeout_s", timeout_s, DEFAULT_TIMEOUT_S)
+    _check_seconds(where, "startup_timeout_s", startup_timeout_s, DEFAULT_STARTUP_TIMEOUT_S)
     env = detect_env(environ)
     chosen = device_for(env, device, where)
     if not dist.is_available():
         raise RuntimeError(f"{where}: this build of torch has no torch.distributed.")
     if dist.is_initialized():
-        if (dist.get_rank(), dist.get_world_size()) != (env.rank, env.world_size) and (
-            env.source != "single"
-        ):
-            raise ValueError(
-                f"{where}: torch.distributed is already initialised as rank "
-                f"{dist.get_rank()} of {dist.get_world_size()}, but the environment "
-                f"({env.source}) says rank {env.rank} of {env.world_size}."
-            )
-        env = DistEnv(
-            rank=dist.get_rank(),
-            world_size=dist.get_world_size(),
-            local_rank=env.local_rank,
-            master_addr=env.master_addr,
-            master_port=env.master_port,
-            source=env.source,
-        )
-        if chosen.type == "cuda":
-            torch.cuda.set_device(chosen)
-        return env, chosen
+        env = _adopt_group(env, where)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
+    if not dist.is_initialized():
+        _form_group(env, backend_for(chosen), max(timeout_s, startup_timeout_s), where)
+        atexit.register(_destroy)
+    liveness.start(env.rank, env.world_size)
+    return env, chosen
+
+
+def _check_seconds(where: str, name: str, value: object, example: float) -> None:
+    if not (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+    ):
+        raise ValueError(
+            f"{where}({name}={value!r}): seconds a collective waits for the other "
+            f"processes, a positive finite number, e.g. {name}={example:g}."
+        )
+
+
+def _adopt_group(env: DistEnv, where: str) -> DistEnv:
+    """The environment as the initialised default group says: check it, then use it."""
+    if (dist.get_rank(), dist.get_world_size()) != (env.rank, env.world_size) and (
+        env.source != "single"
+    ):
+        raise ValueError(
+            f"{where}: torch.distributed is already initialised as rank "
+            f"{dist.get_rank()} of {dist.get_world_size()}, but the environment "
+            f"({env.source}) says rank {env.rank} of {env.world_size}."
+        )
+    return DistEnv(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=env.local_rank,
+        master_addr=env.master_addr,
+        master_port=env.master_port,
+        source=env.source,
+    )
+
+
+def _form_group(env: DistEnv, backend: str, timeout_s: float, where: str) -> None:
+    """Create the default process group: an in-memory store for one process, else the
+    launcher's rendezvous."""
     timeout = datetime.timedelta(seconds=float(timeout_s))
-    backend = backend_for(chosen)
     try:
         if env.source == "single":
             # One process: an in-memory store, so no port is taken and nothing can collide.
             dist.init_process_group(
                 backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
-        else:
-            init_method = (
-                "env://"
-                if env.source == "torchrun"  # torchrun's agent may host the store
-                else f"tcp://{env.master_addr}:{env.master_port}"
-            )
-            dist.init_process_group(
-                backend,
-                init_method=init_method,
-                rank=env.rank,
-                world_size=env.world_size,
-                timeout=timeout,
-            )
+            return
+        init_method = (
+            "env://"
+            if env.source == "torchrun"  # torchrun's agent may host the store
+            else f"tcp://{env.master_addr}:{env.master_port}"
+        )
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timeout,
+        )
     except (RuntimeError, dist.DistError) as error:
         raise DistributedError(
             f"{where}: rank {env.rank} of {env.world_size} ({env.source}) could not form the "
-            f"process group at {env.master_addr}:{env.master_port} within timeout_s="
-            f"{timeout_s} ({type(error).__name__}: {error}). Are all {env.world_size} "
-            "processes started, and is MASTER_ADDR reachable from every node?"
+            f"process group at {env.master_addr}:{env.master_port} within {timeout_s:g} s "
+            f"(the start-up timeout; {type(error).__name__}: {error}). Are all "
+            f"{env.world_size} processes started, and is MASTER_ADDR reachable from every "
+            "node?"
         ) from error
-    atexit.register(_destroy)
-    return env, chosen
 
 
 def _destroy() -> None:
+    liveness.stop()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-_COMM_MARKERS = (
-    "connection closed by peer",
-    "connection reset by peer",
-    "broken pipe",
-    "timed out",
-    "timeout",
-    "gloo",
-    "nccl",
-    "processgroup",
-    "socket",
-)
 
 
 def is_comm_error(error: BaseException) -> bool:
     """Whether an exception raised inside a collective looks like a lost or hung peer."""
     if isinstance(error, DistributedError):
         return False  # already explained
-    if dist.is_available() and isinstance(error, dist.DistError):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and any(m in text for m in _COMM_MARKERS)
+    return liveness.looks_like_comm_failure(error)
 
 
 def comm_error(
     error: BaseException, rank: int, world_size: int, what: str, timeout_s: float
 ) -> DistributedError:
-    """A DistributedError explaining a failed collective, to raise `from error`."""
-    return DistributedError(
-        f"rank {rank} of {world_size}: {what} failed ({type(error).__name__}: "
-        f"{str(error).strip()[:500]}). Another process probably died (its connections "
-        f"closed) or hung past timeout_s={timeout_s}. Check the other ranks' logs, then "
-        "restart the job: fit(..., checkpoint_dir=..., resume=True) continues from the "
-        "newest valid checkpoint."
-    )
+    """A DistributedError explaining a failed collective, to raise `from error`.
+
+    Before it is built, a roll call (loopkit.strategies.liveness, at most ROLL_CALL_S +
+    2 s) asks every rank to answer: the message names the ranks that did not (host, pid,
+    and on this host whether the process is stopped or gone), or, when every rank
+    answered, the ranks that wait elsewhere.
+    """
+    message, lost_ranks = liveness.describe_failure(error, rank, world_size, what, timeout_s)
+    return DistributedError(message, lost_ranks=lost_ranks)
 
 
 __all__ = [
+    "DEFAULT_STARTUP_TIMEOUT_S",
     "DEFAULT_TIMEOUT_S",
     "DistEnv",
     "DistributedError",

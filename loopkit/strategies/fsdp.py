@@ -17,7 +17,7 @@ from .._batch import move
 from .._types import Batch, OptimizerFactory
 from ..precision import Precision
 from . import common
-from .env import DEFAULT_TIMEOUT_S, init_distributed
+from .env import DEFAULT_STARTUP_TIMEOUT_S, DEFAULT_TIMEOUT_S, init_distributed
 
 ShardSpec = type | tuple[type, ...] | Callable[[nn.Module], bool] | None
 
@@ -121,7 +121,9 @@ class FSDP:
             every rank (as DDP does), so ranks that initialised differently still start
             from the same weights; costs one broadcast of the model. Parameters on the
             meta device are left alone. False: each rank keeps its own slice as built.
-        timeout_s: seconds a collective waits for the other ranks before raising.
+        timeout_s: seconds a collective waits for the other ranks once fit's first step is
+            done (then a DistributedError names the lost rank).
+        startup_timeout_s: the same for joining the group and the first step.
 
     Raises:
         ValueError / TypeError: a bad argument, or a half-set launcher environment.
@@ -147,6 +149,7 @@ class FSDP:
         activation_checkpointing: bool = False,
         sync_module_states: bool = True,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
     ) -> None:
         if not (
             shard is None
@@ -184,7 +187,9 @@ class FSDP:
         self.cpu_offload = cpu_offload
         self.activation_checkpointing = activation_checkpointing
         self.sync_module_states = sync_module_states
-        env, self.device = init_distributed(device, timeout_s=timeout_s, where="FSDP")
+        env, self.device = init_distributed(
+            device, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s, where="FSDP"
+        )
         self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
         self.dp_rank, self.dp_world_size = self.rank, self.world_size  # every rank a replica
         self.is_main = self.rank == 0

@@ -26,7 +26,16 @@ from ._pipeline_chunks import (
     signature,
     summed,
 )
-from ._pipeline_split import assemble, check_split_points, plan_stages
+from ._pipeline_split import assemble, check_split_points, expands, plan_stages
+from ._pipeline_trace import (
+    Feed,
+    TracedModel,
+    bind,
+    check_example_inputs,
+    first_chunk,
+    holder,
+    shape_key,
+)
 from .env import DEFAULT_TIMEOUT_S, detect_env, init_distributed
 
 SplitFn = Callable[[nn.Module, int, int], nn.Module]
@@ -132,21 +141,45 @@ def _check_int(name: str, value: object, low: int) -> int:
 
 
 class _Prepared:
-    """What Pipeline keeps about a model it split: its stage modules and their schedules."""
+    """What Pipeline keeps about a model it split: its stage modules and their schedules.
 
-    __slots__ = ("stage_paths", "stage_modules", "loss", "schedules", "params", "__weakref__")
+    A Sequential (or split_fn) has fixed stage modules; a traced model gets stage modules
+    per micro-batch shape and mode (`traced`, fed by `feed`). It also lists the weights
+    read on the stages of several pipeline ranks (`shared`, tied weights: this rank's copy
+    or None, numel, dtype; the same list on every rank) and the ids of the copies another
+    rank counts in the gradient norm (`uncounted`).
+    """
+
+    __slots__ = (
+        "stage_paths",
+        "stage_modules",
+        "loss",
+        "schedules",
+        "params",
+        "traced",
+        "shared",
+        "uncounted",
+        "feed",
+        "__weakref__",
+    )
 
     def __init__(
         self,
+        rank_model: nn.Module,
         stage_paths: list[list[str]] | None,
         stage_modules: list[nn.Module],
         loss: ChunkLoss,
+        traced: TracedModel | None = None,
     ) -> None:
         self.stage_paths = stage_paths
         self.stage_modules = stage_modules
         self.loss = loss
         self.schedules: dict[Any, Any] = {}
-        self.params = [p for m in stage_modules for p in m.parameters()]
+        self.params = list(rank_model.parameters())  # tied weights once
+        self.traced = traced
+        self.shared: list[tuple[nn.Parameter | None, int, torch.dtype]] = []
+        self.uncounted: set[int] = set()
+        self.feed = Feed()
 
 
 # ------------------------------------------------------------------ the strategy
@@ -163,11 +196,14 @@ class Pipeline:
     `optimizer_step` work as with every strategy: each rank's TrainState holds its stages
     and an optimizer over their parameters.
 
-    Splitting: `split_points` cuts an `nn.Sequential` (nested Sequentials are flattened)
-    before (`'beginning'`) or after (`'end'`) the named modules. Every stage keeps its
-    parameters' full names, so checkpoints and `save_model` files load into the unsplit
-    model. Any other model: `split_fn(model, stage_index, n_stages) -> nn.Module` builds
-    each stage (its forward takes the previous stage's outputs).
+    Splitting: `split_points` cuts the model before (`'beginning'`) or after (`'end'`) the
+    named modules. An `nn.Sequential` (nested Sequentials are flattened) is cut by name;
+    any other model is split by tracing its forward with torch.export
+    (`torch.distributed.pipelining.pipeline` with `SplitPoint`), which needs
+    `example_inputs` (the inputs of one model call; only their shapes and dtypes count).
+    Every stage keeps its parameters' full names, so checkpoints and `save_model` files
+    load into the unsplit model. Or `split_fn(model, stage_index, n_stages) -> nn.Module`
+    builds each stage (its forward takes the previous stage's outputs).
 
     The loss: the user's `loss_fn(model, batch)` as for any strategy. The first stage reads
     the model's inputs from it (the arguments of its model call); the last stage calls it
@@ -187,6 +223,11 @@ class Pipeline:
     Args:
         split_points: module names where new stages start: {"layers.4": "beginning"} or
             ["layers.4"] (each a beginning); SplitPoint values are accepted.
+        example_inputs: for a model that is not an nn.Sequential (split by tracing): the
+            inputs of one model call, as a tensor, a tuple of positional inputs or a dict
+            of keyword inputs, e.g. `(torch.zeros(4, 64, dtype=torch.long),)`. Meta
+            tensors are fine; give one micro-batch's shape (batch size / n_microbatches
+            rows) to trace once. Ignored for an nn.Sequential.
         schedule: one of `schedule_names()` (any case): "GPipe", "1F1B",
             "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", ...
         n_microbatches: chunks per schedule step; must divide every batch. None: one per
@@ -224,8 +265,15 @@ class Pipeline:
         n_stages: int | None = None,
         device: str | torch.device | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        example_inputs: Any = None,
     ) -> None:
         self.schedule = _schedule_name(schedule)
+        self.example_inputs = check_example_inputs(example_inputs)
+        if self.example_inputs is not None and split_fn is not None:
+            raise ValueError(
+                "Pipeline(split_fn=..., example_inputs=...): example_inputs are for tracing "
+                "a model cut at split_points; split_fn builds the stages itself. Drop one."
+            )
         self.stages_per_rank = _check_int("stages_per_rank", stages_per_rank, 1)
         self.split_fn = split_fn
         self.split_points, self.n_stages = _count_stages(
@@ -317,11 +365,16 @@ class Pipeline:
             "gradients for overflow separately, so stages could disagree about skipping a "
             "step. Use precision='bf16' (no loss scaling) or 'fp32'.",
         )
-        if self.split_points is not None:
+        traced: TracedModel | None = None
+        stage_paths: list[list[str]] | None = None
+        if self.split_points is not None and expands(model):
             plan = plan_stages(model, self.split_points)
             mine = [path for s in self.stage_indices for path in plan[s]]
             rank_model: nn.Module = assemble(model, mine)
-            stage_paths: list[list[str]] | None = [plan[s] for s in self.stage_indices]
+            stage_paths = [plan[s] for s in self.stage_indices]
+        elif self.split_points is not None:
+            traced = self._trace(model)
+            rank_model = holder(model, traced.keep(self.stage_indices))
         else:
             assert self.split_fn is not None
             rank_model = self.split_fn(model, self.stage_indices[0], self.n_stages)
@@ -331,9 +384,8 @@ class Pipeline:
                     f"{type(rank_model).__name__} for stage {self.stage_indices[0]}; it must "
                     "return that stage's nn.Module."
                 )
-            stage_paths = None
         rank_model.to(self.device)
-        prepared = self._prepare(rank_model, stage_paths, precision)
+        prepared = self._prepare(rank_model, stage_paths, precision, traced)
         if not prepared.params or not any(p.requires_grad for p in prepared.params):
             raise ValueError(
                 f"{self._where()}: stage(s) {list(self.stage_indices)} on rank {self.rank} hold "
@@ -341,17 +393,59 @@ class Pipeline:
             )
         # Built now, so that the schedule's own checks (e.g. 1F1B's n_microbatches >=
         # stages) fail before training; the first step uses it.
-        self._schedule(prepared, signature=None, train=True)
+        self._schedule(prepared, rank_model, signature=None, train=True)
         return rank_model, common.build_optimizer(rank_model, optimizer)
 
+    def _trace(self, model: nn.Module) -> TracedModel:
+        """Split a model that is not an nn.Sequential by tracing it on example_inputs."""
+        assert self.split_points is not None
+        if self.example_inputs is None:
+            raise ValueError(
+                f"Pipeline(split_points={self.split_points!r}): {type(model).__name__} is not "
+                "an nn.Sequential, so Pipeline splits it by tracing its forward, which needs "
+                "example inputs: pass example_inputs=(...) with the inputs of one model call "
+                "(one micro-batch), e.g. Pipeline(..., example_inputs=(torch.zeros(4, 64, "
+                "dtype=torch.long),)). Only shapes and dtypes are used; meta tensors are fine. "
+                "Without tracing: build the model as an nn.Sequential, or pass split_fn=..."
+            )
+        return TracedModel.of(model, self.split_points, self.example_inputs, self.n_stages)
+
+    def _pp_rank_of(self) -> list[int]:
+        """The pipeline rank that runs each stage (the same rule as _join's)."""
+        if _SCHEDULES[self.schedule][1] == "v":
+            return [
+                s if s < self.pp_size else 2 * self.pp_size - 1 - s for s in range(self.n_stages)
+            ]
+        return [s % self.pp_size for s in range(self.n_stages)]
+
     def _prepare(
-        self, rank_model: nn.Module, stage_paths: list[list[str]] | None, precision: Precision
+        self,
+        rank_model: nn.Module,
+        stage_paths: list[list[str]] | None,
+        precision: Precision,
+        traced: TracedModel | None = None,
     ) -> _Prepared:
-        if stage_paths is None:
+        if traced is not None:
+            modules: list[nn.Module] = []  # built per micro-batch shape (see _schedule)
+        elif stage_paths is None:
             modules = [rank_model]
         else:
             modules = [assemble(rank_model, paths) for paths in stage_paths]
-        prepared = _Prepared(stage_paths, modules, ChunkLoss(precision, self.device))
+        loss = ChunkLoss(precision, self.device)
+        prepared = _Prepared(rank_model, stage_paths, modules, loss, traced)
+        if traced is not None:
+            loss.unflatten = prepared.feed.unflatten
+            # Tied weights read on stages of several pipeline ranks: each such rank holds a
+            # copy; their gradients are summed at the window's end and the norm counts
+            # the weight once (on the lowest of those ranks).
+            ranks = self._pp_rank_of()
+            params = dict(rank_model.named_parameters(remove_duplicate=False))
+            for name in traced.shared(ranks):
+                param = params.get(name)
+                meta = traced.skeleton.get_parameter(name)
+                prepared.shared.append((param, meta.numel(), meta.dtype))
+                if param is not None and traced.owner(name, ranks) != self.pp_rank:
+                    prepared.uncounted.add(id(param))
         self._prepared[rank_model] = prepared
         return prepared
 
@@ -364,33 +458,62 @@ class Pipeline:
             )
         return prepared
 
-    def _schedule(self, prepared: _Prepared, signature: Any, train: bool) -> tuple[Any, int]:
+    def _schedule(
+        self,
+        prepared: _Prepared,
+        model: nn.Module,
+        signature: Any,
+        train: bool,
+        inputs: tuple[Any, ...] | None = None,
+    ) -> tuple[Any, int]:
         """The schedule (and its chunk count) for batches of `signature`.
 
         Stages size their receive buffers from the first batch they see, so each batch
         shape gets its own stages and schedule (cached; a fixed batch size has one).
-        Every rank of the pipeline sees the same batches, so they build them alike.
+        Every rank of the pipeline sees the same batches, so they build them alike. A
+        traced model's stages are traced for the micro-batch shape of `inputs` (the
+        model's inputs for the whole batch; None: the example inputs) and its mode.
         """
         n = self.n_microbatches
         name = self.schedule
         if not train:
             # Forward only: any chunk count works for single-stage schedules (GPipe order),
             # so an uneven last eval batch still runs.
-            if len(prepared.stage_modules) == 1:
+            if len(self.stage_indices) == 1:
                 name = "GPipe"
                 n = math.gcd(signature[1], n) if signature is not None else n
-        key = (signature, train)
+        traced = prepared.traced
+        micro = None
+        if traced is None:
+            key: Any = (signature, train)
+        else:
+            micro = None if inputs is None else first_chunk(inputs, n)
+            key = (shape_key(traced.example if micro is None else micro), n, train, model.training)
         if key in prepared.schedules:
             return prepared.schedules[key], n
-        if signature is not None and (None, train) in prepared.schedules:
+        if traced is None and signature is not None and (None, train) in prepared.schedules:
             built = prepared.schedules.pop((None, train))  # the one setup built
             prepared.schedules[key] = built
             return built, n
+        modules = prepared.stage_modules
+        if traced is not None:
+            modules = traced.stages(  # type: ignore[assignment]
+                model, self.stage_indices, micro, model.training, self.device, prepared.feed
+            )
+        built = self._build_schedule(prepared, modules, name, n)
+        if len(prepared.schedules) >= _MAX_SCHEDULES:  # the same on every rank
+            prepared.schedules.pop(next(iter(prepared.schedules)))
+        prepared.schedules[key] = built
+        return built, n
+
+    def _build_schedule(
+        self, prepared: _Prepared, modules: Sequence[nn.Module], name: str, n: int
+    ) -> Any:
         from torch.distributed.pipelining import PipelineStage, schedules
 
         precision = prepared.loss.precision
         stages = []
-        for index, module in zip(self.stage_indices, prepared.stage_modules, strict=True):
+        for index, module in zip(self.stage_indices, modules, strict=True):
             runs = module if precision.dtype is None else Autocast(module, precision, self.device)
             stages.append(
                 PipelineStage(runs, index, self.n_stages, self.device, group=self.pp_group)
@@ -398,17 +521,13 @@ class Pipeline:
         cls = getattr(schedules, _SCHEDULES[name][0])
         first = stages[0] if _SCHEDULES[name][1] == "single" else stages
         try:
-            built = cls(first, n, loss_fn=prepared.loss, scale_grads=False)
+            return cls(first, n, loss_fn=prepared.loss, scale_grads=False)
         except ValueError as error:
             raise ValueError(
                 f"{self._where()} with n_microbatches={n}: torch's {cls.__name__} refuses "
                 f"it ({error}). Choose n_microbatches to fit the schedule (e.g. at least the "
                 f"number of stages, {self.n_stages}) or another schedule."
             ) from error
-        if len(prepared.schedules) >= _MAX_SCHEDULES:  # the same on every rank
-            prepared.schedules.pop(next(iter(prepared.schedules)))
-        prepared.schedules[key] = built
-        return built, n
 
     # ------------------------------------------------------------------------ the step
 
@@ -431,8 +550,12 @@ class Pipeline:
             "calls Pipeline.forward_backward."
         )
 
-    def _inputs(self, loss_fn: LossFn, batch: Batch) -> tuple[Any, ...]:
-        """The model's inputs for this batch: the arguments of loss_fn's model call."""
+    def _inputs(self, loss_fn: LossFn, batch: Batch, prepared: _Prepared) -> tuple[Any, ...]:
+        """The model's inputs for this batch: the arguments of loss_fn's model call.
+
+        A traced model takes keyword arguments too: they are bound to its forward's
+        signature (defaults filled in) and passed positionally.
+        """
         recorder = Recorder()
         try:
             loss_fn(recorder, batch)  # type: ignore[arg-type]
@@ -444,12 +567,29 @@ class Pipeline:
                 "has no inputs. Under a pipeline loss_fn must call the model once, e.g. "
                 "`lk.cross_entropy(model(batch[0]), batch[1])`."
             )
+        if prepared.traced is not None:
+            return bind(prepared.traced.skeleton, recorder.args, recorder.kwargs)
         if recorder.kwargs:
             raise ValueError(
                 f"{self!r}: loss_fn calls the model with keyword arguments "
-                f"{sorted(recorder.kwargs)}; pipeline stages take positional inputs only."
+                f"{sorted(recorder.kwargs)}; the stages of an nn.Sequential take positional "
+                "inputs only."
             )
         return recorder.args
+
+    def _first_stage_args(
+        self, prepared: _Prepared, inputs: tuple[Any, ...] | None, n: int
+    ) -> tuple[Any, ...]:
+        """What the schedule feeds the first stage (nothing on the other stages).
+
+        A traced model's stages take tensors only (its other inputs are constants of the
+        trace); every rank keeps the step's inputs where a later stage reads one.
+        """
+        if inputs is None:
+            return ()
+        if prepared.traced is not None:
+            inputs = prepared.feed.start(inputs, n, prepared.traced.feeds_later)
+        return inputs if self.has_first_stage else ()
 
     def _check_batch(self, n_samples: int, n: int) -> None:
         if n_samples % n:
@@ -487,8 +627,12 @@ class Pipeline:
         """
         prepared = self._get(model)
         self._check_batch(n_samples, self.n_microbatches)
-        schedule, n = self._schedule(prepared, (signature(batch), n_samples), True)
-        args = self._inputs(loss_fn, batch) if self.has_first_stage else ()
+        # Every stage of a traced model reads the inputs' shapes (its graphs are traced
+        # per micro-batch shape); only the first stage feeds them to the schedule.
+        wants = self.has_first_stage or prepared.traced is not None
+        inputs = self._inputs(loss_fn, batch, prepared) if wants else None
+        schedule, n = self._schedule(prepared, model, (signature(batch), n_samples), True, inputs)
+        args = self._first_stage_args(prepared, inputs, n)
         loss = prepared.loss
         pieces = chunks(batch, n, n_samples) if self.has_last_stage else []
         loss.start(loss_fn, pieces, n_samples // n, ref_count)
@@ -509,9 +653,44 @@ class Pipeline:
             if check_count:
                 check_first_count(ref, self)
             divide_grads_(prepared.params, ref)  # type: ignore[arg-type]  # a device tensor
+        if sync and prepared.shared:
+            self._sum_shared(prepared.shared)
         if sync and self.dp_world_size > 1:
             self._sum_over_replicas(prepared.params)
         return local / ref, count, ref
+
+    def _sum_shared(self, shared: Sequence[tuple[nn.Parameter | None, int, torch.dtype]]) -> None:
+        """Sum the gradients of tied weights over the pipeline ranks holding a copy.
+
+        One all-reduce per window over the pipeline group of a flat buffer laid out the
+        same on every rank (the model's order); a rank without a copy adds zeros. Every
+        copy then holds the whole weight's gradient, and the optimizers update them alike.
+        """
+        by_dtype: dict[torch.dtype, list[tuple[nn.Parameter | None, int]]] = {}
+        for param, numel, dtype in shared:
+            by_dtype.setdefault(dtype, []).append((param, numel))
+        try:
+            for dtype, entries in by_dtype.items():
+                parts = [
+                    p.grad.reshape(-1)
+                    if p is not None and p.grad is not None
+                    else torch.zeros(numel, dtype=dtype, device=self.device)
+                    for p, numel in entries
+                ]
+                flat = torch.cat(parts)
+                torch.distributed.all_reduce(flat, group=self.pp_group)
+                offset = 0
+                for p, numel in entries:
+                    if p is not None:
+                        summed_grad = flat[offset : offset + numel].view_as(p)
+                        if p.grad is None:
+                            p.grad = summed_grad.clone()
+                        else:
+                            p.grad.copy_(summed_grad)
+                    offset += numel
+        except Exception as error:
+            common.raise_if_comm_error(error, self, "summing tied weights' gradients over stages")
+            raise
 
     def _sum_over_replicas(self, params: Sequence[nn.Parameter]) -> None:
         # One all-reduce per dtype over a flat buffer: loopkit has already divided by the
@@ -536,8 +715,10 @@ class Pipeline:
         self, params: Sequence[nn.Parameter], max_norm: float, norm_type: float
     ) -> torch.Tensor:
         # Each rank holds its stages' gradients, the same on every data-parallel replica:
-        # the global norm combines the stages' norms over the pipeline group only.
-        grads = [p.grad for p in params if p.grad is not None]
+        # the global norm combines the stages' norms over the pipeline group only. A tied
+        # weight held by several pipeline ranks counts once (on the lowest of them).
+        uncounted = {i for prepared in list(self._prepared.values()) for i in prepared.uncounted}
+        grads = [p.grad for p in params if p.grad is not None and id(p) not in uncounted]
         if grads:
             local = torch.nn.utils.get_total_norm(grads, norm_type, foreach=True)
         else:
@@ -582,28 +763,30 @@ class Pipeline:
             output; None for both on the other stages, which add nothing to the sums.
         """
         prepared = self._get(model)
-        schedule, n = self._schedule(prepared, (signature(batch), n_samples), False)
-        self._check_batch(n_samples, n)
-        if self.has_first_stage:
+        inputs: tuple[Any, ...] | None = None
+        if self.has_first_stage or prepared.traced is not None:
             reader = loss_fn if loss_fn is not None else predict
             if reader is None:
-                args: tuple[Any, ...] = (batch[0],) if isinstance(batch, (tuple, list)) else ()
-                if not args:
+                inputs = (batch[0],) if isinstance(batch, (tuple, list)) else ()
+                if inputs and prepared.traced is not None:
+                    inputs = bind(prepared.traced.skeleton, inputs, {})
+                if not inputs:
                     raise ValueError(
                         f"{self!r}: evaluate without loss_fn or predict feeds batch[0] of "
                         "tuple/list batches to the model; pass predict=lambda model, batch: ..."
                     )
             else:
-                args = self._inputs(reader, batch)
-        else:
-            args = ()
+                inputs = self._inputs(reader, batch, prepared)
+        schedule, n = self._schedule(prepared, model, (signature(batch), n_samples), False, inputs)
+        self._check_batch(n_samples, n)
+        args = self._first_stage_args(prepared, inputs, n)
         loss = prepared.loss
         pieces = chunks(batch, n, n_samples) if self.has_last_stage else []
         record = loss_fn if loss_fn is not None else _no_loss
         loss.start(record, pieces, n_samples // n, None)
         target = torch.arange(n) if self.has_last_stage else None
         try:
-            outputs = schedule.eval(*args, target=target)
+            outputs = schedule.eval(*args, target=target, return_outputs=want_outputs)
         except Exception as error:
             common.raise_if_comm_error(error, self, "the pipeline's forward pass (evaluation)")
             raise
@@ -616,6 +799,8 @@ class Pipeline:
             loss_total = (total.to(sum_dtype), count)
         if not want_outputs:
             return loss_total, None
+        if loss.unflatten is not None and outputs is not None:
+            outputs = loss.unflatten(outputs)
         if predict is not None:
             outputs = predict(StandIn(outputs), batch)  # type: ignore[arg-type]
         return loss_total, outputs
@@ -626,31 +811,48 @@ class Pipeline:
         """Every stage's state_dict gathered on rank 0, in CPU memory ({} elsewhere).
 
         A collective: every rank must call it. The first data-parallel replica's stages
-        send their tensors (names, shapes and dtypes go as JSON, the tensors as they are).
+        send their tensors (names, shapes, dtypes, whether each is a parameter and which
+        name it repeats go as JSON, each distinct tensor once). Parameters come back as
+        `nn.Parameter` (requires_grad=False) and a tied weight as one object under each of
+        its names, as in the unsplit model's `state_dict(keep_vars=True)`, so that
+        save_model counts the whole model's parameters.
         """
         dist = torch.distributed
-        local = {k: v.detach() for k, v in model.state_dict().items()}
+        local = _marked_state(model)
         if self.world_size == 1:
-            return {k: v.cpu() for k, v in local.items()}
+            return local
         peers = [pp * self.dp_world_size for pp in range(self.pp_size)]  # dp_rank 0
         out: dict[str, torch.Tensor] = {}
         try:
             if self.rank == 0:
-                out.update({k: v.cpu() for k, v in local.items()})
+                out.update(local)
                 for peer in peers[1:]:
                     header = self._recv_json(peer)
-                    for name, shape, dtype in header:
+                    for name, shape, dtype, is_param, same_as in header:
+                        if same_as is not None:  # a tied weight: the same object again
+                            out[name] = out[header[same_as][0]]
+                            continue
                         buf = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
                         dist.recv(buf, src=peer)
-                        out[name] = buf.cpu()
+                        value = buf.cpu()
+                        out[name] = nn.Parameter(value, requires_grad=False) if is_param else value
             elif self.rank in peers:
-                header = [
-                    [k, list(v.shape), str(v.dtype).removeprefix("torch.")]
-                    for k, v in local.items()
-                ]
+                header, first = [], {}  # type: ignore[var-annotated]
+                for i, (name, value) in enumerate(local.items()):
+                    same_as = first.setdefault(id(value), i)
+                    header.append(
+                        [
+                            name,
+                            list(value.shape),
+                            str(value.dtype).removeprefix("torch."),
+                            isinstance(value, nn.Parameter),
+                            None if same_as == i else same_as,
+                        ]
+                    )
                 self._send_json(header, 0)
-                for value in local.values():
-                    dist.send(value.to(self.device).contiguous(), dst=0)
+                for value, row in zip(local.values(), header, strict=True):
+                    if row[4] is None:
+                        dist.send(value.detach().to(self.device).contiguous(), dst=0)
         except Exception as error:
             common.raise_if_comm_error(error, self, "gathering the stages' weights on rank 0")
             raise
@@ -677,7 +879,9 @@ class Pipeline:
         """
         prepared = self._get(fields["model"])
         copied = common.deep_copy_training_objects(fields)
-        self._prepare(copied["model"], prepared.stage_paths, prepared.loss.precision)
+        self._prepare(
+            copied["model"], prepared.stage_paths, prepared.loss.precision, prepared.traced
+        )
         return copied
 
     def __repr__(self) -> str:
@@ -686,6 +890,19 @@ class Pipeline:
             f"stages={list(self.stage_indices)}/{self.n_stages}, rank={self.rank}, "
             f"world_size={self.world_size})"
         )
+
+
+def _marked_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s state_dict on the CPU, parameters as nn.Parameter, tied ones one object."""
+    copies: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if id(value) not in copies:
+            cpu = value.detach().cpu()
+            is_param = isinstance(value, nn.Parameter)
+            copies[id(value)] = nn.Parameter(cpu, requires_grad=False) if is_param else cpu
+        out[name] = copies[id(value)]
+    return out
 
 
 def _no_loss(model: Any, batch: Any) -> torch.Tensor:

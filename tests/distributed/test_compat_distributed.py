@@ -101,7 +101,7 @@ def _run(rank: int, world: int, out: str, strategy_name: str = "DDP") -> dict:
         "predictions": seen[-1].predictions,
         "labels": seen[-1].label_ids,
         "accuracy": result["eval_accuracy"],
-        "checkpoints": sorted(p.name for p in Path(out).glob("step-*")),
+        "checkpoints": sorted(p.name for p in Path(out).glob("checkpoint-*")),
     }
 
 
@@ -118,4 +118,4 @@ def test_two_ranks_train_like_one_and_gather_the_eval_set(tmp_path, strategy):
         np.testing.assert_array_equal(rank["labels"], Blobs(7, 1).y.numpy())
         np.testing.assert_allclose(rank["predictions"], one["predictions"], rtol=1e-9)
         assert rank["accuracy"] == one["accuracy"]
-    assert ranks[0]["checkpoints"] == one["checkpoints"] == ["step-00000002", "step-00000004"]
+    assert ranks[0]["checkpoints"] == one["checkpoints"] == ["checkpoint-2", "checkpoint-4"]

@@ -1,4 +1,9 @@
-"""A rank that dies or hangs: the others stop with a clear error, and the run resumes."""
+"""A rank that dies or hangs: the others stop with a clear error, and the run resumes.
+
+A rank that is lost (stopped or killed) is named by tests/distributed/test_lost_rank.py; here
+a rank that is alive but waits elsewhere (in a callback) is named with where it waits, and a
+rank that left fit raising is named with its error.
+"""
 
 from __future__ import annotations
 
@@ -65,7 +70,9 @@ class Fail:
         os._exit(0)
 
 
-def interrupted(rank: int, root: str, how: str, timeout_s: float) -> tuple[str, str, float]:
+def interrupted(
+    rank: int, root: str, how: str, timeout_s: float
+) -> tuple[str, str, float, tuple[int, ...]]:
     torch.set_num_threads(1)
     flag = Path(root) / f"{how}.done"
     fail = Fail(rank=1, at=5, how=how, flag=flag)
@@ -74,8 +81,8 @@ def interrupted(rank: int, root: str, how: str, timeout_s: float) -> tuple[str, 
     except Exception as error:  # the survivor: how long after the peer stopped, and why
         waited_s = time.monotonic() - fail.step_end_s
         flag.write_text("")
-        return type(error).__name__, str(error), waited_s
-    return "finished", "", 0.0
+        return type(error).__name__, str(error), waited_s, getattr(error, "lost_ranks", ())
+    return "finished", "", 0.0, ()
 
 
 def resumed(rank: int, root: str) -> list[torch.Tensor]:
@@ -85,16 +92,46 @@ def resumed(rank: int, root: str) -> list[torch.Tensor]:
     return [p.detach().clone() for p in result.state.model.parameters()]
 
 
-@pytest.mark.parametrize("how, timeout_s", [("die", 30.0), ("hang", 2.0)])
-def test_survivor_raises_a_clear_error_within_the_timeout(tmp_path, how, timeout_s):
-    outcomes = run_ranks(2, interrupted, str(tmp_path), how, timeout_s, timeout_s=60)
-    name, message, waited_s = outcomes[0].unwrap()
+def test_a_rank_alive_elsewhere_is_named_with_where_it_waits(tmp_path):
+    timeout_s = 2.0
+    outcomes = run_ranks(2, interrupted, str(tmp_path), "hang", timeout_s, timeout_s=60)
+    name, message, waited_s, lost_ranks = outcomes[0].unwrap()
     assert name == DistributedError.__name__, message
-    assert "rank 0 of 2" in message and "Another process probably died" in message
-    assert f"timeout_s={timeout_s}" in message and "resume=True" in message
-    assert waited_s < (5.0 if how == "die" else timeout_s + 5.0)
-    if how == "die":
-        assert outcomes[1].exitcode == -signal.SIGKILL
+    assert lost_ranks == (), message  # rank 1 is alive: nobody is lost
+    assert message.startswith("rank 0 of 2 (pid "), message
+    assert "Every rank answered a roll call, so none is lost" in message, message
+    # Rank 1 answered from its responder thread: where its main thread waits.
+    assert "rank 1 (pid " in message and "in on_step_end (test_failures.py:" in message, message
+    assert f"timeout_s={timeout_s}" in message and "resume=True" in message, message
+    assert waited_s < timeout_s + 10.0  # the timeout in force after the first step
+
+
+def raises_on_rank_1(rank: int, root: str) -> tuple[str, str, tuple[int, ...]]:
+    torch.set_num_threads(1)
+    calls = 0
+
+    def bad_on_rank_1(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if rank == 1 and calls == 3:
+            raise ValueError("planted: a batch rank 1 cannot use")
+        return loss_fn(model, batch)
+
+    try:
+        train(DDP(timeout_s=2.0), Path(root), loss_fn=bad_on_rank_1)
+    except Exception as error:
+        return type(error).__name__, str(error), getattr(error, "lost_ranks", ())
+    return "finished", "", ()
+
+
+def test_a_rank_that_left_fit_raising_is_named_with_its_error(tmp_path):
+    outcomes = run_ranks(2, raises_on_rank_1, str(tmp_path), timeout_s=60)
+    assert outcomes[1].unwrap()[0] == "ValueError"  # the rank's own error, as raised
+    name, message, lost_ranks = outcomes[0].unwrap()
+    assert name == DistributedError.__name__ and lost_ranks == (1,), message
+    # Its last words, written to the store as fit left that rank, reach the survivor.
+    assert "Rank 1 is lost" in message, message
+    assert "it left fit raising ValueError: planted: a batch rank 1 cannot use" in message
 
 
 def test_run_resumes_from_the_last_checkpoint_after_a_rank_died(tmp_path):

@@ -10,6 +10,7 @@ unsplit model: zero_grad, backward of the window's mean loss over every item, cl
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -291,7 +292,7 @@ def check_errors(rank: int) -> dict[str, str]:
         ),
     )
     out["not-sequential"] = message(
-        TypeError,
+        ValueError,
         lambda: lk.TrainState.create(
             Wrapped(), optimizer=adamw, strategy=Pipeline(["inner.layers.2"])
         ),
@@ -307,7 +308,7 @@ def check_errors(rank: int) -> dict[str, str]:
 
 
 class Wrapped(nn.Module):
-    """A model with its own forward: splitting by name is refused, with the fix."""
+    """A model with its own forward: split by tracing, which needs example_inputs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -422,6 +423,7 @@ def check_fit(rank: int, root: str) -> dict[str, Any]:
     return {
         "single": [{k: h[k] for k in keys if k in h} for h in single.history],
         "piped": [{k: h[k] for k in keys if k in h} for h in piped.history],
+        "tokens_seen": [float(r.state.tokens_seen) for r in (single, piped, resumed)],
     }
 
 
@@ -506,6 +508,7 @@ def test_bad_pipelines_fail_before_training_with_the_fix(outcomes):
     assert "Schedule1F1B refuses" in errors["schedule-refuses"]
     assert "exactly two stages per rank" in errors["v-needs-2"]
     assert errors["built-optimizer"] == NEEDS_FACTORY
+    assert "example_inputs" in errors["not-sequential"]  # it would be traced
     assert "split_fn" in errors["not-sequential"]
     assert "n_microbatches=3 does not divide the batch of 8" in errors["indivisible"]
 
@@ -558,6 +561,8 @@ def test_save_model_gathers_every_stage_into_the_unsplit_module(outcomes, root):
     model = seq_lm(seed=5)
     model.load_state_dict(tensors)  # strict: every name of the unsplit model
     assert_matches(model, {**finals[0], **finals[1]}, exact=True)
+    config = json.loads((root / "model" / "config.json").read_text())
+    assert config["parameters"] == sum(p.numel() for p in model.parameters())  # all stages
 
 
 def test_fit_with_pipeline_logs_and_evaluates_like_one_device(outcomes):
@@ -568,6 +573,11 @@ def test_fit_with_pipeline_logs_and_evaluates_like_one_device(outcomes):
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-10), (key, got, want)
     assert rank_1["piped"] == rank_0["piped"]  # every rank sees the global values
+    # tokens_seen: counted by the last stage, summed over ranks by fit; a resumed run
+    # continues the uninterrupted run's count on every rank.
+    for rank in (rank_0, rank_1):
+        one_device, piped_tokens, resumed_tokens = rank["tokens_seen"]
+        assert one_device == piped_tokens == resumed_tokens > 0
 
 
 # ---------------------------------------------------------------- pipeline x data parallel
