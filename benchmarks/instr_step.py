@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> None:
 def report(args: argparse.Namespace) -> None:
     """Print instructions per step of each variant from callgrind's parts."""
     names = json.loads(Path(args.names).read_text())
-    parts = sorted(glob.glob(f"{args.out}.*"), key=lambda f: int(f.rsplit(".", 1)[1]))
+    parts = [f for f in glob.glob(f"{args.out}.*") if f.rsplit(".", 1)[1].isdigit()]
+    parts.sort(key=lambda f: int(f.rsplit(".", 1)[1]))
     totals = []
     for part in parts:
         for line in Path(part).read_text().splitlines():

@@ -246,3 +246,45 @@ def test_memory_metrics_have_hfs_names(tmp_path):
     assert "init_mem_cpu_alloc_delta" not in trainer.evaluate()  # init is reported once
     quiet = Trainer(model=Net(), args=_args(tmp_path), train_dataset=Rows(8))
     assert not [k for k in quiet.train().metrics if "_mem_" in k]
+
+
+def test_the_datasets_example_runs_on_loopkit_alone(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("datasets")
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    monkeypatch.syspath_prepend(str(examples))
+    import importlib
+    import sys
+
+    sys.modules.pop("hf_datasets_classification", None)
+    script = importlib.import_module("hf_datasets_classification")
+    trainer, metrics = script.run(str(tmp_path / "run"), num_train_epochs=2, n=200)
+    assert metrics["eval_accuracy"] > 0.4  # 3 classes: above chance after 2 short epochs
+    assert [p.name for p in list_hf_checkpoints(tmp_path / "run")] == [
+        "checkpoint-10",
+        "checkpoint-5",
+    ]
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_label_names_default_to_forwards_label_arguments_as_hf_finds_them(tmp_path):
+    class Tagged(Net):
+        def forward(self, x, tag_label=None):  # noqa: ANN001
+            return super().forward(x, tag_label)
+
+    rows = [{"x": Rows(6).x[i], "tag_label": int(Rows(6).y[i])} for i in range(6)]
+    trainer = Trainer(model=Tagged(), args=_args(tmp_path))
+    assert trainer.label_names == ["tag_label"]
+    out = trainer.predict(rows)
+    assert out.label_ids.tolist() == Rows(6).y.tolist() and "test_loss" in out.metrics
+
+
+def test_a_checkpoint_whose_renaming_a_crash_cut_off_still_counts(tmp_path):
+    Trainer(model=Net(), args=_saving(tmp_path), train_dataset=Rows(16)).train()
+    out = tmp_path / "out"
+    (out / "checkpoint-4").rename(out / "step-00000004")  # fit wrote it, no HF name yet
+    assert [p.name for p in list_hf_checkpoints(out)] == ["step-00000004", "checkpoint-2"]
+    again = Trainer(model=Net(), args=_saving(tmp_path, max_steps=6), train_dataset=Rows(16))
+    assert again.train(resume_from_checkpoint=True).global_step == 6  # from step 4
+    assert [p.name for p in list_hf_checkpoints(out)][:2] == ["checkpoint-6", "step-00000004"]
+    Trainer(model=Net(), args=_saving(tmp_path), train_dataset=Rows(16)).train()  # fresh
+    assert "step-00000004" in [p.name for p in (out / "previous-run").iterdir()]

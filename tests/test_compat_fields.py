@@ -293,3 +293,13 @@ def test_optim_args_reach_sgd(tmp_path):
     group = trainer.optimizer.param_groups[0]
     assert isinstance(trainer.optimizer, torch.optim.SGD)
     assert group["momentum"] == 0.9 and group["nesterov"] is True
+
+
+def test_the_migration_guide_lists_every_field_and_every_refused_member():
+    from loopkit.compat.members import REFUSED_MEMBERS
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "migrating.md").read_text()
+    for name, note in FIELDS.items():
+        assert f"| `{name}` | {note.support} |" in guide, name
+    for name in REFUSED_MEMBERS:
+        assert f"| `{name}` | refused |" in guide, name

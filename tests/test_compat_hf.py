@@ -376,3 +376,35 @@ def test_the_datasets_example_ends_equal_to_hfs_run(example):
         best = Path(example[name]["trainer"].state.best_model_checkpoint).name
         assert best in example[name]["checkpoints"]
     assert (ours["dir"] / "final" / "model.safetensors").is_file()
+
+
+def test_with_a_tokenizer_the_default_collator_pads_as_hfs_data_collator_with_padding(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(10)}}
+    model = tokenizers.models.WordLevel(vocab, unk_token="[UNK]")
+    backend = tokenizers.Tokenizer(model)
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]"
+    )
+    features = [
+        {**tokenizer(text), "label": label}
+        for text, label in (("w1 w2 w3", 0), ("w4", 1), ("w5 w6", 2))
+    ]
+    ours = lk.Trainer(
+        model=torch.nn.Linear(1, 1),
+        args=lk.TrainingArguments(str(tmp_path), report_to="none"),
+        processing_class=tokenizer,
+    ).data_collator([dict(f) for f in features])
+    theirs = transformers.DataCollatorWithPadding(tokenizer)([dict(f) for f in features])
+    assert sorted(ours) == sorted(theirs) and "labels" in ours
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+
+
+def test_trainer_takes_hfs_arguments_in_hfs_order():
+    import inspect
+
+    theirs = list(inspect.signature(transformers.Trainer.__init__).parameters)
+    ours = list(inspect.signature(lk.Trainer.__init__).parameters)
+    assert ours[: len(theirs)] == theirs  # loopkit's own extras are keyword-only, after

@@ -31,7 +31,6 @@ from safetensors.torch import load_file
 from ..callbacks import improved
 from ..checkpoint import (
     CheckpointError,
-    list_checkpoints,
     save_model,
     validate_checkpoint,
     write_pointer,
@@ -44,7 +43,7 @@ logger = logging.getLogger("loopkit.compat")
 
 PREFIX_CHECKPOINT_DIR = "checkpoint"
 """HF's checkpoint directory prefix: `checkpoint-<global_step>`."""
-_HF_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+_NAME = re.compile(rf"^(?:{PREFIX_CHECKPOINT_DIR}-(\d+)|step-(\d{{8,}}))$")
 
 
 def checkpoint_name(step: int) -> str:
@@ -52,13 +51,23 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX_CHECKPOINT_DIR}-{step}"
 
 
+def step_of(path: Path) -> int | None:
+    """The step of a checkpoint directory by its name (HF's or loopkit's), else None."""
+    match = _NAME.match(path.name)
+    return None if match is None else int(match.group(1) or match.group(2))
+
+
 def list_hf_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
-    """The `checkpoint-N` directories under `output_dir`, newest step first."""
+    """The checkpoint directories under `output_dir`, newest step first.
+
+    HF's `checkpoint-N` names, and loopkit's `step-XXXXXXXX` of a checkpoint whose renaming
+    a crash cut off (or of an older loopkit): both are checkpoints of the run.
+    """
     directory = Path(output_dir)
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if p.is_dir() and _HF_NAME.match(p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    found = [p for p in directory.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=lambda p: step_of(p) or 0, reverse=True)
 
 
 def _replace_dir(source: Path, target: Path) -> None:
@@ -82,15 +91,8 @@ def publish(path: str | os.PathLike[str]) -> Path:
     return target
 
 
-def _publish_strays(output_dir: str) -> None:
-    """Name fit's checkpoints that a crash left unpublished (step-* names) as HF's."""
-    for path in list_checkpoints(output_dir):
-        publish(path)
-
-
 def newest_valid_checkpoint(output_dir: str) -> Path | None:
-    """The newest complete checkpoint-N under output_dir (each is validated), or None."""
-    _publish_strays(output_dir)
+    """The newest complete checkpoint under output_dir (each is validated), or None."""
     for path in list_hf_checkpoints(output_dir):
         try:
             validate_checkpoint(path)
@@ -156,7 +158,6 @@ def prepare_output_dir(args: TrainingArguments, resume: str | None) -> None:
     `output_dir/abandoned-after-checkpoint-N/`, as loopkit's fit does.
     """
     output_dir = str(args.output_dir)
-    _publish_strays(output_dir)
     found = list_hf_checkpoints(output_dir)
     if resume is None:
         if not found:
@@ -175,11 +176,10 @@ def prepare_output_dir(args: TrainingArguments, resume: str | None) -> None:
         )
         return
     resumed = Path(resume)
-    match = _HF_NAME.match(resumed.name)
-    if match is None or resumed.parent.resolve() != Path(output_dir).resolve():
+    step = step_of(resumed)
+    if step is None or resumed.parent.resolve() != Path(output_dir).resolve():
         return
-    step = int(match.group(1))
-    newer = [p for p in found if int(p.name.split("-")[1]) > step]
+    newer = [p for p in found if (step_of(p) or 0) > step]
     if newer:
         target = _move_aside(newer, f"abandoned-after-{resumed.name}")
         logger.warning("resumed from %s: moved the newer checkpoints to %s.", resumed.name, target)
@@ -354,6 +354,7 @@ __all__ = [
     "rotate_like_hf",
     "save_extras",
     "save_model_dir",
+    "step_of",
     "update_best_checkpoint",
     "update_best_metric",
     "write_args",

@@ -307,7 +307,9 @@ FIELDS: dict[str, FieldNote] = {
     "do_eval": FieldNote("no effect", "the Trainer never reads it (as in HF)"),
     "do_predict": FieldNote("no effect", "the Trainer never reads it (as in HF)"),
     "resume_from_checkpoint": FieldNote(
-        "same", "read by train() when its own resume_from_checkpoint is None"
+        "different",
+        "HF's Trainer does not read it (its example scripts do); here train() uses it when "
+        "called without resume_from_checkpoint",
     ),
     "local_rank": FieldNote("no effect", "loopkit reads LOCAL_RANK from the environment"),
     # -- fields of older transformers versions -----------------------------------------

@@ -323,6 +323,15 @@ class Trainer:
                 "search (run one Trainer per trial from your search loop)."
             )
         self._memory.start("train")
+        try:
+            return self._train(resume_from_checkpoint, ignore_keys_for_eval)
+        except BaseException:
+            self._memory.stop("train")  # the sampling thread ends with the run
+            raise
+
+    def _train(
+        self, resume_from_checkpoint: str | bool | None, ignore_keys_for_eval: list[str] | None
+    ) -> TrainOutput:
         args = self.args
         resume = resume_path(args, resume_from_checkpoint)
         self._fresh_model()
