@@ -278,39 +278,46 @@ class FitConfig(Mapping[str, Any]):
         Raises:
             ValueError: an unknown suffix, unparsable content or a bad field.
         """
-        path = Path(path)
-        text = path.read_text()
-        suffix = path.suffix.lower()
-        try:
-            if suffix == ".toml":
-                if sys.version_info < (3, 11):  # pragma: no cover
-                    import tomli as tomllib
-                else:
-                    import tomllib
-                values = tomllib.loads(text)
-            elif suffix in (".yaml", ".yml"):
-                import yaml
+        return cls.from_dict(read_table(path, where=f"FitConfig.from_file(path={str(path)!r})"))
 
-                values = yaml.safe_load(text) or {}
-            elif suffix == ".json":
-                values = json.loads(text)
+
+def read_table(path: str | Path, *, where: str) -> dict[str, Any]:
+    """A config file's table of keys (TOML, YAML or JSON, by suffix); YAML is optional.
+
+    Raises:
+        ValueError: an unreadable file, an unknown suffix, unparsable content, or content
+            that is not a table (the message starts with `where`).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"{where}: cannot read it ({error}).") from error
+    try:
+        if suffix == ".toml":
+            if sys.version_info < (3, 11):  # pragma: no cover
+                import tomli as tomllib
             else:
-                raise ValueError(
-                    f"FitConfig.from_file(path={str(path)!r}): unknown suffix {suffix!r}; "
-                    "use .toml, .yaml, .yml or .json."
-                )
-        except ValueError:
-            raise
-        except Exception as error:  # each parser has its own error type
+                import tomllib
+            values = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            values = json.loads(text)
+        else:
             raise ValueError(
-                f"FitConfig.from_file(path={str(path)!r}): cannot parse: {error}"
-            ) from error
-        if not isinstance(values, dict):
-            raise ValueError(
-                f"FitConfig.from_file(path={str(path)!r}): expected a table of fields, got "
-                f"{type(values).__name__}."
+                f"{where}: unknown suffix {suffix!r}; use .toml, .yaml, .yml or .json."
             )
-        return cls.from_dict(values)
+    except ValueError:
+        raise
+    except Exception as error:  # each parser has its own error type
+        raise ValueError(f"{where}: cannot parse: {error}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a table of fields, got {type(values).__name__}.")
+    return values
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(FitConfig))
@@ -361,4 +368,4 @@ def resolve_named(value: Any, what: str) -> Any:
         raise ValueError(f"schedule={dict(value)!r}: {error}") from error
 
 
-__all__ = ["FitConfig", "TorchOptimizer", "resolve_named"]
+__all__ = ["FitConfig", "TorchOptimizer", "read_table", "resolve_named"]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ._types import Batch, Transform
-from .state import TrainState
+from .state import TrainState, apply_staged
 
 NONFINITE_METRIC = "train/nonfinite"
 """The metric `zero_nonfinite()` records each closed window: True (logged as 1.0) if it
@@ -64,9 +64,7 @@ def _is_bad(norm: Any, grads: list[torch.Tensor], device: torch.device) -> torch
 @dataclass(frozen=True, slots=True)
 class _ZeroNonfinite:
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
-        state.check_fresh()
-        changes = self._changes(state, batch)
-        return state if changes is None else state._advance(self, changes)
+        return apply_staged(self, state, batch)
 
     def _changes(self, state: TrainState, batch: Batch, /) -> dict[str, Any] | None:
         window = state.window

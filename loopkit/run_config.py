@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .config import FitConfig
+from .config import FitConfig, read_table
 
 RUN_FORMAT = "loopkit-run/1"
 RUN_RECORD = "loopkit-run.json"
@@ -153,37 +153,7 @@ def parse_set(item: str) -> tuple[list[str], Any]:
 
 def _read_file(path: Path) -> dict[str, Any]:
     """The file's table (TOML, YAML or JSON, by suffix)."""
-    suffix = path.suffix.lower()
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ValueError(f"CONFIG={str(path)!r}: cannot read it ({error}).") from error
-    try:
-        if suffix == ".toml":
-            if sys.version_info < (3, 11):  # pragma: no cover
-                import tomli as tomllib
-            else:
-                import tomllib
-            values = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        elif suffix == ".json":
-            values = json.loads(text)
-        else:
-            raise ValueError(
-                f"CONFIG={str(path)!r}: unknown suffix {suffix!r}; use .toml, .yaml, .yml or .json."
-            )
-    except ValueError:
-        raise
-    except Exception as error:  # each parser has its own error type
-        raise ValueError(f"CONFIG={str(path)!r}: cannot parse it: {error}") from error
-    if not isinstance(values, dict):
-        raise ValueError(
-            f"CONFIG={str(path)!r}: expected a table of keys, got {type(values).__name__}."
-        )
-    return values
+    return read_table(path, where=f"CONFIG={str(path)!r}")
 
 
 @dataclass(frozen=True)

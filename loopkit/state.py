@@ -344,4 +344,19 @@ def _check_optimizer(
         )
 
 
-__all__ = ["Number", "StaleStateError", "StagedTransform", "TrainState", "Window"]
+def apply_staged(transform: StagedTransform, state: TrainState, batch: Batch) -> TrainState:
+    """Call a staged transform on its own: check `state`, then apply its changes (if any)
+    to a new record consumed on the transform's behalf."""
+    state.check_fresh()
+    changes = transform._changes(state, batch)
+    return state if changes is None else state._advance(transform, changes)
+
+
+__all__ = [
+    "Number",
+    "StaleStateError",
+    "StagedTransform",
+    "TrainState",
+    "Window",
+    "apply_staged",
+]

@@ -35,7 +35,7 @@ from ._rng import micro_step_seed, seed_devices_
 from ._types import Batch, LossFn, Transform
 from .compose import parts_of
 from .normalise import closing_factor
-from .state import TrainState, Window
+from .state import TrainState, Window, apply_staged
 
 LRScheduler = torch.optim.lr_scheduler.LRScheduler
 
@@ -61,9 +61,7 @@ class _Forward:
             )
 
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
-        state.check_fresh()
-        changes = self._changes(state, batch)
-        return state if changes is None else state._advance(self, changes)
+        return apply_staged(self, state, batch)
 
     def _changes(self, state: TrainState, batch: Batch, /) -> dict[str, Any] | None:
         window = state.window
@@ -123,9 +121,7 @@ class _Accumulate:
             )
 
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
-        state.check_fresh()
-        changes = self._changes(state, batch)
-        return state if changes is None else state._advance(self, changes)
+        return apply_staged(self, state, batch)
 
     def _changes(self, state: TrainState, batch: Batch, /) -> dict[str, Any] | None:
         window = state.window
@@ -197,9 +193,7 @@ class _Clip:
             raise ValueError(f"clip(norm_type={self.norm_type!r}): must be > 0 (2.0, 1.0 or inf).")
 
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
-        state.check_fresh()
-        changes = self._changes(state, batch)
-        return state if changes is None else state._advance(self, changes)
+        return apply_staged(self, state, batch)
 
     def _changes(self, state: TrainState, batch: Batch, /) -> dict[str, Any] | None:
         if not state.window.closed:  # clipping acts on whole windows only
@@ -216,9 +210,7 @@ class _Clip:
 @dataclass(frozen=True, slots=True)
 class _OptimizerStep:
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
-        state.check_fresh()
-        changes = self._changes(state, batch)
-        return state if changes is None else state._advance(self, changes)
+        return apply_staged(self, state, batch)
 
     def _changes(self, state: TrainState, batch: Batch, /) -> dict[str, Any] | None:
         window = state.window
@@ -278,9 +270,7 @@ class _OptimizerStep:
 @dataclass(frozen=True, slots=True)
 class _SkipNonfinite:
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
-        state.check_fresh()
-        changes = self._changes(state, batch)
-        return state if changes is None else state._advance(self, changes)
+        return apply_staged(self, state, batch)
 
     def _changes(self, state: TrainState, batch: Batch, /) -> dict[str, Any] | None:
         window = state.window
