@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 CONSTRAINTS = ("-c", "constraints.txt")
+MKDOCS_ENV = {"NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's banner about mkdocs 2
 
 
 @nox.session
@@ -36,9 +39,20 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Run the doctests in loopkit's docstrings and every example."""
-    session.install(*CONSTRAINTS, ".[dev]")
-    session.run("pytest", "--doctest-modules", "loopkit", "tests/test_examples.py", *session.posargs)
+    """Run the doctests, the examples and the docs' Python blocks; build the site strictly."""
+    session.install(*CONSTRAINTS, ".[dev]")  # the dev extra includes the `docs` extra
+    session.run(
+        "pytest",
+        "--doctest-modules",
+        "loopkit",
+        "tests/test_examples.py",
+        "tests/test_docs_blocks.py",
+        *session.posargs,
+    )
+    # Warnings are errors; offline (no plugin fetches anything); the site goes to .nox/.
+    site_dir = os.path.join(session.create_tmp(), "site")
+    session.run("mkdocs", "build", "--strict", "--site-dir", site_dir, env=MKDOCS_ENV)
+    session.log(f"site: {site_dir}")
 
 
 @nox.session(default=False)

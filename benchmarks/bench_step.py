@@ -249,6 +249,7 @@ class LoopkitRunner:
         precision: str,
         loss_fn: Callable[..., Any],
         module: ModuleType = lk,
+        seed_rng: bool = True,
     ) -> None:
         self.state = module.TrainState.create(
             work.build_model(0),
@@ -257,9 +258,8 @@ class LoopkitRunner:
             strategy=module.SingleDevice(device),
             seed=0,
         )
-        self.step = module.chain(
-            module.forward(loss_fn), module.accumulate(1), module.optimizer_step()
-        )
+        forward = module.forward(loss_fn) if seed_rng else module.forward(loss_fn, seed_rng=False)
+        self.step = module.chain(forward, module.accumulate(1), module.optimizer_step())
         self.batches = batches
         self.cursor = 0
 

@@ -10,7 +10,7 @@ changes to the step's own work; the timed benchmark gives the figures.
 
 Usage (about 5 minutes on 2 vCPUs; most of it is importing torch under valgrind):
     valgrind --tool=callgrind --dump-before=time_sleep --dump-instr=no \\
-        --callgrind-out-file=/tmp/cg/out python benchmarks/instr_step.py run [--loss] \\
+        --callgrind-out-file=/tmp/cg/out python benchmarks/instr_step.py run [--loss | --both] \\
         [--baseline DIR]
     python benchmarks/instr_step.py report /tmp/cg/out
 """
@@ -50,16 +50,27 @@ def run(args: argparse.Namespace) -> None:
     work, device = WORKLOADS["mlp"], torch.device("cpu")
     batches = work.make_batches(torch.Generator().manual_seed(1234))
     runners = {"raw": RawRunner(work, batches, device, "fp32")}
-    if args.loss:
+    base = load_baseline(args.baseline) if args.baseline else None
+    if not args.loss or args.both:
+        runners["loopkit"] = LoopkitRunner(work, batches, device, "fp32", work.mean_loss)
+        runners["loopkit_noseed"] = LoopkitRunner(
+            work, batches, device, "fp32", work.mean_loss, seed_rng=False
+        )
+        if base is not None:
+            runners["loopkit@base"] = LoopkitRunner(
+                work, batches, device, "fp32", work.mean_loss, base
+            )
+    if args.loss or args.both:
         runners["raw_loss"] = RawRunner(work, batches, device, "fp32", _raw_token_loss)
         runners["loopkit_loss"] = LoopkitRunner(work, batches, device, "fp32", _sum_loss)
-    else:
-        runners["loopkit"] = LoopkitRunner(work, batches, device, "fp32", work.mean_loss)
-    if args.baseline:
-        base = load_baseline(args.baseline)
-        loss_fn = _sum_loss_with(base) if args.loss else work.mean_loss
-        name = "loopkit_loss@base" if args.loss else "loopkit@base"
-        runners[name] = LoopkitRunner(work, batches, device, "fp32", loss_fn, base)
+        runners["loopkit_loss_noseed"] = LoopkitRunner(
+            work, batches, device, "fp32", _sum_loss, seed_rng=False
+        )
+        if base is not None:
+            loss_fn = _sum_loss_with(base)
+            runners["loopkit_loss@base"] = LoopkitRunner(
+                work, batches, device, "fp32", loss_fn, base
+            )
     for runner in runners.values():
         runner.run(WARMUP)
     for runner in runners.values():
@@ -92,6 +103,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="run the variants (under callgrind)")
     run_p.add_argument("--loss", action="store_true", help="the Loss(sum, count) path")
+    run_p.add_argument("--both", action="store_true", help="both paths, in one process")
     run_p.add_argument("--baseline", type=Path, help="another copy of the loopkit package")
     report_p = sub.add_parser("report", help="read callgrind's parts")
     report_p.add_argument("out", help="the --callgrind-out-file given to valgrind")

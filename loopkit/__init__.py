@@ -9,6 +9,9 @@ from ._types import OptimizerFactory as OptimizerFactory
 from ._types import Schedule as Schedule
 from ._types import Transform as Transform
 from ._version import __version__ as __version__
+from .averaging import averaged_weights as averaged_weights
+from .averaging import ema as ema
+from .averaging import swa as swa
 from .callbacks import BestModel as BestModel
 from .callbacks import Callback as Callback
 from .callbacks import EarlyStopping as EarlyStopping
@@ -44,15 +47,19 @@ from .logging import TensorBoardLogger as TensorBoardLogger
 from .loss import Loss as Loss
 from .loss import cross_entropy as cross_entropy
 from .loss import mse as mse
+from .lr_finder import LRFinderResult as LRFinderResult
+from .lr_finder import find_lr as find_lr
 from .metrics import Accuracy as Accuracy
 from .metrics import Mean as Mean
 from .metrics import Metric as Metric
 from .metrics import TopKAccuracy as TopKAccuracy
+from .metrics import TorchMetric as TorchMetric
 from .params import freeze as freeze
 from .params import param_groups as param_groups
 from .precision import Precision as Precision
 from .precision import set_tf32 as set_tf32
 from .run_lock import DirectoryLockedError as DirectoryLockedError
+from .state import Average as Average
 from .state import StaleStateError as StaleStateError
 from .state import TrainState as TrainState
 from .state import Window as Window
@@ -62,6 +69,8 @@ from .strategies import DistributedError as DistributedError
 from .strategies import Pipeline as Pipeline
 from .strategies import SingleDevice as SingleDevice
 from .strategies import Strategy as Strategy
+from .tracking import MLflowLogger as MLflowLogger
+from .tracking import WandbLogger as WandbLogger
 from .transforms import accumulate as accumulate
 from .transforms import clip as clip
 from .transforms import forward as forward
@@ -70,6 +79,7 @@ from .transforms import skip_nonfinite as skip_nonfinite
 
 __all__ = [
     "Accuracy",
+    "Average",
     "Batch",
     "BestModel",
     "CSVLogger",
@@ -87,9 +97,11 @@ __all__ = [
     "FitConfig",
     "FitResult",
     "JSONLLogger",
+    "LRFinderResult",
     "LRMonitor",
     "Loss",
     "LossFn",
+    "MLflowLogger",
     "Mean",
     "Metric",
     "OptimizerFactory",
@@ -105,17 +117,22 @@ __all__ = [
     "TensorBoardLogger",
     "ThroughputMonitor",
     "TopKAccuracy",
+    "TorchMetric",
     "TrainState",
     "Transform",
+    "WandbLogger",
     "Window",
     "accumulate",
+    "averaged_weights",
     "chain",
     "clip",
     "compile_step",
     "cross_entropy",
     "diff_runs",
+    "ema",
     "evaluate",
     "every",
+    "find_lr",
     "fingerprint",
     "fit",
     "forward",
@@ -131,6 +148,7 @@ __all__ = [
     "schedules",
     "set_tf32",
     "skip_nonfinite",
+    "swa",
     "when",
     "zero_nonfinite",
 ]

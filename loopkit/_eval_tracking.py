@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .averaging import Weights
 from .callbacks import Mode, improved
 from .evaluate import evaluate
 from .metrics import Metric
@@ -22,6 +23,7 @@ class Evaluator:
         loss_fn: fit's loss_fn (None: metrics only).
         predict: fit's predict (None: the outputs the model returned inside loss_fn).
         max_batches: fit's eval_batches (None: all of them).
+        weights: fit's eval_weights: the model's weights or an average of them ("ema").
     """
 
     data: Iterable[Any]
@@ -29,6 +31,7 @@ class Evaluator:
     loss_fn: Any
     predict: Any
     max_batches: int | None
+    weights: Weights = "model"
 
     def __call__(self, state: TrainState) -> dict[str, float]:
         """Evaluate the model of `state`; return the host floats ("eval/loss", ...)."""
@@ -39,6 +42,7 @@ class Evaluator:
             loss_fn=self.loss_fn,
             predict=self.predict,
             max_batches=self.max_batches,
+            weights=self.weights,
         )
 
 

@@ -120,6 +120,8 @@ def resume(
         loader, extra, state.strategy.dp_world_size, path, allow_data_reshard, state.strategy
     )
     _restore_data_position(loader, position, path)
+    if position is None and state.strategy.is_main:
+        _say_no_data_position(loader, path)
     _restore_callbacks(callbacks, extra.get("callbacks") or [], path)
     run_id = read_meta(path).get("run_id")
     if state.strategy.is_main:
@@ -287,6 +289,18 @@ def _restore_data_position(loader: Any, position: Any, path: Path) -> None:
             "a torchdata StatefulDataLoader for exact resume."
         )
     loader.load_state_dict(position)
+
+
+def _say_no_data_position(loader: Any, path: Path) -> None:
+    """Warn that a resumed run reads data without a saved position from its start again."""
+    logger.warning(
+        "fit(resume=%r): train_data (%s) has no data position to save or restore, so the "
+        "resumed run reads it again from its first batch: it does not continue exactly where "
+        "the run stopped. For exact resume pass a Dataset or a sequence of samples with "
+        "batch_size=, or a torchdata StatefulDataLoader.",
+        str(path),
+        type(loader).__name__,
+    )
 
 
 def _restore_callbacks(callbacks: Sequence[Any], saved: Sequence[Any], path: Path) -> None:

@@ -20,6 +20,11 @@ def micro_step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
     return (value ^ (value >> 31)) >> 1
 
 
+# device -> device.type: reading `torch.device.type` builds a new str each time (~3k
+# instructions, half of seeding the CPU generator); a dict lookup costs ~10x less.
+_KINDS: dict[torch.device, str] = {}
+
+
 def seed_devices_(seed: int, device: torch.device) -> None:
     """Seed the default generators that ops on `device` draw from (dropout, rand).
 
@@ -27,7 +32,11 @@ def seed_devices_(seed: int, device: torch.device) -> None:
     ~100x more because it visits every backend.
     """
     torch.default_generator.manual_seed(seed)
-    kind = device.type
+    kind = _KINDS.get(device)
+    if kind is None:
+        kind = _KINDS.setdefault(device, device.type)
+    if kind == "cpu":
+        return
     if kind == "cuda":
         index = torch.cuda.current_device() if device.index is None else device.index
         torch.cuda.default_generators[index].manual_seed(seed)

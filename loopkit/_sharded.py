@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +65,20 @@ def write_shards(
     directory: Path,
     *,
     collective: bool,
+    extra: Mapping[str, Any] | None = None,
 ) -> Any:
     """Write this rank's shards of the model and optimizer state into `directory`.
 
     A collective when `collective` (every rank of the default process group must call
     it); otherwise DCP runs without a process group. Returns the JSON-able
     skeleton of the state (the same on every rank): tensors appear as references to the
-    shard files' keys.
+    shard files' keys. `extra` adds more (D)Tensors by name beside "model" and
+    "optimizer" (the weight averages: {"averages": {"ema": {name: tensor}}}).
     """
     from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
 
     tree = _state_dicts(model, optimizer, with_optimizer=bool(optimizer.state))
+    tree.update(extra or {})
     skeleton, tensors = _tree.split(tree, by_path=True)
     writer = HuggingFaceStorageWriter(str(directory), save_distributed=True)
     with _quiet_no_dist(collective):
@@ -192,8 +195,12 @@ def read_shards(
     skeleton: Any,
     *,
     collective: bool,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
     """Load sharded state written by `write_shards` (at any world size) into model/optimizer.
+
+    `extra` holds the tensors of write_shards' `extra`, allocated by the caller (sharded
+    like the saved ones were, or not): they are loaded in place.
 
     Raises:
         ValueError: the checkpoint's tensors do not fit (missing, unexpected, or of another
@@ -205,7 +212,9 @@ def read_shards(
     if not (isinstance(skeleton, dict) and "model" in skeleton and "optimizer" in skeleton):
         raise ValueError("the sharded state's skeleton lacks 'model' or 'optimizer'.")
     with_optimizer = skeleton["optimizer"] is not None
-    own, targets = _tree.split(_state_dicts(model, optimizer, with_optimizer), by_path=True)
+    own, targets = _tree.split(
+        {**_state_dicts(model, optimizer, with_optimizer), **(extra or {})}, by_path=True
+    )
     reader = HuggingFaceStorageReader(str(directory))
     stored = reader.read_metadata().state_dict_metadata
     expected = set(_tensor_keys(skeleton))

@@ -3,7 +3,8 @@
 Layout of one checkpoint, `<dir>/step-00001200/`:
 
     model.safetensors   the model's state_dict (parameters and buffers)
-    state.safetensors   every other tensor: optimizer state, loss scale, data-loader RNG, ...
+    state.safetensors   every other tensor: optimizer state, loss scale, data-loader RNG,
+                        the weight averages (loopkit.ema / swa, by parameter name), ...
     state.json          counters, seed, schedule position and the skeleton that places each
                         tensor of state.safetensors back into its nested structure
     manifest.json       size and sha256 of every file above, written last
@@ -17,7 +18,8 @@ whole model (DDP), rank 0 writes the checkpoint above while the others wait. Wit
 sharded strategy (FSDP, `strategy.is_sharded`) the layout is "sharded":
 
     shards/shard-0000<r>-model-00001-of-00001.safetensors
-                        rank r-1's part of the model and optimizer tensors, written by that
+                        rank r-1's part of the model, optimizer and weight-average tensors,
+                        written by that
                         rank with torch.distributed.checkpoint (safetensors, offsets in the
                         JSON header; see loopkit._sharded), loadable at any world size
     state.safetensors   as above, without the optimizer's tensors (they are in the shards)
@@ -48,7 +50,8 @@ import torch
 
 from . import _sharded, _tree
 from ._version import __version__
-from .state import TrainState, Window
+from .averaging import Weights, averaged_weights, check_weights, reshard_gathered
+from .state import Average, TrainState, Window
 from .strategies import unwrap
 
 FORMAT = "loopkit-checkpoint/1"
@@ -206,7 +209,11 @@ def save_checkpoint(
     def write_shards() -> None:
         meta["layout"] = "sharded"
         meta["shards"] = _sharded.write_shards(
-            state.model, state.optimizer, tmp / SHARDS_DIR, collective=True
+            state.model,
+            state.optimizer,
+            tmp / SHARDS_DIR,
+            collective=True,
+            extra=_average_shards(state, state.averages),
         )
 
     def finish() -> None:
@@ -338,6 +345,8 @@ def _state_payload(
         tree["loss_scale"] = state.loss_scale
         tree["growth_tracker"] = state.growth_tracker
     tree["tokens_seen"] = state.tokens_seen
+    if state.averages:
+        tree["averages"] = _averages_tree(state)
     tree["extra"] = dict(extra or {})
     skeleton, tensors = _tree.split(tree, prefix="t")
     meta = {
@@ -354,6 +363,85 @@ def _state_payload(
         "tree": skeleton,
     }
     return meta, tensors
+
+
+def _param_names(state: TrainState) -> list[str]:
+    """The model's name of each of `state.params` (the averages' keys in a checkpoint)."""
+    # After a forward without backward (an evaluation) FSDP's root lists its gathered
+    # parameters, not the sharded ones in `state.params`: free them first.
+    reshard_gathered(state.model)
+    by_id = {id(p): name for name, p in unwrap(state.model).named_parameters()}
+    return [by_id.get(id(p), f"param.{i}") for i, p in enumerate(state.params)]
+
+
+def _averages_tree(state: TrainState) -> dict[str, Any]:
+    """The averages' counters (JSON) and, unsharded, their tensors by parameter name."""
+    names = None if state.strategy.is_sharded else _param_names(state)
+    tree: dict[str, Any] = {}
+    for kind, average in state.averages.items():
+        entry: dict[str, Any] = {"count": average.count, "updated_at": average.updated_at}
+        if names is not None:  # sharded: the tensors go to the shard files
+            entry["tensors"] = dict(zip(names, average.tensors, strict=True))
+        tree[kind] = entry
+    return tree
+
+
+def _average_shards(state: TrainState, averages: Mapping[str, Average]) -> dict[str, Any] | None:
+    """The averages' (D)Tensors by kind and parameter name, for the shard files."""
+    if not averages:
+        return None
+    names = _param_names(state)
+    return {
+        "averages": {
+            kind: dict(zip(names, average.tensors, strict=True))
+            for kind, average in averages.items()
+        }
+    }
+
+
+def _new_averages(state: TrainState, saved: Any, path: Path) -> dict[str, Average]:
+    """Averages to load the checkpoint's into: allocated like `state.params`, counters set."""
+    if saved is None:
+        return {}
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: malformed weight averages in state.json.")
+    averages = {}
+    for kind, entry in saved.items():
+        try:
+            count, updated_at = int(entry["count"]), int(entry["updated_at"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: malformed {kind!r} average ({error!r}).") from error
+        with torch.no_grad():
+            tensors = tuple(torch.empty_like(p.detach()) for p in state.params)
+        averages[str(kind)] = Average(tensors, count=count, updated_at=updated_at)
+    return averages
+
+
+def _fill_averages(
+    path: Path, state: TrainState, averages: Mapping[str, Average], saved: Any
+) -> None:
+    """Copy an unsharded checkpoint's average tensors into `averages`, by parameter name."""
+    names = _param_names(state)
+    for kind, average in averages.items():
+        tensors = saved[kind].get("tensors")
+        if not isinstance(tensors, dict):
+            raise CheckpointError(f"{path}: the {kind!r} average has no tensors.")
+        missing = sorted(set(names) - set(tensors))
+        unexpected = sorted(set(tensors) - set(names))
+        shapes = [
+            f"{n}: checkpoint {tuple(tensors[n].shape)}, here {tuple(t.shape)}"
+            for n, t in zip(names, average.tensors, strict=True)
+            if n in tensors and tensors[n].shape != t.shape
+        ]
+        if missing or unexpected or shapes:
+            raise CheckpointMismatchError(
+                f"{path}: the {kind!r} average does not fit the trained parameters; missing "
+                f"from the checkpoint: {missing[:10]}; unexpected in it: {unexpected[:10]}; "
+                f"shape mismatches: {shapes[:10]}."
+            )
+        with torch.no_grad():
+            for name, target in zip(names, average.tensors, strict=True):
+                target.copy_(tensors[name])
 
 
 def _read_json(path: Path) -> Any:
@@ -455,7 +543,8 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
 
     `state` must be built like the one that was saved (same model, optimizer, precision,
     schedule kind); it is consumed. Nothing is unpickled: tensors come from safetensors,
-    everything else from JSON.
+    everything else from JSON. The resumed record's `averages` are the checkpoint's (new
+    tensors laid out like `state.params`; none if it saved none).
 
     Raises:
         CheckpointError: the checkpoint is invalid or does not fit `state`.
@@ -478,6 +567,8 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
         _check_model(path, model, model_tensors)
     _check_state_fits(path, state, meta, tree, sharded=sharded)
     scheduler = state.schedule
+    # The checkpoint's averages (loopkit.ema / swa), in new tensors shaped like the params.
+    averages = _new_averages(state, tree.get("averages"), path)
     if sharded:
         # A collective with several processes; any world size and any strategy (FSDP
         # reshards, SingleDevice and DDP read whole tensors).
@@ -489,10 +580,12 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
                 meta.get("shards"),
                 # SingleDevice (or one DDP process) has no process group of its own.
                 collective=strategy.is_sharded or strategy.world_size > 1,
+                extra=_average_shards(state, averages),
             )
         except ValueError as error:
             raise CheckpointMismatchError(f"{path}: {error}") from error
     else:
+        _fill_averages(path, state, averages, tree.get("averages"))
         with torch.no_grad():
             model.load_state_dict(model_tensors, strict=True)
         state.optimizer.load_state_dict(tree["optimizer"])
@@ -512,6 +605,7 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
         seed=meta["seed"],
         window=Window(size=state.window.size),  # keeps a window size fit() set in advance
         metrics={},
+        averages=averages,
     )
 
 
@@ -667,7 +761,12 @@ def _parameter_count(module: torch.nn.Module, state_dict: Mapping[str, torch.Ten
     return sum(p.numel() for p in module.parameters())
 
 
-def save_model(model: TrainState | torch.nn.Module, directory: str | os.PathLike[str]) -> Path:
+def save_model(
+    model: TrainState | torch.nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    weights: Weights = "model",
+) -> Path:
     """Save weights only, as `<directory>/model.safetensors` plus `config.json`.
 
     The file loads without loopkit:
@@ -675,7 +774,26 @@ def save_model(model: TrainState | torch.nn.Module, directory: str | os.PathLike
     With several processes rank 0 writes it. A sharded model (FSDP) is gathered into one
     full file: then every rank must call save_model (a collective), and all return once
     the file is written; otherwise the other ranks return at once.
+
+    Args:
+        model: a TrainState or a module.
+        directory: where the files go (created if missing).
+        weights: "model", or "ema" / "swa" to write the average that `loopkit.ema` /
+            `loopkit.swa` keep in a TrainState (its parameters; buffers are the model's).
+            config.json then records `"weights": "ema"`.
+
+    Raises:
+        TypeError: weights other than "model" with a module instead of a TrainState.
+        ValueError: weights is not "model", "ema" or "swa", or the record has no such average.
     """
+    if weights != "model" and not isinstance(model, TrainState):
+        raise TypeError(
+            f"save_model(model={type(model).__name__}, weights={weights!r}): the averaged "
+            "weights live in a TrainState; pass the state (e.g. result.state) instead of "
+            "the module."
+        )
+    if isinstance(model, TrainState):
+        check_weights(model, weights, where="save_model")
     step = model.step if isinstance(model, TrainState) else None
     module = unwrap(model.model if isinstance(model, TrainState) else model)
     directory = Path(directory)
@@ -690,7 +808,7 @@ def save_model(model: TrainState | torch.nn.Module, directory: str | os.PathLike
     if strategy is not None:
         # Where ranks hold parts of the model (FSDP, Pipeline) a collective: every rank
         # calls save_model, and the whole model gathers on rank 0.
-        state_dict = strategy.full_model_state(module)
+        state_dict = _gathered(model, strategy, module, weights)  # type: ignore[arg-type]
     elif sharded:
         # A collective: every rank calls save_model; the full weights gather on rank 0.
         state_dict = _sharded.full_model_state(module)
@@ -712,10 +830,34 @@ def save_model(model: TrainState | torch.nn.Module, directory: str | os.PathLike
         "parameters": _parameter_count(module, state_dict),
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()},
     }
+    if weights != "model":
+        config["weights"] = weights
     _write_bytes(directory / "config.json", json.dumps(config, indent=1).encode())
     if sharded and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return directory / "model.safetensors"
+
+
+def _gathered(
+    state: TrainState, strategy: Any, module: torch.nn.Module, weights: Weights
+) -> dict[str, torch.Tensor]:
+    """The whole model's state_dict on rank 0, with the averaged weights where asked.
+
+    The average is copied into the parameters for the gathering, and the tensors are
+    copied out before the weights are restored (a state_dict may share their storage).
+    """
+    if weights == "model":
+        return strategy.full_model_state(module)  # type: ignore[no-any-return]
+    with averaged_weights(state, weights, where="save_model"):
+        gathered = strategy.full_model_state(module)
+        copies: dict[int, torch.Tensor] = {}  # a tied tensor stays one object (see below)
+        for value in gathered.values():
+            if id(value) not in copies:
+                copy = value.detach().clone()
+                is_param = isinstance(value, torch.nn.Parameter)
+                copies[id(value)] = torch.nn.Parameter(copy, False) if is_param else copy
+        # Pipeline marks gathered parameters as nn.Parameter for _parameter_count.
+        return {k: copies[id(v)] for k, v in gathered.items()}
 
 
 __all__ = [

@@ -32,6 +32,7 @@ cannot trace whole (the warning quotes torch's reason).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
@@ -114,7 +115,10 @@ def _state_cause(state: TrainState) -> str | None:
             "(torch._dynamo.config.trace_autograd_ops; torch 2.13 can)"
         )
     if type(state.strategy) is not SingleDevice:
-        return f"strategy={state.strategy!r}: only SingleDevice steps are compiled"
+        return (
+            f"strategy={state.strategy!r}: only SingleDevice steps are compiled (the model "
+            "is not compiled either)"
+        )
     if state.precision.scales_loss:
         return "precision='fp16': dynamic loss scaling decides on the host whether to step"
     if isinstance(state.schedule, LRScheduler):
@@ -229,15 +233,23 @@ class _CountingInductor:
         return compiled
 
 
-# What torch raises while compiling (before the graph runs): the step then runs eagerly.
-_COMPILE_ERRORS: tuple[type[BaseException], ...] = tuple(
-    error
-    for error in (
-        getattr(torch._dynamo.exc, "TorchDynamoException", None),
-        getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None),  # torch >= 2.7
+@functools.cache
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What torch raises while compiling (before the graph runs): the step then runs eagerly.
+
+    Read when a step first compiles, not at import: `import loopkit` must not import
+    torch._dynamo (about a second, and torch's compiler state) for users who never compile.
+    """
+    import torch._dynamo.exc as dynamo_errors
+
+    return tuple(
+        error
+        for error in (
+            getattr(dynamo_errors, "TorchDynamoException", None),
+            getattr(dynamo_errors, "FailOnRecompileLimitHit", None),  # torch >= 2.7
+        )
+        if error is not None
     )
-    if error is not None
-)
 
 
 _GROUP_FLAGS = ("capturable", "foreach")
@@ -295,11 +307,15 @@ class CompiledStep:
     """
 
     def __init__(self, step: Transform) -> None:
+        _compile_errors()  # imports torch's compiler (torch._dynamo) now, not with loopkit
         self.step = step
         self.graphs_compiled = 0
         self.compile_seconds = 0.0
         self.fallback_causes: list[str] = []
-        self._chain, cause = _read_chain(step)
+        # Why the chain cannot be captured, if so: said on the first call, unless the record
+        # has a more basic cause (fit's DDP chain holds zero_nonfinite() because of the
+        # strategy; the strategy is the cause to name).
+        self._chain, self._chain_cause = _read_chain(step)
         self._backend = _CountingInductor()
         self._graphs: _Graphs | None = None
         self._eager_for: object = None  # the optimizer whose steps run eagerly, if any
@@ -307,8 +323,6 @@ class CompiledStep:
             self._empty_window = Window(size=self._chain.k)
             tail = parts_of(step)[1:]  # accumulate, [clip], optimizer_step
             self._tail = chain_of(*tail)
-        if cause is not None:
-            self._fall_back(cause, stacklevel=4)
 
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
         state.check_fresh()
@@ -324,13 +338,13 @@ class CompiledStep:
         start, before = time.perf_counter(), self._backend.graphs
         try:
             state = self._forward(state, batch, graphs, parts)
-        except _COMPILE_ERRORS as error:  # raised while compiling: nothing ran
+        except _compile_errors() as error:  # raised while compiling: nothing ran
             self._give_up(state, _torch_reason(error))
             return self.step(state, batch)
         if state.micro_step == parts.k:
             try:
                 state = self._update(state, graphs, parts)
-            except _COMPILE_ERRORS as error:
+            except _compile_errors() as error:
                 self._give_up(state, _torch_reason(error))
                 return self._tail(state, batch)  # the micro-batch ran: close it eagerly
         if self._backend.graphs != before:
@@ -339,9 +353,9 @@ class CompiledStep:
 
     def _graphs_for(self, state: TrainState) -> _Graphs | None:
         """The compiled functions for this record's training objects, or None: run eagerly."""
-        if self._chain is None or self._eager_for is state.optimizer:
+        if self._eager_for is state.optimizer:
             return None
-        cause = _state_cause(state)
+        cause = _state_cause(state) or self._chain_cause
         if cause is None:
             try:
                 self._graphs = _Graphs(state, self._backend)
@@ -379,10 +393,11 @@ class CompiledStep:
         window, strategy = state.window, state.strategy
         batch = strategy.to_device(batch)
         n_samples = batch_size(batch, parts.forward)
-        seed_devices_(
-            micro_step_seed(state.seed, state.step, state.micro_step, strategy.rank),
-            strategy.device,
-        )
+        if parts.forward.seed_rng:
+            seed_devices_(
+                micro_step_seed(state.seed, state.step, state.micro_step, strategy.rank),
+                strategy.device,
+            )
         first = window.ref_count is None
         tensor_count = not first and isinstance(window.count, torch.Tensor)
         config = torch._dynamo.config

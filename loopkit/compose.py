@@ -52,8 +52,8 @@ class _Chain:
                 state = part(state, batch)
                 made = False
                 continue
-            if not made:
-                state.check_fresh()
+            if not made and state._consumption.consumed:
+                state.check_fresh()  # raises StaleStateError, naming the consumer
             changes = changes_of(state, batch)
             if changes is None:  # the part passes the record through
                 continue

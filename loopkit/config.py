@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import json
 import math
 import numbers
+import os
 import stat
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import torch
 
 from . import schedules as _schedules
+from .averaging import average_kind_of, check_fit_averaging
+from .metrics import is_torchmetrics
 
 
 def _is_int(value: object) -> bool:
@@ -49,6 +55,15 @@ _CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
         "None or a positive, finite float (the max global grad norm)",
     ),
     "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "'fp32', 'bf16' or 'fp16'"),
+    "average": (
+        _optional(lambda v: average_kind_of(v) is not None),
+        "None, loopkit.ema(decay, ...) or loopkit.swa(start=...) (a weight average kept in "
+        "the record)",
+    ),
+    "eval_weights": (
+        lambda v: v in ("model", "ema", "swa"),
+        "'model', 'ema' or 'swa' (the weights evaluations use)",
+    ),
     "eval_every": (_optional(_positive_int), "None or an int >= 1 (optimizer steps)"),
     "eval_batches": (_optional(_positive_int), "None or an int >= 1"),
     "log_every": (
@@ -105,14 +120,35 @@ _CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
         "None, a function of the step, a torch LRScheduler, or {'name': 'cosine', ...}",
     ),
     "metrics": (
-        _optional(lambda v: isinstance(v, (Mapping, list, tuple))),
-        "None, a list of metric names, or a dict name -> metric",
+        _optional(lambda v: isinstance(v, (Mapping, list, tuple)) or is_torchmetrics(v)),
+        "None, a list of metric names, a dict name -> metric, or a torchmetrics Metric or "
+        "MetricCollection",
     ),
     "callbacks": (lambda v: isinstance(v, (list, tuple)), "a list of callbacks"),
     "step": (_optional(callable), "None or a transform `(state, batch) -> state`"),
     "predict": (_optional(callable), "None or a callable predict(model, batch)"),
     "collate_fn": (_optional(callable), "None or a callable collate_fn(samples)"),
 }
+
+
+_DIRECTORIES = ("checkpoint_dir", "log_dir")
+_CHECKED = tuple(dict.fromkeys((*_CHECKS, *_DIRECTORIES)))
+"""The fields with a check of their own (the others take any value)."""
+
+
+def check_values(values: Mapping[str, Any]) -> None:
+    """Check each field in `values` on its own (a config file's table, before merging).
+
+    Raises:
+        ValueError: `FitConfig(<name>=<value>): must be <what is allowed>.`
+    """
+    for name, value in values.items():
+        if name in _CHECKS:
+            check, allowed = _CHECKS[name]
+            if not check(value):
+                raise ValueError(f"FitConfig({name}={value!r}): must be {allowed}.")
+        if name in _DIRECTORIES:
+            _check_directory(name, value)
 
 
 def _check_directory(name: str, value: str | Path | None) -> None:
@@ -152,6 +188,11 @@ class FitConfig(Mapping[str, Any]):
     code (loss_fn, callbacks, data) is passed in Python. A FitConfig is a mapping, so both
     `fit(model, data, config=cfg)` and `fit(model, data, **cfg)` work.
 
+    fit() writes these fields out as its keyword parameters, in this order, with these
+    types and defaults (so editors and type checkers see them); tests/test_fit_signature.py
+    keeps the two equal. A new field goes in both, with its `_CHECKS` entry and a line in
+    fit's docstring.
+
     Optimizers and schedules may be given by name in files:
     `optimizer = {name = "AdamW", lr = 3e-4}` builds `torch.optim.AdamW(params, lr=3e-4)`;
     `schedule = {name = "cosine", warmup_steps = 100, total_steps = 1000}` builds
@@ -169,11 +210,13 @@ class FitConfig(Mapping[str, Any]):
     samples_per_step: int | None = None
     tokens_per_step: int | None = None
     clip: float | None = None
+    average: Any = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     strategy: Any = None
     eval_data: Any = None
     eval_every: int | None = None
     eval_batches: int | None = None
+    eval_weights: Literal["model", "ema", "swa"] = "model"
     metrics: Any = None
     predict: Any = None
     monitor: str = "eval/loss"
@@ -203,10 +246,9 @@ class FitConfig(Mapping[str, Any]):
     collate_fn: Any = None
 
     def __post_init__(self) -> None:
-        for name, (check, allowed) in _CHECKS.items():
-            value = getattr(self, name)
-            if not check(value):
-                raise ValueError(f"FitConfig({name}={value!r}): must be {allowed}.")
+        check_values({name: getattr(self, name) for name in _CHECKED})  # each field alone
+        # The checks below read several fields: a file's values pass them only once merged
+        # with the values given in code (merge_config).
         by_target = [n for n in ("samples_per_step", "tokens_per_step") if getattr(self, n)]
         if len(by_target) > 1 or (by_target and self.accumulate != 1):
             given = ", ".join(by_target + (["accumulate"] if self.accumulate != 1 else []))
@@ -219,8 +261,6 @@ class FitConfig(Mapping[str, Any]):
                 f"FitConfig(eval_every={self.eval_every}): needs eval_data=...; pass the "
                 "evaluation data or drop eval_every."
             )
-        for name in ("checkpoint_dir", "log_dir"):
-            _check_directory(name, getattr(self, name))
         needs_dir = [n for n in ("save_every", "keep_last") if getattr(self, n) is not None] + [
             n for n in ("save_on_epoch_end", "keep_best") if getattr(self, n)
         ]
@@ -248,6 +288,7 @@ class FitConfig(Mapping[str, Any]):
                 "drop accumulate / clip / samples_per_step / tokens_per_step, or put them in "
                 "the chain."
             )
+        check_fit_averaging(self.average, self.eval_weights, self.step)
 
     # Mapping protocol, so that fit(**config) works.
     def __getitem__(self, key: str) -> Any:
@@ -263,25 +304,32 @@ class FitConfig(Mapping[str, Any]):
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> FitConfig:
-        """Build a config from a mapping; unknown keys raise ValueError listing the fields."""
-        unknown = sorted(set(values) - set(_FIELD_NAMES))
-        if unknown:
-            raise ValueError(
-                f"FitConfig: unknown field(s) {unknown}. Fields: {', '.join(_FIELD_NAMES)}."
-            )
+        """Build a config from a mapping of its fields.
+
+        Raises:
+            ValueError: an unknown key (with "did you mean ...?", or where a well-known name
+                from another toolkit belongs, e.g. lr -> optimizer) or a bad value.
+        """
+        refuse_unknown(values, where="FitConfig.from_dict")
         return cls(**values)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> FitConfig:
-        """Load a config from a .toml, .yaml/.yml or .json file.
+    def from_file(cls, path: str | os.PathLike[str], **code_values: Any) -> FitConfig:
+        """Load a config from a .toml, .yaml/.yml or .json file, plus values given in code.
+
+        Each of the file's values is checked on its own, with errors naming the file; the
+        checks that read several fields (eval_every needs eval_data, ...) run once the
+        file's values and `code_values` are merged, as `fit(config=path, **code_values)`
+        does.
 
         Raises:
-            ValueError: an unknown suffix, unparsable content or a bad field.
+            ValueError: an unknown suffix, unparsable content, an unknown key or a bad field.
         """
-        return cls.from_dict(read_table(path, where=f"FitConfig.from_file(path={str(path)!r})"))
+        refuse_unknown(code_values, where="FitConfig.from_file")
+        return _merge_file(path, code_values, where=f"FitConfig.from_file(path={str(path)!r})")
 
 
-def read_table(path: str | Path, *, where: str) -> dict[str, Any]:
+def read_table(path: str | os.PathLike[str], *, where: str) -> dict[str, Any]:
     """A config file's table of keys (TOML, YAML or JSON, by suffix); YAML is optional.
 
     Raises:
@@ -321,6 +369,261 @@ def read_table(path: str | Path, *, where: str) -> dict[str, Any]:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(FitConfig))
+
+
+def _optimizer(key: str, name: str = "AdamW") -> str:
+    return f"it belongs to the optimizer: optimizer={{'name': '{name}', '{key}': {{v}}}}"
+
+
+_HINTS: dict[str, str] = {
+    # Where well-known names from other toolkits (HF Trainer, Lightning, Keras, ...) belong.
+    # "{v}" stands for the value given.
+    **{key: _optimizer("lr") for key in ("lr", "learning_rate", "base_lr")},
+    "weight_decay": _optimizer("weight_decay"),
+    "momentum": _optimizer("momentum", "SGD"),
+    "betas": _optimizer("betas"),
+    **{key: _optimizer("eps") for key in ("eps", "adam_epsilon")},
+    **dict.fromkeys(
+        ("adam_beta1", "adam_beta2"),
+        "it belongs to the optimizer: optimizer={'name': 'AdamW', 'betas': (beta1, beta2)}",
+    ),
+    **dict.fromkeys(
+        ("optim", "optimizer_cls", "optimizer_name"),
+        "use optimizer={'name': 'AdamW', 'lr': ...} (any torch.optim class) or a factory "
+        "`lambda params: torch.optim.AdamW(params, lr=...)`",
+    ),
+    **dict.fromkeys(
+        ("warmup_steps", "num_warmup_steps"),
+        "it belongs to the schedule: schedule={'name': 'cosine', 'warmup_steps': {v}, "
+        "'total_steps': ...} (loopkit.schedules)",
+    ),
+    **dict.fromkeys(
+        ("warmup_ratio", "warmup"),
+        "it belongs to the schedule, in steps: schedule={'name': 'cosine', 'warmup_steps': "
+        "..., 'total_steps': ...} (loopkit.schedules)",
+    ),
+    **dict.fromkeys(
+        ("lr_scheduler", "lr_scheduler_type", "scheduler", "lr_schedule", "lr_scheduler_kwargs"),
+        "use schedule= (a function of the step, a torch LRScheduler, or {'name': 'cosine', ...})",
+    ),
+    **dict.fromkeys(
+        ("gradient_accumulation_steps", "accumulate_grad_batches", "grad_accum_steps"),
+        "use accumulate={v}",
+    ),
+    **dict.fromkeys(
+        ("max_grad_norm", "gradient_clip_val", "grad_clip", "clip_grad_norm", "clip_norm"),
+        "use clip={v} (the max global grad norm)",
+    ),
+    **dict.fromkeys(("num_epochs", "max_epochs", "num_train_epochs", "n_epochs"), "use epochs={v}"),
+    **dict.fromkeys(
+        ("max_iters", "num_steps", "total_steps", "max_train_steps", "num_training_steps"),
+        "use max_steps={v}",
+    ),
+    **dict.fromkeys(
+        ("accelerator", "devices", "gpus", "no_cuda", "use_cpu"),
+        "use strategy=lk.SingleDevice('cuda') (or 'cpu', 'mps'), or lk.DDP() / lk.FSDP() "
+        "under torchrun",
+    ),
+    "device": "use strategy=lk.SingleDevice({v})",
+    "fp16": "use precision='fp16'",
+    "bf16": "use precision='bf16'",
+    **dict.fromkeys(
+        ("mixed_precision", "amp", "dtype", "use_amp", "autocast"),
+        "use precision='bf16' or 'fp16' ('fp32' without autocast)",
+    ),
+    **dict.fromkeys(
+        ("output_dir", "default_root_dir", "save_dir", "out_dir", "dirpath"),
+        "use checkpoint_dir={v} for checkpoints and/or log_dir={v} for logs",
+    ),
+    "logging_dir": "use log_dir={v}",
+    **dict.fromkeys(
+        ("logging_steps", "log_every_n_steps", "log_interval", "log_steps"), "use log_every={v}"
+    ),
+    **dict.fromkeys(
+        ("eval_steps", "val_check_interval", "eval_interval", "evaluation_steps"),
+        "use eval_every={v}",
+    ),
+    **dict.fromkeys(("save_steps", "checkpoint_every", "save_interval"), "use save_every={v}"),
+    **dict.fromkeys(("save_total_limit", "save_top_k"), "use keep_last={v} (and keep_best=True)"),
+    "load_best_model_at_end": "use keep_best={v} (the best checkpoint is kept; see result.best)",
+    "metric_for_best_model": "use monitor='eval/<name>'",
+    "greater_is_better": "use mode='max' (or 'min'; inferred from monitor when None)",
+    **dict.fromkeys(
+        ("per_device_train_batch_size", "train_batch_size", "micro_batch_size"),
+        "use batch_size={v}",
+    ),
+    **dict.fromkeys(
+        ("per_device_eval_batch_size", "val_batch_size", "valid_batch_size"),
+        "use eval_batch_size={v}",
+    ),
+    **dict.fromkeys(
+        ("eval_dataset", "val_data", "val_dataset", "validation_data", "val_dataloaders")
+        + ("eval_dataloader", "eval_loader", "val_loader", "valid_data"),
+        "use eval_data=...",
+    ),
+    **dict.fromkeys(
+        ("train_dataset", "train_dataloader", "train_loader", "dataset"),
+        "the training data is fit's second argument: fit(model, train_data, ...) (`data` in "
+        "a run config)",
+    ),
+    **dict.fromkeys(("resume_from_checkpoint", "ckpt_path"), "use resume={v}"),
+    "dataloader_num_workers": "use num_workers={v}",
+    "dataloader_drop_last": "use drop_last={v}",
+    "dataloader_pin_memory": "use pin_memory={v}",
+    **dict.fromkeys(("data_collator", "collator"), "use collate_fn=..."),
+    **dict.fromkeys(
+        ("loss", "criterion", "compute_loss", "loss_func", "loss_function"),
+        "use loss_fn=... (loss_fn(model, batch) -> Loss(sum, count) or a mean)",
+    ),
+    "torch_compile": "use compile={v}",
+    **dict.fromkeys(("random_seed", "data_seed", "manual_seed"), "use seed={v}"),
+    **dict.fromkeys(
+        ("early_stopping_patience", "patience"),
+        "use callbacks=[lk.EarlyStopping('eval/loss', patience={v})]",
+    ),
+    **dict.fromkeys(
+        ("report_to", "logger", "loggers"),
+        "use log_dir=... (TensorBoard, CSV, JSONL) or a logger in callbacks=[...]",
+    ),
+    **dict.fromkeys(
+        ("disable_tqdm", "enable_progress_bar", "verbose"), "use progress=True or False"
+    ),
+}
+"""Names fit does not take, mapped to where their setting belongs ("{v}": the value)."""
+
+
+def unknown_hints(unknown: Mapping[str, Any], known: Sequence[str] = _FIELD_NAMES) -> list[str]:
+    """One `name=value: hint` per unknown key: where it belongs, or "did you mean ...?".
+
+    A well-known name from another toolkit (lr, gradient_accumulation_steps, output_dir, ...)
+    says where its setting goes; any other name gets the closest of `known` (difflib), else
+    the closest well-known name's hint, else "no such field".
+    """
+    hints = []
+    for name, value in unknown.items():
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        if name in _HINTS:
+            hint = _HINTS[name].replace("{v}", repr(value))
+        elif close:
+            hint = f"did you mean {close[0]!r}?"
+        elif near := difflib.get_close_matches(name, _HINTS, n=1, cutoff=0.75):
+            hint = _HINTS[near[0]].replace("{v}", repr(value))
+        else:
+            hint = "no such field"
+        hints.append(f"{name}={value!r}: {hint}")
+    return hints
+
+
+def refuse_unknown(values: Mapping[str, Any], *, where: str) -> None:
+    """Raise ValueError for keys of `values` that are not FitConfig fields, with hints.
+
+    Raises:
+        ValueError: `<where>: unknown field lr=0.001: it belongs to the optimizer: ...`.
+    """
+    unknown = {k: v for k, v in values.items() if k not in _FIELD_NAMES}
+    if not unknown:
+        return
+    hints = unknown_hints(unknown)
+    listing = ""
+    if any(h.endswith(": no such field") for h in hints):
+        listing = f" The fields: {', '.join(_FIELD_NAMES)}."
+    plural = "s" if len(hints) > 1 else ""
+    end = "" if hints[-1].endswith("?") else "."
+    raise ValueError(f"{where}: unknown field{plural} {'; '.join(hints)}{end}{listing}")
+
+
+def load_fields(path: str | os.PathLike[str], *, where: str) -> dict[str, Any]:
+    """A config file's values, each checked on its own (errors start with `where`).
+
+    Raises:
+        ValueError: an unreadable or unparsable file, an unknown key or a bad value.
+    """
+    values = read_table(path, where=where)
+    refuse_unknown(values, where=where)
+    try:
+        check_values(values)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    return values
+
+
+def _merge_file(path: str | os.PathLike[str], given: Mapping[str, Any], *, where: str) -> FitConfig:
+    """The file's values under `given`, checked together (cross-field checks after the merge)."""
+    values = load_fields(path, where=where)
+    try:
+        return FitConfig(**{**values, **given})
+    except ValueError as error:
+        merged = (
+            f"the file's values merged with {', '.join(given)} given in code"
+            if given
+            else "the file alone; values given in code count too: pass them with the path, "
+            "e.g. FitConfig.from_file(path, eval_data=...) or fit(model, data, config=path, "
+            "eval_data=...)"
+        )
+        raise ValueError(f"{error} ({where}: {merged}.)") from None
+
+
+ConfigSource = FitConfig | Mapping[str, Any] | str | os.PathLike[str] | None
+"""What `config=` takes: a FitConfig, a mapping of its fields, or a config file's path."""
+
+
+def merge_config(config: ConfigSource, given: Mapping[str, Any], *, where: str) -> FitConfig:
+    """The FitConfig of `config` with the keyword arguments `given` in code on top.
+
+    `given` holds exactly the arguments the caller wrote, so one equal to its default still
+    overrides the config's value. A file is read and each of its values checked on its own
+    (errors name the file); the checks that read several fields run after the merge.
+
+    Raises:
+        ValueError: an unknown key (with hints), a bad value, or fields that do not go
+            together.
+        TypeError: `config` is none of the kinds above.
+    """
+    refuse_unknown(given, where=where)
+    if isinstance(config, (str, os.PathLike)):
+        return _merge_file(config, given, where=f"{where}(config={os.fspath(config)!r})")
+    if isinstance(config, FitConfig):
+        return FitConfig(**{**config, **given}) if given else config
+    if isinstance(config, Mapping):
+        refuse_unknown(config, where=f"{where}(config=...)")
+        return FitConfig(**{**config, **given})
+    if config is None:
+        return FitConfig(**given)
+    raise TypeError(
+        f"{where}(config={config!r}): must be a FitConfig, a mapping of its fields, or the "
+        "path of a .toml, .yaml/.yml or .json config file."
+    )
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def takes_config(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Let `fn`'s written-out FitConfig keywords override its `config=` argument.
+
+    `fn` takes `config=` and keyword parameters named like FitConfig's fields (typed, with
+    FitConfig's defaults, so editors and type checkers see them; the ParamSpec keeps that
+    signature). The wrapper receives exactly the keywords the caller wrote, merges them over
+    `config` (merge_config: unknown names get hints, a file is validated after the merge) and
+    calls `fn` with `config=` the merged FitConfig and every field at its merged value.
+    """
+    parameters = inspect.signature(fn).parameters
+    passed = tuple(name for name in _FIELD_NAMES if name in parameters)
+    own = tuple(name for name in parameters if name not in _FIELD_NAMES and name != "config")
+    where = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        # Exactly the keywords the caller wrote: no guessing by comparing with defaults.
+        given: dict[str, Any] = dict(kwargs)
+        config = given.pop("config", None)
+        own_values = {name: given.pop(name) for name in own if name in given}
+        cfg = merge_config(config, given, where=where)
+        call: Callable[..., _R] = fn
+        return call(*args, **own_values, config=cfg, **{name: cfg[name] for name in passed})
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -368,4 +671,16 @@ def resolve_named(value: Any, what: str) -> Any:
         raise ValueError(f"schedule={dict(value)!r}: {error}") from error
 
 
-__all__ = ["FitConfig", "TorchOptimizer", "read_table", "resolve_named"]
+__all__ = [
+    "ConfigSource",
+    "FitConfig",
+    "TorchOptimizer",
+    "check_values",
+    "load_fields",
+    "merge_config",
+    "read_table",
+    "refuse_unknown",
+    "resolve_named",
+    "takes_config",
+    "unknown_hints",
+]

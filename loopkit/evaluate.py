@@ -10,8 +10,18 @@ import torch
 
 from ._batch import batch_size
 from ._types import LossFn
+from .averaging import Weights, averaged_weights, check_weights
 from .data import EpochSampler
-from .metrics import Metric, accumulator_dtype, as_metric, to_host
+from .metrics import (
+    Metric,
+    TorchMetric,
+    accumulator_dtype,
+    as_metric,
+    eval_key,
+    is_torchmetrics,
+    result_keys,
+    to_host,
+)
 
 Predict = Callable[[torch.nn.Module, Any], Any]
 
@@ -26,6 +36,7 @@ def evaluate(
     loss_fn: LossFn | None = None,
     predict: Predict | None = None,
     max_batches: int | None = None,
+    weights: Weights = "model",
 ) -> dict[str, float]:
     """Compute the eval loss and metrics of `state.model` over `data`.
 
@@ -47,22 +58,31 @@ def evaluate(
             mean * batch size over batch size items).
         "eval/perplexity": exp("eval/loss"), with `loss_fn`.
         "eval/<name>": each metric's `compute()` (a name that already starts with "eval/"
-            is kept as is).
+            is kept as is); a torchmetrics `MetricCollection` gives "eval/<entry>" for
+            each of its entries instead (its own name in `metrics` is not used).
 
     Metric inputs: `metric.update(outputs, batch)`. `outputs` is `predict(model, batch)`
     when given; else, with a `loss_fn`, the output of the last call of the top-level model
     inside `loss_fn` (captured by a forward hook, so each batch runs one forward); else
-    `model(batch[0])` for tuple/list batches.
+    `model(batch[0])` for tuple/list batches. A torchmetrics `Metric` or
+    `MetricCollection` is fed `update(logits_of(outputs), default_target(batch))` (wrap it
+    in `loopkit.metrics.TorchMetric(metric, preds=..., target=...)` to choose), is moved
+    to the strategy's device, and syncs itself across ranks in `compute()`, which every
+    rank calls; batches a rank repeats only to match collectives never update it.
 
     Args:
         state: the TrainState (read only).
         data: an iterable of batches (a DataLoader, a list, ...), iterated once.
-        metrics: {name: metric}; a metric is a `loopkit.metrics.Metric` (e.g. `Accuracy()`)
-            or a function (outputs, batch) returning a scalar mean or `Loss(sum, count)`.
-            Metric objects are reset at the start.
+        metrics: {name: metric}; a metric is a `loopkit.metrics.Metric` (e.g. `Accuracy()`),
+            a torchmetrics `Metric` or `MetricCollection`, or a function (outputs, batch)
+            returning a scalar mean or `Loss(sum, count)`. A torchmetrics object may also
+            be passed alone. Metric objects are reset at the start.
         loss_fn: `loss_fn(model, batch)` as for training, or None for no loss.
         predict: `predict(model, batch) -> outputs` for the metrics.
         max_batches: stop after this many batches (None: all of `data`).
+        weights: "model" (the trained weights), or "ema" / "swa": the average that
+            `loopkit.ema` / `loopkit.swa` keep in the record, copied into the model for
+            the evaluation; the model's weights are restored bitwise afterwards.
 
     Returns:
         {key: host float}.
@@ -71,8 +91,10 @@ def evaluate(
         StaleStateError: `state` was already consumed.
         TypeError: a metric name is not a str, a metric is not a metric, loss_fn/predict not
             callable, data not iterable.
-        ValueError: nothing to compute, a name collision, max_batches < 1, `data` yields no
-            batch, or the loss counted no item.
+        ValueError: nothing to compute, a name collision, max_batches < 1, a torchmetrics
+            metric under Pipeline or with per-step sync (or with list states and a rank
+            that read no batch), `data` yields no batch, the loss counted no item, or
+            `weights` names no average the record holds.
 
     Example:
         >>> import loopkit as lk
@@ -87,9 +109,12 @@ def evaluate(
     state.check_fresh()
     named = _check_metrics(metrics, has_loss=loss_fn is not None)
     _check_arguments(data, metrics, named, loss_fn, predict, max_batches)
-    loss_sum, loss_count, n_batches = _sum_batches(
-        state, data, named, loss_fn, predict, max_batches
-    )
+    _prepare_torchmetrics(named, state.strategy)
+    check_weights(state, weights, where=_WHERE)
+    with averaged_weights(state, weights, where=_WHERE):
+        loss_sum, loss_count, n_batches = _sum_batches(
+            state, data, named, loss_fn, predict, max_batches
+        )
     return _global_results(
         state.strategy, named, loss_fn is not None, loss_sum, loss_count, n_batches
     )
@@ -234,22 +259,27 @@ def _global_results(
 ) -> dict[str, float]:
     """Sum this rank's share over every rank, compute the results, and bring them to the host."""
     device = torch.device(strategy.device)
-    counters = torch.tensor([float(n_batches)], dtype=loss_sum.dtype, device=device)
+    # [batches read, ranks that read none]: summed over ranks with everything else.
+    counters = torch.tensor(
+        [float(n_batches), float(n_batches == 0)], dtype=loss_sum.dtype, device=device
+    )
     if strategy.world_size > 1 and _distributed():
         _all_reduce_sum([loss_sum, loss_count, counters, *_state_tensors(named)], device)
 
-    values: dict[str, Any] = {"batches": counters[0]}
+    values: dict[str, Any] = {"batches": counters[0], "idle_ranks": counters[1]}
     if has_loss:
         values["eval/loss"] = loss_sum / loss_count
         values["items"] = loss_count
     for key, metric in named:
-        values[key] = _computed(metric, key)
+        if not isinstance(metric, TorchMetric):
+            values[key] = _computed(metric, key)
     host = to_host(values)  # host sync: once per evaluation
     if host.pop("batches") == 0:
         raise ValueError(
             f"{_WHERE}(data=...): the data yielded no batch. Check the eval dataset is not "
             "empty (and, with drop_last=True, holds at least one full batch)."
         )
+    synced = _torchmetrics_results(named, idle_ranks=host.pop("idle_ranks"))
     result: dict[str, float] = {}
     if has_loss:
         items = host.pop("items")
@@ -261,17 +291,56 @@ def _global_results(
         loss = host.pop("eval/loss")
         result["eval/loss"] = loss
         result["eval/perplexity"] = math.exp(loss) if loss < 709.0 else math.inf
-    result.update(host)
+    for index, (key, _) in enumerate(named):  # in the order given
+        result.update(synced[index] if index in synced else {key: host[key]})
     return result
+
+
+def _torchmetrics_results(
+    named: list[tuple[str, Metric]], idle_ranks: float
+) -> dict[int, dict[str, float]]:
+    """Compute each torchmetrics metric: {its index in `named`: {"eval/...": host float}}.
+
+    torchmetrics syncs inside compute() (collectives), so every rank calls it, for the same
+    metrics in the same order, after the checks above that every rank takes alike.
+
+    Raises:
+        ValueError: some rank read no batch and a metric keeps list states (its empty
+            states cannot be gathered); decided from the global count, so on every rank.
+    """
+    wrapped = [(i, key, m) for i, (key, m) in enumerate(named) if isinstance(m, TorchMetric)]
+    if not wrapped:
+        return {}
+    lists = [metric for _, _, metric in wrapped if metric.has_list_states()]
+    if idle_ranks > 0 and lists:
+        raise ValueError(
+            f"{_WHERE}(data=...): {int(idle_ranks)} rank(s) read no eval batch, and "
+            f"{lists[0]!r} keeps list states (every prediction), which torchmetrics cannot "
+            "gather from a rank that added none. Use more eval items (at least one batch "
+            "per rank) or a smaller eval batch size."
+        )
+    values: dict[str, Any] = {}
+    groups: dict[int, list[str]] = {}
+    for index, key, metric in wrapped:
+        value = metric.compute()  # a collective with several ranks
+        entries = value if isinstance(value, Mapping) else {key: value}
+        groups[index] = [eval_key(str(entry)) for entry in entries]
+        for entry_key, entry in zip(groups[index], entries.values(), strict=True):
+            values[entry_key] = _computed_value(entry, entry_key, metric)
+    host = to_host(values)  # host sync: once more, only with torchmetrics metrics
+    return {index: {k: host[k] for k in keys} for index, keys in groups.items()}
 
 
 def _check_metrics(metrics: object, has_loss: bool) -> list[tuple[str, Metric]]:
     if metrics is None:
         return []
+    if is_torchmetrics(metrics):  # one torchmetrics object, named by its class
+        metrics = {type(metrics).__name__: metrics}
     if not isinstance(metrics, Mapping):
         raise TypeError(
             f"{_WHERE}(metrics={metrics!r}): expected a dict of name -> metric, e.g. "
-            "{'accuracy': Accuracy(), 'top5': TopKAccuracy(5)}."
+            "{'accuracy': Accuracy(), 'top5': TopKAccuracy(5)}, or one torchmetrics "
+            "Metric or MetricCollection."
         )
     named: list[tuple[str, Metric]] = []
     taken = {"eval/loss", "eval/perplexity"} if has_loss else set()
@@ -281,19 +350,28 @@ def _check_metrics(metrics: object, has_loss: bool) -> list[tuple[str, Metric]]:
                 f"{_WHERE}(metrics={{{name!r}: ...}}): metric names must be non-empty str, "
                 "e.g. 'accuracy' (reported as 'eval/accuracy')."
             )
-        key = name if name.startswith("eval/") else f"eval/{name}"
-        if key in taken:
-            why = (
-                "is computed from loss_fn"
-                if key in ("eval/loss", "eval/perplexity")
-                else ("is given twice")
-            )
-            raise ValueError(
-                f"{_WHERE}(metrics={{{name!r}: ...}}): {key!r} {why}. Rename the metric."
-            )
-        taken.add(key)
-        named.append((key, as_metric(metric, name)))
+        metric = as_metric(metric, name)
+        for key in result_keys(name, metric):
+            if key in taken:
+                why = (
+                    "is computed from loss_fn"
+                    if key in ("eval/loss", "eval/perplexity")
+                    else ("is given twice")
+                )
+                raise ValueError(
+                    f"{_WHERE}(metrics={{{name!r}: ...}}): {key!r} {why}. Rename the metric "
+                    "(a MetricCollection's entries: its keys, prefix= or postfix=)."
+                )
+            taken.add(key)
+        named.append((eval_key(name), metric))
     return named
+
+
+def _prepare_torchmetrics(named: list[tuple[str, Metric]], strategy: Any) -> None:
+    """Refuse torchmetrics metrics the strategy's ranks cannot sync; move them to its device."""
+    for _, metric in named:
+        if isinstance(metric, TorchMetric):
+            metric.prepare(strategy, _WHERE)
 
 
 def _state_tensors(named: list[tuple[str, Metric]]) -> list[torch.Tensor]:
@@ -310,7 +388,10 @@ def _state_tensors(named: list[tuple[str, Metric]]) -> list[torch.Tensor]:
 
 
 def _computed(metric: Metric, key: str) -> Any:
-    value = metric.compute()
+    return _computed_value(metric.compute(), key, metric)
+
+
+def _computed_value(value: Any, key: str, metric: Metric) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach()
     if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -14,14 +14,24 @@ before `optimizer_step`; fit() does, in its default step, whenever it has a `log
 - as host values (no device work): the learning rates of step s, the epoch, `samples_seen`,
   the root seed, the rank and the micro-step seeds of the window (loopkit._rng).
 
-Cost and order. The two reductions share one pass over each tensor: it is summed in
-blocks of `BLOCK` elements (float32 for float32, bfloat16 and float16 tensors, vectorised),
-and the block sums are added in float64 — plainly (`/sum`) and with a fixed pseudo-random
-sign per block (`/wsum`, which a permutation of the blocks changes). A change to one
-element shows whenever it changes its block's float32 sum (for an element of a block of
-128 similar values, a change of a few ulps or more). Everything stays on the device:
-the recorder keeps the per-step vectors and stacks them, with one copy to the host, when
-it is flushed (fit: at log steps, before each checkpoint and at the end). No step syncs.
+What the two reductions are. Each tensor is cut into blocks of `BLOCK` elements (the
+last one zero-padded), each block is summed with float32 accumulation (float64 for
+float64 tensors), and the block sums are added in float64 — plainly (`/sum`) and with a
+fixed pseudo-random sign per block (`/wsum`, which a permutation of the blocks changes).
+A change to one element shows whenever it changes its block's float32 sum (for an element
+of a block of 128 similar values, a change of a few ulps or more).
+
+Cost and order. One pass over each tensor gives both: a tensor of whole blocks with at
+least `PACK_BELOW` elements is summed by one call, in place, into a buffer kept from step
+to step; all smaller (and ragged) tensors of a device and dtype are copied, padded, into
+one buffer by one `cat` and summed by one call; then one copy to float64, one stack (the
+single-element tensors, e.g. Adam's step counts, and the scalars), one multiply by the
+signs and one `segment_reduce` (its checks off: they would read the offsets on the host)
+give every column. The walk over the parameters and the optimizer state is made once and
+checked at each step (the same tensors, the same storage). Everything stays on the
+device: the recorder keeps the per-step vectors and stacks them, with one copy to the
+host, when it is flushed (fit: at log steps, before each checkpoint and at the end). No
+step syncs.
 
 On disk, under the recorder's directory (fit: `<log_dir>/fingerprints/`):
 
@@ -39,6 +49,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,10 +68,15 @@ from .strategies import unwrap
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "loopkit-fingerprints/1"
+FORMAT = "loopkit-fingerprints/2"
+"""Version 2 packs small tensors, zero-padded, into blocks of their own (version 1 summed a
+ragged tail apart); runs recorded in different versions are not compared."""
 INDEX = "index.json"
 BLOCK = 128
-"""Elements per float32 block sum (see the module docstring)."""
+"""Elements per block sum (see the module docstring)."""
+PACK_BELOW = 4096
+"""Tensors with fewer elements, and ragged ones, are packed into one buffer per device and
+dtype and summed by one call; larger ones are summed by one call each, in place."""
 MAX_BUFFERED_STEPS = 1024
 """A recorder that is not flushed for this many recorded steps flushes itself (a host sync)."""
 _SIGN_SEED = 0x5EED_F1A6
@@ -72,93 +88,213 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if to_local is None else to_local()
 
 
-def _blocks(tensor: torch.Tensor) -> torch.Tensor | None:
-    """`tensor` as (blocks, BLOCK) without a copy, or None (ragged, small, strided)."""
-    n = tensor.numel()
-    if n < BLOCK or n % BLOCK or not tensor.is_contiguous():
-        return None
-    return tensor.view(-1, BLOCK)
-
-
-def _block_sums(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The block sums of a ragged or strided tensor (the general, slower path)."""
-    flat = tensor.reshape(-1)
-    n = flat.numel()
-    whole = n - n % BLOCK
-    parts = []
-    if whole:
-        parts.append(flat[:whole].view(-1, BLOCK).sum(1, dtype=_accumulator(flat)))
-    if whole != n or n == 0:
-        parts.append(flat[whole:].sum(0, keepdim=True, dtype=_accumulator(flat)))
-    return parts
-
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _accumulator(tensor: torch.Tensor) -> torch.dtype:
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """Block sums are float32 (float64 for float64 tensors)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _blocks_of(numel: int) -> int:
-    return max(1, numel // BLOCK + (numel % BLOCK != 0))
+    return max(1, -(-numel // BLOCK))
+
+
+def _is_big(numel: int) -> bool:
+    return numel >= PACK_BELOW and numel % BLOCK == 0
+
+
+@dataclass
+class _Group:
+    """The tensors of one device and dtype, summed in blocks into one buffer (`sums`).
+
+    A big tensor (whole blocks, at least PACK_BELOW elements) is summed by one call into
+    its slot (`big`); the others are copied, each zero-padded to whole blocks, into `pack`
+    by one `cat` (`pieces` holds the pads; the tensors go in their places each step) and
+    summed by one more call. Zeros change no float sum: a block sum is that of the
+    tensor's own elements. One more call copies the sums, as float64, to `destination`.
+    """
+
+    accumulator: torch.dtype
+    sums: torch.Tensor
+    big: list[tuple[int, torch.Tensor]]  # (tensor index, its slot of `sums`)
+    packed: list[tuple[int, int]]  # (tensor index, its place in `pieces`)
+    pieces: list[torch.Tensor]
+    pack: torch.Tensor | None  # (blocks, BLOCK), flat in `pack_flat`
+    pack_flat: torch.Tensor | None
+    pack_sums: torch.Tensor | None  # the packed blocks' slot of `sums`
+    destination: torch.Tensor  # the group's slot of the plan's `work`
 
 
 @dataclass
 class _Plan:
-    """How one list of tensors (fixed names and sizes) is reduced; built once, reused.
+    """How one list of named tensors (fixed sizes, dtypes, devices) is reduced; built once.
 
-    The tensors are taken in three groups, in this order: those that view as whole blocks
-    (one reduction each), the ragged ones (two), and single elements (one stack for all).
+    `work` (float64, on the first tensor's device) holds every block sum, then the
+    single-element tensors and the scalars (`direct`), then all of that times one fixed
+    sign each; one segment sum over it gives the `/sum` columns, the scalars and the
+    `/wsum` columns, in this order (`columns`).
     """
 
     columns: tuple[str, ...]
-    order: list[int]  # tensor indices: blocked, then ragged, then single elements
-    n_blocked: int
-    n_ragged: int
-    lengths: torch.Tensor  # blocks per tensor, in `order` (int64, on the device)
-    signs: torch.Tensor  # one fixed sign per block (float64, on the device)
+    kinds: list[tuple[int, torch.dtype, torch.device]]  # per tensor: the plan holds for these
+    shapes: list[tuple[int, ...]]  # per tensor, the shape it is reduced in (validates it)
+    groups: list[_Group]
+    direct: list[int]  # the single-element tensors, put with the scalars
+    floats: torch.Tensor  # their slot and the leading floating-point scalars'
+    others: list[torch.Tensor]  # one slot per later scalar (an integer count)
+    work: torch.Tensor
+    plain: torch.Tensor  # the first half of `work`
+    signed: torch.Tensor  # the second half
+    signs: torch.Tensor  # one fixed sign per entry of `plain`
+    offsets: torch.Tensor  # segment boundaries in `work` (int64)
+
+
+def _make_group(
+    tensors: Sequence[torch.Tensor],
+    indices: list[int],
+    shapes: list[tuple[int, ...]],
+    destination: torch.Tensor,
+) -> _Group:
+    """Plan one device's and dtype's tensors (big ones first, in `indices` order)."""
+    first = tensors[indices[0]]
+    accumulator = _accumulator(first.dtype)
+    sums = torch.empty(destination.numel(), dtype=accumulator, device=first.device)
+    big, at = [], 0
+    for i in indices:
+        if _is_big(n := tensors[i].numel()):
+            shapes[i] = (n // BLOCK, BLOCK)
+            big.append((i, sums[at : at + n // BLOCK]))
+            at += n // BLOCK
+    zeros = torch.zeros(BLOCK, dtype=first.dtype, device=first.device)
+    packed: list[tuple[int, int]] = []
+    pieces: list[torch.Tensor] = []
+    for i in indices:
+        if not _is_big(n := tensors[i].numel()):
+            shapes[i] = (n,)
+            packed.append((i, len(pieces)))
+            pieces.append(zeros[:0])  # the tensor goes here
+            if n % BLOCK or not n:
+                pieces.append(zeros[: _blocks_of(n) * BLOCK - n])
+    pack = pack_flat = pack_sums = None
+    if packed:
+        pack = torch.empty(sums.numel() - at, BLOCK, dtype=first.dtype, device=first.device)
+        pack_flat, pack_sums = pack.view(-1), sums[at:]
+    return _Group(accumulator, sums, big, packed, pieces, pack, pack_flat, pack_sums, destination)
 
 
 def _make_plan(
-    names: Sequence[str], tensors: Sequence[torch.Tensor], scalars: Sequence[str]
+    names: Sequence[str],
+    tensors: Sequence[torch.Tensor],
+    scalars: Sequence[str],
+    scalar_dtypes: Sequence[torch.dtype],
 ) -> _Plan:
     device = tensors[0].device if tensors else torch.device("cpu")
-    blocked = [i for i, t in enumerate(tensors) if _blocks(t) is not None]
-    single = [i for i, t in enumerate(tensors) if t.numel() == 1 and i not in blocked]
-    ragged = [i for i in range(len(tensors)) if i not in blocked and i not in single]
-    order = blocked + ragged + single
-    counts = [_blocks_of(tensors[i].numel()) for i in order]
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    direct = []
+    for i, t in enumerate(tensors):
+        if t.numel() == 1 and t.device == device:  # e.g. Adam's step counts on the CPU
+            direct.append(i)
+        else:
+            by_kind.setdefault((t.device, t.dtype), []).append(i)
+    order = []  # per group: the big tensors, then the packed ones
+    for indices in by_kind.values():
+        order += [i for i in indices if _is_big(tensors[i].numel())]
+        order += [i for i in indices if not _is_big(tensors[i].numel())]
+    n_direct = len(direct) + len(scalars)
+    lengths = [_blocks_of(tensors[i].numel()) for i in order] + [1] * n_direct
+    work = torch.empty(2 * sum(lengths), dtype=torch.float64, device=device)
+    plain, signed = work[: sum(lengths)], work[sum(lengths) :]
+    shapes: list[tuple[int, ...]] = [()] * len(tensors)
+    groups, at = [], 0
+    for indices in by_kind.values():
+        width = sum(_blocks_of(tensors[i].numel()) for i in indices)
+        groups.append(_make_group(tensors, indices, shapes, plain[at : at + width]))
+        at += width
+    n_floats = next(
+        (i for i, d in enumerate(scalar_dtypes) if not d.is_floating_point), len(scalars)
+    )
     generator = torch.Generator().manual_seed(_SIGN_SEED)
-    base = torch.randint(0, 2, (max(counts, default=1),), generator=generator) * 2 - 1
-    signs = torch.cat([base[:c] for c in counts]) if counts else base[:0]
-    ordered = [names[i] for i in order]
-    columns = (
-        tuple(f"{n}/sum" for n in ordered) + tuple(f"{n}/wsum" for n in ordered) + tuple(scalars)
-    )
+    base = torch.randint(0, 2, (max(lengths, default=1),), generator=generator) * 2 - 1
+    signs = torch.cat([base[:c] for c in lengths]) if lengths else base[:0]
+    offsets = torch.tensor([0, *lengths, *lengths], dtype=torch.int64).cumsum(0)
+    ordered = [names[i] for i in order + direct]
     return _Plan(
-        columns=columns,
-        order=order,
-        n_blocked=len(blocked),
-        n_ragged=len(ragged),
-        lengths=torch.tensor(counts, dtype=torch.int64, device=device),
+        columns=(
+            tuple(f"{n}/sum" for n in ordered)
+            + tuple(scalars)
+            + tuple(f"{n}/wsum" for n in ordered)
+        ),
+        kinds=[(t.numel(), t.dtype, t.device) for t in tensors],
+        shapes=shapes,
+        groups=groups,
+        direct=direct,
+        floats=plain[at : at + len(direct) + n_floats],
+        others=[plain[i] for i in range(at + len(direct) + n_floats, len(plain))],
+        work=work,
+        plain=plain,
+        signed=signed,
         signs=signs.to(device=device, dtype=torch.float64),
+        offsets=offsets.to(device),
     )
+
+
+def _reduce(plan: _Plan, views: list[torch.Tensor], scalars: list[torch.Tensor]) -> torch.Tensor:
+    """Every column of `plan` from `views` (each tensor in `plan.shapes[i]`) and the scalars.
+
+    Per group: one call per big tensor, a `cat` and a sum for the others, a copy to
+    float64; then a stack and a copy (the direct entries), a multiply, a segment sum.
+    """
+    for group in plan.groups:
+        accumulator = group.accumulator
+        for i, out in group.big:
+            torch.sum(views[i], 1, dtype=accumulator, out=out)
+        if group.pack is not None:
+            pieces = group.pieces.copy()
+            for i, at in group.packed:
+                pieces[at] = views[i]
+            torch.cat(pieces, out=group.pack_flat)
+            torch.sum(group.pack, 1, dtype=accumulator, out=group.pack_sums)
+        group.destination.copy_(group.sums)  # float32 block sums, exactly, as float64
+    floats = [views[i] for i in plan.direct] + scalars[: len(scalars) - len(plan.others)]
+    if floats:  # stacked in the widest of their types (exact), then cast exactly to float64
+        plan.floats.copy_(torch.stack(floats))
+    for out, value in zip(plan.others, scalars[len(scalars) - len(plan.others) :], strict=True):
+        out.copy_(value)  # an integer count, exactly (below 2**53)
+    torch.mul(plan.plain, plan.signs, out=plan.signed)
+    # unsafe: the offsets are the plan's own (checking them would read them on the host)
+    values = torch.segment_reduce(plan.work, "sum", offsets=plan.offsets, unsafe=True)
+    return values[: len(plan.columns)]
+
+
+@dataclass
+class _Layout:
+    """What a walk over the parameters and optimizer state found; reused while it holds.
+
+    Each step checks, with a few list comprehensions, that it still holds: the same
+    parameters, optimizer state dicts and state tensors, gradients on the same parameters
+    and the same scalars. The reshaped views of the weights and the state tensors (which
+    keep their storage) are made once; only the gradients are new each step.
+    """
+
+    params: tuple[torch.Tensor, ...]
+    pointers: list[int]  # where each weight's data is (`param.data = ...` moves it)
+    state_dicts: list[Any]  # optimizer.state.get(param), per parameter
+    state_sizes: list[int]
+    state_keys: list[tuple[int, Any]]  # (parameter index, key) of each state tensor
+    state_tensors: list[torch.Tensor]
+    grads_at: list[int | None]  # per parameter, its gradient's tensor index
+    grad_shapes: list[tuple[int, ...] | None]  # the shape to reshape it to, if it differs
+    scalar_key: tuple[Any, ...]  # the scalars' names and dtypes
+    plan: _Plan
+    views: list[torch.Tensor | None]  # stable tensors in their plan shapes; None for grads
 
 
 @dataclass
 class _Cache:
-    """The transform's caches (names of parameters, plans, views); never part of its identity.
-
-    `views` maps a tensor that keeps its storage from step to step (a weight, an optimizer
-    state tensor) to its block view, so a step costs one reduction call per such tensor;
-    the source is held with its view, so an id is never reused while cached.
-    """
+    """The transform's caches (names of parameters, plans, layout); never in its identity."""
 
     names: dict[int, str] = field(default_factory=dict)
     model_id: int = -1
-    plans: dict[tuple[str, ...], _Plan] = field(default_factory=dict)
-    views: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    plans: dict[tuple[Any, ...], _Plan] = field(default_factory=dict)  # names, scalar dtypes
+    layout: _Layout | None = None
 
 
 def _param_names(state: TrainState, cache: _Cache) -> dict[int, str]:
@@ -169,88 +305,127 @@ def _param_names(state: TrainState, cache: _Cache) -> dict[int, str]:
             by_id.setdefault(id(p), name)  # a tied weight keeps its first name
         cache.names = {id(p): by_id.get(id(p), f"param{i}") for i, p in enumerate(state.params)}
         cache.model_id = id(model)
+        cache.layout = None
     return cache.names
 
 
-def _tensors(state: TrainState, cache: _Cache) -> tuple[list[str], list[torch.Tensor], list[bool]]:
+def _walk(
+    state: TrainState, cache: _Cache
+) -> tuple[list[str], list[torch.Tensor], list[Any], bool]:
     """The named tensors of a closed window: weights, gradients, optimizer state.
 
-    The third list says which keep their storage from step to step (not the gradients).
+    The third list says what each is: "weight", "grad" or the (parameter index, key) of a
+    state tensor; the flag, whether any is sharded (a DTensor: its local part is listed).
     """
     names_of = _param_names(state, cache)
     names: list[str] = []
     tensors: list[torch.Tensor] = []
-    stable: list[bool] = []
+    kinds: list[Any] = []
     optimizer_state = state.optimizer.state
-    for param in state.params:
+    sharded = False
+    for index, param in enumerate(state.params):
         name = names_of[id(param)]
         weight = _local(param)
+        sharded = sharded or weight is not param
         names.append(f"weights/{name}")
         tensors.append(weight)
-        stable.append(True)
+        kinds.append("weight")
         if param.grad is not None:
             names.append(f"grads/{name}")
             tensors.append(_local(param.grad))
-            stable.append(False)
+            kinds.append("grad")
         for key, value in optimizer_state.get(param, {}).items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 value = _local(value)
                 if value.device == weight.device:  # Adam's CPU step counts are left out
                     names.append(f"optimizer/{name}/{key}")
                     tensors.append(value)
-                    stable.append(True)
-    return names, tensors, stable
+                    kinds.append((index, key))
+    return names, tensors, kinds, sharded
 
 
-def _scalars(state: TrainState) -> tuple[list[str], list[torch.Tensor]]:
+def _scalars(state: TrainState) -> tuple[tuple[str, ...], list[torch.Tensor]]:
     metrics = state.metrics
     names, values = [], []
     for name, key in (("loss", "train/loss"), ("grad_norm", "train/grad_norm")):
         value = metrics.get(key)
         if isinstance(value, torch.Tensor):
             names.append(name)
-            values.append(value.reshape(()))
-    if isinstance(state.tokens_seen, torch.Tensor):
+            values.append(value if value.dim() == 0 else value.reshape(()))
+    tokens = state.tokens_seen
+    if isinstance(tokens, torch.Tensor):
         names.append("tokens_seen")
-        values.append(state.tokens_seen.reshape(()))
-    return names, values
+        values.append(tokens if tokens.dim() == 0 else tokens.reshape(()))
+    return tuple(names), values
 
 
-def _view(tensor: torch.Tensor, stable: bool, cache: _Cache, seen: dict[int, Any]) -> Any:
-    """`_blocks(tensor)`, from the cache for a stable tensor (its view made once)."""
-    if not stable:
-        return _blocks(tensor)
-    cached = cache.views.get(id(tensor))
-    if cached is None or cached[0] is not tensor:
-        cached = (tensor, _blocks(tensor))
-    seen[id(tensor)] = cached
-    return cached[1]
+def _make_layout(
+    state: TrainState, cache: _Cache, scalar_key: tuple[Any, ...]
+) -> tuple[_Layout | None, _Plan, list[torch.Tensor]]:
+    """Walk the parameters: the layout to reuse (None for a sharded model), plan and views."""
+    names, tensors, kinds, sharded = _walk(state, cache)
+    key = (*names, "|", *scalar_key)
+    scalar_names, scalar_dtypes = (
+        scalar_key[: len(scalar_key) // 2],
+        scalar_key[len(scalar_key) // 2 :],
+    )
+    plan = cache.plans.get(key)
+    if plan is None or plan.kinds != [(t.numel(), t.dtype, t.device) for t in tensors]:
+        plan = cache.plans[key] = _make_plan(names, tensors, scalar_names, scalar_dtypes)
+    views = [t.reshape(s) for t, s in zip(tensors, plan.shapes, strict=True)]
+    if sharded:  # DTensor.to_local() gives new tensors each step: walk each step
+        return None, plan, views
+    params = state.params
+    state_dicts = [state.optimizer.state.get(p) for p in params]
+    grads_at: list[int | None] = [None] * len(params)
+    grad_shapes: list[tuple[int, ...] | None] = [None] * len(params)
+    param_index = -1
+    for i, kind in enumerate(kinds):
+        if kind == "weight":
+            param_index += 1
+        elif kind == "grad":
+            grads_at[param_index] = i
+            shape = plan.shapes[i]
+            grad_shapes[param_index] = shape if tuple(tensors[i].shape) != shape else None
+    states = [(i, k) for i, k in enumerate(kinds) if isinstance(k, tuple)]
+    layout = _Layout(
+        params=params,
+        pointers=[p.data_ptr() for p in params],
+        state_dicts=state_dicts,
+        state_sizes=[len(d) if d is not None else -1 for d in state_dicts],
+        state_keys=[k for _, k in states],
+        state_tensors=[tensors[i] for i, _ in states],
+        grads_at=grads_at,
+        grad_shapes=grad_shapes,
+        scalar_key=scalar_key,
+        plan=plan,
+        views=[None if k == "grad" else v for v, k in zip(views, kinds, strict=True)],
+    )
+    return layout, plan, views
 
 
-def _reduce(
-    plan: _Plan, tensors: list[torch.Tensor], stable: list[bool], cache: _Cache
-) -> torch.Tensor:
-    """Every tensor's block sums, concatenated in the plan's order (float64)."""
-    seen: dict[int, Any] = {}
-    parts: list[torch.Tensor] = []
-    order = plan.order
-    for i in order[: plan.n_blocked]:
-        view = _view(tensors[i], stable[i], cache, seen)
-        if view is None:  # no longer viewable (a strided gradient): the same blocks, copied
-            parts.extend(_block_sums(tensors[i]))
-        elif view.dtype in _HALF:
-            parts.append(view.sum(1, dtype=torch.float32))
-        else:
-            parts.append(view.sum(1))
-    for i in order[plan.n_blocked : plan.n_blocked + plan.n_ragged]:
-        parts.extend(_block_sums(tensors[i]))
-    singles = [tensors[i] for i in order[plan.n_blocked + plan.n_ragged :]]
-    if singles:  # e.g. Adam's step counts on the CPU: one stack for all of them
-        parts.append(torch.stack([t if t.dim() == 0 else t.reshape(()) for t in singles]))
-    cache.views = seen  # drops the views of tensors no longer in use
-    if not parts:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.cat(parts).to(torch.float64)  # float32 block sums, exactly, as float64
+def _views(state: TrainState, layout: _Layout) -> list[torch.Tensor] | None:
+    """The step's tensors in their plan shapes, or None when `layout` no longer holds."""
+    params = state.params
+    if params is not layout.params or layout.pointers != [p.data_ptr() for p in params]:
+        return None
+    get = state.optimizer.state.get
+    state_dicts: list[Any] = [get(p) for p in params]
+    if not all(map(operator.is_, state_dicts, layout.state_dicts)) or layout.state_sizes != [
+        len(d) if d is not None else -1 for d in state_dicts
+    ]:
+        return None
+    state_tensors = [state_dicts[i][k] for i, k in layout.state_keys]
+    if not all(map(operator.is_, state_tensors, layout.state_tensors)):
+        return None
+    grads = [p.grad for p in params]
+    views = layout.views.copy()
+    for grad, at, shape in zip(grads, layout.grads_at, layout.grad_shapes, strict=True):
+        if (grad is None) != (at is None):
+            return None
+        if at is not None:  # a gradient has its parameter's shape (autograd checks that)
+            views[at] = grad if shape is None else grad.reshape(shape)  # type: ignore[union-attr]
+    return views  # type: ignore[return-value]
 
 
 def step_fingerprint(
@@ -262,19 +437,17 @@ def step_fingerprint(
     """
     cache = cache if cache is not None else _Cache()
     with torch.no_grad():
-        names, tensors, stable = _tensors(state, cache)
         scalar_names, scalar_values = _scalars(state)
-        key = (*names, "|", *scalar_names)
-        plan = cache.plans.get(key)
-        if plan is None:
-            plan = cache.plans[key] = _make_plan(names, tensors, scalar_names)
-        blocks = _reduce(plan, tensors, stable, cache)
-        sums = torch.segment_reduce(blocks, "sum", lengths=plan.lengths)
-        signed = torch.segment_reduce(blocks * plan.signs, "sum", lengths=plan.lengths)
-        parts = [sums, signed]
-        if scalar_values:
-            parts.append(torch.stack([v.to(torch.float64) for v in scalar_values]))
-        return plan.columns, torch.cat(parts)
+        scalar_key = (*scalar_names, *[v.dtype for v in scalar_values])
+        _param_names(state, cache)  # another model: forget the layout
+        layout, views = cache.layout, None
+        if layout is not None and layout.scalar_key == scalar_key:
+            views = _views(state, layout)
+        if layout is None or views is None:
+            cache.layout, plan, views = _make_layout(state, cache, scalar_key)
+        else:
+            plan = layout.plan
+        return plan.columns, _reduce(plan, views, scalar_values)
 
 
 def step_meta(state: TrainState) -> dict[str, Any]:
@@ -410,6 +583,7 @@ class FingerprintRecorder:
         self._pending: list[_Pending] = []
         self._buffered = 0
         self._started = False
+        self._chunks: list[dict[str, Any]] | None = None  # the index's, as last written
 
     def __repr__(self) -> str:
         return f"FingerprintRecorder({str(self.directory)!r})"
@@ -435,6 +609,7 @@ class FingerprintRecorder:
         self._started = True
         self._pending, self._buffered = [], 0
         index = _read_index(self.directory) if (self.directory / INDEX).exists() else None
+        self._chunks = []
         if index is None:
             return
         if step == 0:
@@ -456,8 +631,11 @@ class FingerprintRecorder:
         if not self._pending:
             return []
         self.directory.mkdir(parents=True, exist_ok=True)
-        index = _read_index(self.directory) if (self.directory / INDEX).exists() else None
-        chunks = list(index["chunks"]) if index else []
+        if self._chunks is not None:  # kept since the last write: no read back
+            chunks = list(self._chunks)
+        else:
+            index = _read_index(self.directory) if (self.directory / INDEX).exists() else None
+            chunks = list(index["chunks"]) if index else []
         written = []
         for pending in self._pending:
             values = torch.stack(pending.values).cpu()  # host sync: the one per flush
@@ -499,9 +677,9 @@ class FingerprintRecorder:
         self.flush()
 
     def _write_index(self, chunks: list[dict[str, Any]]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         data = json.dumps({"format": FORMAT, "block": BLOCK, "chunks": chunks}, indent=1)
         _write_atomically(self.directory / INDEX, data.encode())
+        self._chunks = chunks
 
     def _truncate(self, chunk: dict[str, Any], step: int) -> dict[str, Any]:
         old = self.directory / chunk["file"]
@@ -540,13 +718,16 @@ def _write_chunk(
     columns: Sequence[str],
     meta: Sequence[Mapping[str, Any]],
 ) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # A new name is written in place: no index lists it until it is whole. An existing one
+    # (listed, perhaps) is replaced by a rename, so a reader sees it whole or not at all.
+    target = path.with_name(f".{path.name}.tmp-{os.getpid()}") if path.exists() else path
     safetensors.torch.save_file(
         {"steps": steps.contiguous(), "values": values.contiguous()},
-        str(tmp),
+        str(target),
         metadata={"format": FORMAT, "columns": json.dumps(list(columns)), "meta": json.dumps(meta)},
     )
-    os.replace(tmp, path)
+    if target != path:
+        os.replace(target, path)
 
 
 # ---------------------------------------------------------------------------- reading
@@ -575,6 +756,12 @@ def _read_index(directory: Path) -> dict[str, Any]:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: not a readable fingerprint index ({error}).") from error
+    if isinstance(index, dict) and index.get("format") == "loopkit-fingerprints/1":
+        raise ValueError(
+            f"{path}: recorded by an earlier loopkit (loopkit-fingerprints/1: a ragged "
+            f"tensor's sums may differ from {FORMAT}'s in the last bits); record both runs "
+            "with this version to compare them."
+        )
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} index.")
     if not isinstance(index.get("chunks"), list):

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -44,12 +44,20 @@ from .callbacks import (
 from .checkpoint import step_dir_name
 from .compiled import compile_step
 from .compose import chain, identity, inner_of, parts_of
-from .config import FitConfig, resolve_named
+from .config import ConfigSource, FitConfig, merge_config, resolve_named, takes_config
 from .data import iterate, make_loader
 from .fingerprint import FingerprintRecorder, fingerprint
 from .guards import zero_nonfinite
 from .logging import CSVLogger, JSONLLogger, ProgressBar, TensorBoardLogger
-from .metrics import Accuracy, TopKAccuracy, as_metric, to_host
+from .metrics import (
+    Accuracy,
+    TopKAccuracy,
+    TorchMetric,
+    as_metric,
+    is_torchmetrics,
+    result_keys,
+    to_host,
+)
 from .state import TrainState, Window
 from .strategies import Strategy
 from .transforms import (
@@ -114,36 +122,64 @@ _METRIC_NAMES = "'accuracy', 'top<k>_accuracy' (e.g. 'top5_accuracy')"
 
 
 def _resolve_metrics(metrics: Any) -> dict[str, Any]:
-    """Metric names or a name -> metric mapping, as evaluate() takes them."""
+    """Metric names or a name -> metric mapping, as evaluate() takes them.
+
+    A torchmetrics Metric or MetricCollection may stand alone or in the list: it is named
+    by its class, as torchmetrics names a list of metrics (a collection reports its
+    entries' names). Two metrics reporting the same key are refused here, before training.
+    """
     if metrics is None:
         return {}
+    if is_torchmetrics(metrics):
+        metrics = [metrics]
     if isinstance(metrics, Mapping):
-        return {str(k): as_metric(v) for k, v in metrics.items()}
-    resolved: dict[str, Any] = {}
-    for name in metrics:
-        if name == "accuracy":
-            resolved[name] = Accuracy()
-        elif (
-            isinstance(name, str)
-            and name.startswith("top")
-            and name.endswith("_accuracy")
-            and name[3:-9].isdigit()
-        ):
-            resolved[name] = TopKAccuracy(int(name[3:-9]))
-        elif name in ("loss", "perplexity"):
-            continue  # always reported from loss_fn
-        else:
-            raise ValueError(
-                f"fit(metrics=[..., {name!r}, ...]): unknown metric name; known names: "
-                f"{_METRIC_NAMES}, 'loss', 'perplexity'. Pass a dict name -> metric for others."
-            )
+        resolved = {str(k): as_metric(v, str(k)) for k, v in metrics.items()}
+    else:
+        resolved = {}
+        for name in metrics:
+            if is_torchmetrics(name):
+                label = type(name).__name__
+                if label in resolved:
+                    raise ValueError(
+                        f"fit(metrics=[..., {label}(...), ...]): two {label} objects in the "
+                        "list; name them with a dict, e.g. metrics={'f1_macro': ..., "
+                        "'f1_micro': ...}, or put them in one MetricCollection."
+                    )
+                resolved[label] = as_metric(name, label)
+            elif name == "accuracy":
+                resolved[name] = Accuracy()
+            elif (
+                isinstance(name, str)
+                and name.startswith("top")
+                and name.endswith("_accuracy")
+                and name[3:-9].isdigit()
+            ):
+                resolved[name] = TopKAccuracy(int(name[3:-9]))
+            elif name in ("loss", "perplexity"):
+                continue  # always reported from loss_fn
+            else:
+                raise ValueError(
+                    f"fit(metrics=[..., {name!r}, ...]): unknown metric name; known names: "
+                    f"{_METRIC_NAMES}, 'loss', 'perplexity', or a torchmetrics Metric or "
+                    "MetricCollection. Pass a dict name -> metric for others."
+                )
+    seen: dict[str, str] = {}
+    for name, metric in resolved.items():
+        for key in result_keys(name, metric):
+            if key in seen:
+                raise ValueError(
+                    f"fit(metrics=...): {key!r} would be reported by both {seen[key]!r} and "
+                    f"{name!r}. Rename one (a MetricCollection's entries: its keys, prefix= "
+                    "or postfix=)."
+                )
+            seen[key] = name
     return resolved
 
 
 def _check_monitors(callbacks: Sequence[Any], metrics: Mapping[str, Any], has_eval: bool) -> None:
     """Fail before training when a callback monitors an eval metric that will not exist."""
     available = {"eval/loss", "eval/perplexity"} | {
-        name if "/" in name else f"eval/{name}" for name in metrics
+        key for name, metric in metrics.items() for key in result_keys(name, metric)
     }
     for callback in callbacks:
         monitor = getattr(callback, "monitor", None)
@@ -187,20 +223,68 @@ def _window_size(config: FitConfig, loader: Iterable[Any], strategy: Strategy) -
     return k
 
 
+@takes_config
 def fit(
     model: torch.nn.Module,
     train_data: Any,
     *,
-    config: FitConfig | Mapping[str, Any] | None = None,
-    **kwargs: Any,
+    config: ConfigSource = None,
+    loss_fn: Any = None,
+    optimizer: Any = None,
+    schedule: Any = None,
+    max_steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    eval_batch_size: int | None = None,
+    accumulate: int = 1,
+    samples_per_step: int | None = None,
+    tokens_per_step: int | None = None,
+    clip: float | None = None,
+    average: Any = None,
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32",
+    strategy: Any = None,
+    eval_data: Any = None,
+    eval_every: int | None = None,
+    eval_batches: int | None = None,
+    eval_weights: Literal["model", "ema", "swa"] = "model",
+    metrics: Any = None,
+    predict: Any = None,
+    monitor: str = "eval/loss",
+    mode: Literal["min", "max"] | None = None,
+    callbacks: tuple[Any, ...] | list[Any] = (),
+    log_every: int | None = 50,
+    log_dir: str | Path | None = None,
+    fingerprint_every: int | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    compile: bool = False,
+    step: Any = None,
+    checkpoint_dir: str | Path | None = None,
+    save_every: int | None = None,
+    save_on_epoch_end: bool = False,
+    keep_last: int | None = None,
+    keep_best: bool = False,
+    resume: bool | str | Path = False,
+    allow_data_reshard: bool = False,
+    nonfinite: Literal["raise", "skip"] = "raise",
+    max_nonfinite_skips: int = 10,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    data_timeout_s: float | None = 600.0,
+    pin_memory: bool = False,
+    collate_fn: Any = None,
 ) -> FitResult:
     """Train `model` on `train_data` and return the final state, history and best eval.
 
     The default step is `chain(forward(loss_fn), accumulate(k), clip(max_norm),
-    optimizer_step())`; pass `step=` to run your own chain instead. Every argument is a
-    FitConfig field and is validated before any work. Training metrics stay on the device
-    except at log steps (every `log_every` optimizer steps). Besides that schedule (and
-    `eval_every`, `save_every`, ...), a callback's `on_step_end` / `on_epoch_end` may return
+    optimizer_step())`; pass `step=` to run your own chain instead. The keyword arguments
+    are FitConfig's fields (tests/test_fit_signature.py keeps the two in step): the ones
+    written in the call override `config`'s values, even when equal to the default, and
+    all are validated before any work; an unknown name gets "did you mean ...?" or where it
+    belongs (`lr=` -> `optimizer=`). Training metrics stay on the device except at log
+    steps (every `log_every` optimizer steps). Besides that schedule (and `eval_every`,
+    `save_every`, ...), a callback's `on_step_end` / `on_epoch_end` may return
     `Request(log=..., evaluate=..., save=..., end_epoch=...)` to have fit act right then.
     Messages ("resumed from ...") go to the "loopkit" logger (see loopkit.logging).
 
@@ -209,13 +293,74 @@ def fit(
         train_data: a Dataset or a sequence of samples (batched by a StatefulDataLoader
             with `batch_size`), a DataLoader, a torchdata StatefulDataLoader or nodes
             pipeline, or any iterable of batches (the rule: loopkit.data).
-        config: a FitConfig or mapping of its fields; keyword arguments override it.
-        **kwargs: FitConfig fields: loss_fn, optimizer, schedule, max_steps, epochs,
-            batch_size, accumulate (or samples_per_step / tokens_per_step), clip, precision,
-            strategy, eval_data, eval_every, eval_batches, metrics, monitor, mode, callbacks,
-            log_every, log_dir, fingerprint_every, progress, seed, compile, step, ... (see
-            FitConfig). With a log_dir, every step's fingerprint goes to
-            <log_dir>/fingerprints/ (fingerprint_every=0 turns it off; docs/forensics.md).
+        config: a FitConfig, a mapping of its fields, or the path of a .toml, .yaml/.yml or
+            .json file of them; the keyword arguments given here override its values. A
+            file's values are checked on their own when read (errors name the file), and
+            together with the keyword arguments after the merge.
+        loss_fn: `loss_fn(model, batch)` -> `Loss(sum, count)` or a scalar mean; required
+            unless `step=` is given.
+        optimizer: a factory `params -> Optimizer`, a built optimizer, or
+            `{'name': 'AdamW', 'lr': 3e-4, ...}` (any torch.optim class); required.
+        schedule: the lr factor per step: a function of the step (loopkit.schedules), a
+            torch LRScheduler, or `{'name': 'cosine', 'warmup_steps': ..., ...}`; None:
+            constant.
+        max_steps: stop after this many optimizer steps.
+        epochs: stop after this many passes over train_data (1 when max_steps is None too).
+        batch_size: the micro-batch size when train_data is a Dataset or a sequence of
+            samples.
+        eval_batch_size: the batch size of eval_data (default: batch_size).
+        accumulate: micro-batches per optimizer step.
+        samples_per_step: the step size in samples, instead of accumulate (fit works out k).
+        tokens_per_step: the step size in tokens, instead of accumulate.
+        clip: the max global gradient norm; None: no clipping.
+        average: `loopkit.ema(decay, ...)` or `loopkit.swa(start=...)`: keep that average
+            of the weights in the record (fit appends it to its step, after the optimizer
+            step; with `step=` put it in your chain instead); docs/averaging.md.
+        precision: "fp32", "bf16" or "fp16" (dynamic loss scaling).
+        strategy: how the step runs: SingleDevice (None: the best device), DDP, FSDP,
+            Pipeline.
+        eval_data: a Dataset or loader to evaluate on.
+        eval_every: evaluate every n optimizer steps (needs eval_data); None: after each
+            epoch and at the end.
+        eval_batches: at most this many batches per evaluation.
+        eval_weights: "model", or "ema" / "swa": evaluate with that average of the weights
+            (the model's weights are restored bitwise after each evaluation).
+        metrics: metric names ("accuracy", "top5_accuracy") or a dict name -> metric.
+        predict: `predict(model, batch)` giving the outputs metrics see (default: the
+            output captured during loss_fn).
+        monitor: the eval metric `result.best` and keep_best track ("eval/loss").
+        mode: "min" or "max" for monitor; None: inferred from its name.
+        callbacks: objects with event hooks (loopkit.callbacks).
+        log_every: optimizer steps between log records (the only host syncs of training
+            metrics); None: only when a callback's Request(log=True) asks.
+        log_dir: write TensorBoard events, metrics.csv and metrics.jsonl there.
+        fingerprint_every: record a step fingerprint every n steps under
+            <log_dir>/fingerprints/ (None: 1 with a log_dir, 0 with step= or compile; 0:
+            off; docs/forensics.md).
+        progress: show a progress bar (plain lines when stdout is not a terminal).
+        seed: the root of all randomness (dropout per micro-step, data order per epoch).
+        compile: run the step through loopkit.compile_step.
+        step: your own step transform `(state, batch) -> state` instead of the default
+            chain (it brings its own accumulate and clip).
+        checkpoint_dir: where checkpoints go (locked for the run).
+        save_every: save every n optimizer steps (needs checkpoint_dir).
+        save_on_epoch_end: save at each epoch's end (needs checkpoint_dir).
+        keep_last: keep the newest n checkpoints (None: all), plus the best with keep_best.
+        keep_best: keep the best checkpoint by monitor.
+        resume: True: the newest valid checkpoint in checkpoint_dir; a path: that
+            checkpoint; False: a fresh run (refused if checkpoint_dir holds checkpoints).
+        allow_data_reshard: resume an iterable dataset at another world size from rank 0's
+            position (with a warning).
+        nonfinite: "raise" (stop with an error naming the step) or "skip" (skip updates
+            whose loss is NaN or infinite; one host sync per step).
+        max_nonfinite_skips: with nonfinite="skip", raise after this many skipped steps in
+            a row.
+        shuffle: shuffle a Dataset's order each epoch.
+        drop_last: drop a Dataset's last, smaller batch.
+        num_workers: DataLoader worker processes for a Dataset.
+        data_timeout_s: the longest wait for a worker's batch (None: forever).
+        pin_memory: pin a Dataset's batches in page-locked memory.
+        collate_fn: `collate_fn(samples)` -> batch, for a Dataset or a sequence of samples.
 
     Returns:
         FitResult with `.state`, `.history`, `.best`.
@@ -227,7 +372,9 @@ def fit(
         SystemExit: SIGTERM stopped the run; code 143, after the same save. SIGUSR1
             saves the same way and returns with `stopped_by="SIGUSR1"`.
     """
-    cfg = _checked_config(config, kwargs)
+    # takes_config merged `config` and the keywords written in the call into one FitConfig,
+    # passed as `config`; each keyword parameter holds its merged value too.
+    cfg = _checked_config(config)
     if cfg.step is not None:
         window_size_of(cfg.step)  # a chain that can never train is refused before any work
     metrics = _resolve_metrics(cfg.metrics)
@@ -241,6 +388,9 @@ def fit(
         strategy=cfg.strategy,
         seed=cfg.seed,
     )
+    for metric in metrics.values():
+        if isinstance(metric, TorchMetric):  # refuse what torchmetrics cannot sync, before work
+            metric.prepare(state.strategy, "fit(metrics=...)")
     loader, eval_loader = _loaders(train_data, cfg, state.strategy)
     k = _window_size(cfg, loader, state.strategy)
     every = _fingerprint_every(cfg)
@@ -255,12 +405,14 @@ def fit(
         state = state.replace(window=Window(size=k))
     evaluator = None
     if eval_loader is not None:
-        evaluator = Evaluator(eval_loader, metrics, cfg.loss_fn, cfg.predict, cfg.eval_batches)
-    mode: Mode = cfg.mode or (infer_mode(cfg.monitor) if eval_loader is not None else "min")
+        evaluator = Evaluator(
+            eval_loader, metrics, cfg.loss_fn, cfg.predict, cfg.eval_batches, cfg.eval_weights
+        )
+    best_mode: Mode = cfg.mode or (infer_mode(cfg.monitor) if eval_loader is not None else "min")
     callbacks = _with_loggers(user_callbacks, cfg)
     max_epochs = cfg.epochs if cfg.epochs is not None else (None if cfg.max_steps else 1)
     hparams = {**_hparams(cfg, loader, k, train_step, max_epochs), "fingerprint_every": every}
-    run = _Run(state, train_step, loader, callbacks, cfg, hparams, evaluator, mode)
+    run = _Run(state, train_step, loader, callbacks, cfg, hparams, evaluator, best_mode)
     run.fingerprints = recorder
     if cfg.compile:  # the whole step, compiled (loopkit.compiled); checks above read the chain
         run.train_step = compile_step(train_step)
@@ -271,10 +423,9 @@ def fit(
     return result
 
 
-def _checked_config(config: FitConfig | Mapping[str, Any] | None, kwargs: Any) -> FitConfig:
-    """The FitConfig of fit's arguments, with the checks that need more than one field."""
-    base = dict(config) if config is not None else {}
-    cfg = FitConfig.from_dict({**base, **kwargs})
+def _checked_config(config: ConfigSource) -> FitConfig:
+    """fit's FitConfig (takes_config merged it), with the checks only fit needs."""
+    cfg = config if isinstance(config, FitConfig) else merge_config(config, {}, where="fit")
     if cfg.loss_fn is None and cfg.step is None:
         raise ValueError("fit(loss_fn=None): pass loss_fn(model, batch), or a custom step=.")
     if cfg.optimizer is None:
@@ -330,7 +481,8 @@ def _default_step(
     *,
     guard: bool = False,
 ) -> Transform:
-    """fit's own step: forward, accumulate k, clip, skip non-finite, fingerprint, optimizer step.
+    """fit's own step: forward, accumulate k, clip, skip non-finite, fingerprint, optimizer step
+    and the weight average (`average=`), which reads the weights the step made.
 
     The fingerprint sits after clip and before the update: it reads the window's final
     gradients and the weights and optimizer state that enter the step. With `guard` (several
@@ -346,6 +498,7 @@ def _default_step(
         zero_nonfinite() if guard and cfg.nonfinite == "raise" else identity(),
         fingerprint(recorder, every=every) if recorder is not None else identity(),
         optimizer_step(),
+        cfg.average if cfg.average is not None else identity(),  # reads the new weights
     )
 
 

@@ -361,8 +361,10 @@ def diff_runs(
     """Compare two runs' fingerprints; find the first step where they differ.
 
     Args:
-        run_a, run_b: fit log_dirs (with fingerprints/) or FingerprintRecorder directories.
-        rtol, atol: tolerance; both 0 (the default) compares bitwise.
+        run_a: a fit log_dir (with fingerprints/) or a FingerprintRecorder directory.
+        run_b: the run to compare with, of the same kind.
+        rtol: relative tolerance; 0 with atol 0 (the default) compares bitwise.
+        atol: absolute tolerance.
 
     Returns:
         A DiffReport (first_divergent_step None when every compared step agrees).

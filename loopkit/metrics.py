@@ -10,12 +10,18 @@ A metric is any object with four methods (the `Metric` protocol):
   every rank's data; `evaluate` does this.
 
 A plain function `fn(outputs, batch)` returning a scalar mean or `Loss(sum, count)` is a
-metric too: `as_metric` wraps it in `Mean`.
+metric too: `as_metric` wraps it in `Mean`. A torchmetrics `Metric` or `MetricCollection`
+is one as well: `as_metric` wraps it in `TorchMetric`, which feeds it `update(preds,
+target)` and lets torchmetrics sync its own states in `compute()` (its `state_tensors()`
+is empty). torchmetrics is never imported by loopkit: an object of its classes means the
+user imported it already.
 """
 
 from __future__ import annotations
 
 import numbers
+import sys
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -44,7 +50,11 @@ class Metric(Protocol):
         ...
 
     def state_tensors(self) -> list[torch.Tensor]:
-        """The live tensors whose element-wise sum across ranks is the global state."""
+        """The live tensors whose element-wise sum across ranks is the global state.
+
+        A metric that syncs itself inside `compute()` (a collective every rank calls, as
+        `TorchMetric` does) returns [].
+        """
         ...
 
 
@@ -268,11 +278,200 @@ class TopKAccuracy(_Counting):
         return f"TopKAccuracy(k={self.k}, ignore_index={self.ignore_index})"
 
 
+def is_torchmetrics(value: object) -> bool:
+    """Whether `value` is a torchmetrics `Metric` or `MetricCollection`.
+
+    Never imports torchmetrics: an object of its classes exists only once the user has
+    imported it, so when it is not in `sys.modules` the answer is no.
+    """
+    module = sys.modules.get("torchmetrics")
+    if module is None:
+        return False
+    return isinstance(value, (module.Metric, module.MetricCollection))
+
+
+_COMPUTE_BEFORE_UPDATE = r"The ``compute`` method of metric .* was called before the ``update``"
+
+
+class TorchMetric:
+    """A torchmetrics `Metric` or `MetricCollection` as a loopkit metric.
+
+    evaluate() and fit() wrap a torchmetrics object in this with the defaults; wrap it
+    yourself to say where the predictions or the targets are. Each batch runs
+    `metric.update(preds(outputs), target(batch))` on the device (float16/bfloat16
+    predictions from autocast are cast to float32 first). torchmetrics syncs its own
+    states across ranks inside `compute()` (over the metric's `process_group`, every rank
+    by default), so `state_tensors()` is [] and evaluate calls `compute()` on every rank;
+    loopkit's packed all_reduce never touches these states. A collection reports one
+    value per entry, under the entry's name (with the collection's prefix/postfix).
+
+    Args:
+        metric: a `torchmetrics.Metric` or `torchmetrics.MetricCollection`.
+        preds: function outputs -> predictions; default `logits_of` (the logits tensor).
+        target: function batch -> targets; default `default_target`.
+
+    Raises:
+        TypeError: `metric` is not a torchmetrics object, or preds/target not callable.
+
+    Example:
+        >>> from torchmetrics.classification import MulticlassF1Score
+        >>> f1 = TorchMetric(MulticlassF1Score(num_classes=3), target=lambda b: b["y"])
+        >>> f1.update(torch.eye(3), {"y": torch.tensor([0, 1, 1])})
+        >>> round(float(f1.compute()), 4)
+        0.5556
+    """
+
+    def __init__(
+        self,
+        metric: Any,
+        *,
+        preds: Callable[[Any], torch.Tensor] | None = None,
+        target: Target | None = None,
+    ) -> None:
+        if not is_torchmetrics(metric):
+            raise TypeError(
+                f"TorchMetric(metric={metric!r}): expected a torchmetrics Metric or "
+                "MetricCollection, e.g. TorchMetric(MulticlassF1Score(num_classes=3)). "
+                "loopkit's own metrics and plain functions need no wrapper."
+            )
+        if preds is not None and not callable(preds):
+            raise TypeError(
+                f"TorchMetric(preds={preds!r}): expected None or a function outputs -> "
+                "predictions, e.g. preds=lambda outputs: outputs['logits']."
+            )
+        self.metric = metric
+        self.preds = preds or logits_of
+        self.target = _check_target_fn(target, "TorchMetric")
+        self.is_collection = isinstance(metric, sys.modules["torchmetrics"].MetricCollection)
+
+    def names(self) -> tuple[str, ...]:
+        """The names of a collection's entries (prefix/postfix applied); () for one metric."""
+        if not self.is_collection:
+            return ()
+        return tuple(str(name) for name in self.metric.keys(keep_base=False))
+
+    def leaves(self) -> list[Any]:
+        """The torchmetrics Metric objects that hold states: the metric, or each entry."""
+        if self.is_collection:
+            return list(self.metric.values(copy_state=False))
+        return [self.metric]
+
+    def prepare(self, strategy: Any, where: str) -> None:
+        """Check the metric can be synced by `strategy`'s ranks; move it to their device.
+
+        Raises:
+            ValueError: a pipeline (outputs on the last stage only), or, with several
+                ranks, `dist_sync_on_step=True` or `sync_on_compute=False`.
+        """
+        if strategy.dp_world_size != strategy.world_size:
+            raise ValueError(_PIPELINE_REFUSAL.format(where=where, metric=self))
+        if strategy.world_size > 1:
+            for leaf in self.leaves():
+                _check_sync_settings(leaf, where)
+        self.metric.to(torch.device(strategy.device))
+
+    def has_list_states(self) -> bool:
+        """Whether a state is a list of batches (e.g. AUROC's): torchmetrics cannot gather
+        it from a rank that saw no batch (it stands in a 1-D float tensor)."""
+        return any(
+            isinstance(state, list)
+            for leaf in self.leaves()
+            for state in leaf.metric_state.values()
+        )
+
+    def update(self, outputs: Any, batch: Any) -> None:
+        preds = self.preds(outputs)
+        targets = self.target(batch)
+        for name, value in (("predictions", preds), ("targets", targets)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"{self!r}: the {name} must be a tensor, got {type(value).__name__}. Pass "
+                    "TorchMetric(metric, preds=..., target=...) to pick them."
+                )
+        if preds.dtype in (torch.float16, torch.bfloat16):
+            preds = preds.float()  # autocast outputs: torchmetrics' softmax/sums in float32
+        self.metric.update(preds, targets.to(preds.device))
+
+    def compute(self) -> Any:
+        """The value (a dict name -> value for a collection); a collective with several ranks."""
+        with warnings.catch_warnings():
+            # A rank may read no eval batch (more ranks than batches): its empty states
+            # still join the sync, and torchmetrics' warning about it is noise here.
+            warnings.filterwarnings("ignore", _COMPUTE_BEFORE_UPDATE, UserWarning)
+            value = self.metric.compute()
+        if not self.is_collection:
+            return value  # type: ignore[no-any-return]
+        expected = set(self.names())
+        if not isinstance(value, Mapping) or set(value) != expected:
+            found = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+            raise TypeError(
+                f"{self!r}: compute() returned {found}; expected one value per entry "
+                f"{sorted(expected)}. An entry whose compute() returns a dict is not supported: "
+                "pass it on its own or pick one value with a wrapper metric."
+            )
+        return dict(value)
+
+    def reset(self) -> None:
+        self.metric.reset()
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return []  # torchmetrics syncs its own states inside compute()
+
+    def __repr__(self) -> str:
+        return f"TorchMetric({type(self.metric).__name__})"
+
+
+_PIPELINE_REFUSAL = (
+    "{where}: {metric!r} under a pipeline strategy: only the last stage's ranks have the "
+    "model outputs, and torchmetrics syncs a metric over its whole process group, where "
+    "the other stages' ranks hold empty states it cannot gather. Use loopkit's own "
+    "metrics under Pipeline (loopkit.Accuracy, loopkit.TopKAccuracy, or a function "
+    "(outputs, batch) returning loopkit.Loss(sum, count)): evaluate sums them over every "
+    "rank. Or compute the torchmetrics metric afterwards with DDP or SingleDevice on the "
+    "saved model (loopkit.save_model)."
+)
+
+
+def _check_sync_settings(leaf: Any, where: str) -> None:
+    """Refuse torchmetrics settings that break evaluate's one sync per evaluation."""
+    name = type(leaf).__name__
+    if leaf.dist_sync_on_step:
+        raise ValueError(
+            f"{where}: {name}(dist_sync_on_step=True) makes every update a collective, but "
+            "ranks may read different numbers of eval batches (each item is read once), so "
+            "they would wait for each other forever. Leave dist_sync_on_step=False (the "
+            "default): torchmetrics syncs once, in compute(), which every rank calls."
+        )
+    if not leaf.sync_on_compute:
+        raise ValueError(
+            f"{where}: {name}(sync_on_compute=False) with several ranks: each rank would "
+            "report the metric of its own share only, and ranks that disagree take "
+            "different decisions (early stopping, best model). Leave sync_on_compute=True "
+            "(the default)."
+        )
+
+
+def eval_key(name: str) -> str:
+    """The key a metric named `name` is reported under: "eval/<name>" ("eval/..." kept)."""
+    return name if name.startswith("eval/") else f"eval/{name}"
+
+
+def result_keys(name: str, metric: object) -> tuple[str, ...]:
+    """Every key evaluate reports for `metrics[name]`: "eval/<name>", or, for a torchmetrics
+    `MetricCollection`, "eval/<entry>" for each of its entries (the name is not used)."""
+    if isinstance(metric, TorchMetric) and metric.is_collection:
+        return tuple(eval_key(entry) for entry in metric.names())
+    if is_torchmetrics(metric) and isinstance(metric, sys.modules["torchmetrics"].MetricCollection):
+        return tuple(eval_key(str(entry)) for entry in metric.keys(keep_base=False))
+    return (eval_key(name),)
+
+
 MetricLike = Metric | Callable[[Any, Any], Any]
 
 
 def as_metric(value: object, name: str = "metric") -> Metric:
-    """Return `value` if it is a Metric; wrap a function of (outputs, batch) in `Mean`.
+    """Return `value` if it is a Metric; wrap a torchmetrics `Metric` or `MetricCollection`
+    in `TorchMetric` and a function of (outputs, batch) in `Mean`.
 
     Raises:
         TypeError: neither, naming the metric.
@@ -283,6 +482,8 @@ def as_metric(value: object, name: str = "metric") -> Metric:
         )
     if isinstance(value, Metric):
         return value
+    if is_torchmetrics(value):  # before `callable`: torchmetrics objects are callable modules
+        return TorchMetric(value)
     if callable(value):
         return Mean(value)
     raise TypeError(
@@ -333,8 +534,12 @@ __all__ = [
     "Mean",
     "Metric",
     "TopKAccuracy",
+    "TorchMetric",
     "as_metric",
     "default_target",
+    "eval_key",
+    "is_torchmetrics",
     "logits_of",
+    "result_keys",
     "to_host",
 ]

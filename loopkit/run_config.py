@@ -19,7 +19,9 @@ an import path only where a value must be code: `model`, `data`, `eval_data`, `l
 `predict`, `collate_fn` and the items of `callbacks`. The file's own directory is always on
 sys.path, so modules beside it import without being a package (examples/configs/ works so).
 
-Order: the values are merged with `--set key=value` overrides first (dotted keys reach into
+Order: each of the file's own values is checked alone (an error names the file); an
+unknown key gets "did you mean ...?" or where it belongs (`lr` -> `optimizer`). Then the
+values are merged with `--set key=value` overrides (dotted keys reach into
 tables: `--set model.hidden=32`; values read as TOML: `--set max_steps=20`,
 `--set log_dir='"runs/b"'` or just `--set log_dir=runs/b`); FitConfig then validates every
 plain field, before any import or build; then the builders run (model first, after the
@@ -39,7 +41,7 @@ from typing import Any
 
 import torch
 
-from .config import FitConfig, read_table
+from .config import FitConfig, check_values, read_table, unknown_hints
 
 RUN_FORMAT = "loopkit-run/1"
 RUN_RECORD = "loopkit-run.json"
@@ -191,6 +193,10 @@ class RunConfig:
         """
         source = Path(path).resolve()
         values = _read_file(source)
+        try:  # each of the file's own values alone, so that an error names the file
+            check_values(_plain(values))
+        except ValueError as error:
+            raise ValueError(f"CONFIG={str(source)!r}: {error}") from None
         for item in sets:
             keys, value = parse_set(item)
             values = _merged(values, keys, value)
@@ -215,13 +221,15 @@ class RunConfig:
         Raises:
             ValueError: an unknown key, a missing model or data, or a bad field value.
         """
-        known = set(_FIT_FIELDS) | set(OWN_KEYS)
-        unknown = sorted(set(self.values) - known)
+        known = (*OWN_KEYS, *_FIT_FIELDS)
+        unknown = {k: v for k, v in self.values.items() if k not in known}
         if unknown:
-            raise ValueError(
-                f"unknown key(s) {unknown}; a run config takes {', '.join(OWN_KEYS)} and the "
-                f"FitConfig fields: {', '.join(_FIT_FIELDS)}."
-            )
+            hints = unknown_hints(unknown, known)
+            listing = ""
+            if any(h.endswith(": no such field") for h in hints):
+                listing = f" A run config takes {', '.join(known)}."
+            end = "" if hints[-1].endswith("?") else "."
+            raise ValueError(f"unknown key(s) {sorted(unknown)}: {'; '.join(hints)}{end}{listing}")
         for key in ("model", "data"):
             if key not in self.values:
                 raise ValueError(
@@ -230,12 +238,7 @@ class RunConfig:
         threads = self.values.get("threads")
         if threads is not None and not (isinstance(threads, int) and threads >= 1):
             raise ValueError(f"threads={threads!r}: must be an int >= 1.")
-        plain = {
-            k: (_STAND_IN if k in CODE_KEYS or _needs_build(v) else v)
-            for k, v in self.values.items()
-            if k in _FIT_FIELDS and k != "callbacks"
-        }
-        FitConfig.from_dict(plain)
+        FitConfig.from_dict(_plain(self.values))
 
     def _activate(self) -> None:
         for directory in reversed(self.python_path):
@@ -315,6 +318,15 @@ class RunConfig:
             python_path=tuple(record.get("python_path", ())),
             cwd=str(record.get("cwd", os.getcwd())),
         )
+
+
+def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The FitConfig fields of a run config, with stand-ins for code (checked unbuilt)."""
+    return {
+        k: (_STAND_IN if k in CODE_KEYS or _needs_build(v) else v)
+        for k, v in values.items()
+        if k in _FIT_FIELDS and k != "callbacks"
+    }
 
 
 def _merged(values: dict[str, Any], keys: list[str], value: Any) -> dict[str, Any]:

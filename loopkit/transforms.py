@@ -35,7 +35,7 @@ from ._rng import micro_step_seed, seed_devices_
 from ._types import Batch, LossFn, Transform
 from .compose import parts_of
 from .normalise import closing_factor
-from .state import TrainState, Window, apply_staged
+from .state import TrainState, Window, apply_staged, new_window
 
 LRScheduler = torch.optim.lr_scheduler.LRScheduler
 
@@ -52,12 +52,18 @@ def _name(fn: object) -> str:
 @dataclass(frozen=True, slots=True)
 class _Forward:
     loss_fn: LossFn
+    seed_rng: bool = True
 
     def __post_init__(self) -> None:
         if not callable(self.loss_fn):
             raise TypeError(
                 f"forward(loss_fn={self.loss_fn!r}): expected a callable "
                 "`loss_fn(model, batch)` returning a scalar mean or loopkit.Loss(sum, count)."
+            )
+        if type(self.seed_rng) is not bool:
+            raise TypeError(
+                f"forward(seed_rng={self.seed_rng!r}): expected True (seed torch's generators "
+                "before each micro-batch, the default) or False."
             )
 
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
@@ -73,10 +79,11 @@ class _Forward:
         strategy = state.strategy
         batch = strategy.to_device(batch)
         n_samples = batch_size(batch, self)
-        seed_devices_(
-            micro_step_seed(state.seed, state.step, state.micro_step, strategy.rank),
-            strategy.device,
-        )
+        if self.seed_rng:
+            seed_devices_(
+                micro_step_seed(state.seed, state.step, state.micro_step, strategy.rank),
+                strategy.device,
+            )
         # Sync gradients across ranks only on the window's last micro-batch (and whenever
         # the window's size is not known yet: syncing more often is redundant, not wrong).
         # Decided before the forward: DDP's forward already arms (or skips) the all-reduce.
@@ -97,16 +104,18 @@ class _Forward:
             "micro_step": state.micro_step + 1,
             "samples_seen": state.samples_seen + n_samples,
             "tokens_seen": state.tokens_seen + count,
-            "window": Window(
-                loss=scaled if first else window.loss + scaled,
-                count=count if first else window.count + count,
-                ref_count=ref,
-                size=size,
+            "window": new_window(
+                scaled if first else window.loss + scaled,
+                count if first else window.count + count,
+                ref,
+                size,
             ),
         }
 
     def __repr__(self) -> str:
-        return f"forward({_name(self.loss_fn)})"
+        if self.seed_rng:
+            return f"forward({_name(self.loss_fn)})"
+        return f"forward({_name(self.loss_fn)}, seed_rng=False)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,14 +169,7 @@ class _Accumulate:
         loss: Any = window.loss
         if factor is not None:
             loss = (loss * factor).to(loss.dtype)
-        closed = Window(
-            loss=window.loss,
-            count=window.count,
-            ref_count=window.ref_count,
-            size=self.k,
-            closed=True,
-            found_inf=found_inf,
-        )
+        closed = new_window(window.loss, window.count, window.ref_count, self.k, True, found_inf)
         return {"window": closed, "metrics": {"train/loss": loss}}
 
     def __repr__(self) -> str:
@@ -304,7 +306,7 @@ def skip_nonfinite() -> Transform:
     return _SkipNonfinite()
 
 
-def forward(loss_fn: LossFn) -> Transform:
+def forward(loss_fn: LossFn, *, seed_rng: bool = True) -> Transform:
     """Run forward and backward of one micro-batch and add it to the open gradient window.
 
     The forward runs under the state's autocast policy; randomness (dropout) is seeded from
@@ -313,6 +315,13 @@ def forward(loss_fn: LossFn) -> Transform:
     Args:
         loss_fn: `loss_fn(model, batch)` returning `Loss(sum, count)` or a scalar mean
             (whose count is then the batch's leading dimension).
+        seed_rng: False skips seeding torch's default generators before each micro-batch
+            (~1 % of a tiny CPU model's step). Only for runs that draw no random numbers
+            from them: not in the model (dropout, noise), not in loss_fn, and not between
+            steps (e.g. data augmentation in the main process); whatever draws then gets
+            numbers that depend on what ran before, so resumed runs differ. loopkit cannot
+            check this for you (any code may call torch.rand), which is why it is not
+            decided automatically.
 
     Raises:
         TypeError: loss_fn is not callable (when built), or returns something other than a
@@ -322,7 +331,7 @@ def forward(loss_fn: LossFn) -> Transform:
     Example:
         >>> step = forward(lambda model, batch: model(batch[0]).pow(2).mean())
     """
-    return _Forward(loss_fn)
+    return _Forward(loss_fn, seed_rng)
 
 
 def accumulate(k: int) -> Transform:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -31,3 +33,16 @@ torch.use_deterministic_algorithms(True)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# Loggers whose level a test may set process-wide (the Trainer façade's log_level does, as
+# HF's does); each test starts from the levels the session began with.
+_LEVELLED = ("loopkit", "loopkit.compat", "transformers")
+
+
+@pytest.fixture(autouse=True)
+def _logger_levels() -> Iterator[None]:
+    levels = {name: logging.getLogger(name).level for name in _LEVELLED}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)

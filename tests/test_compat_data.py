@@ -139,6 +139,82 @@ def test_under_pipeline_every_stage_of_a_replica_reads_the_same_batches(tmp_path
         torch.testing.assert_close(read, data.x)  # all 8 items, not rank 1's half
 
 
+class Numbers(torch.utils.data.IterableDataset):
+    """0, 1, ..., n-1 as {"x": tensor}: an iterable dataset every rank can read whole."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):  # noqa: ANN204
+        return ({"x": torch.tensor([float(i)])} for i in range(self.n))
+
+
+def _read(loader: Any) -> list[int]:
+    return [int(v) for batch in loader for v in batch["x"].flatten()]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_an_iterable_dataset_is_dealt_out_by_rank_as_hfs_iterable_dataset_shard(
+    tmp_path, drop_last
+):
+    # 11 items, 2 per rank, 2 ranks: groups of 4; the last, short group [8, 9, 10] is
+    # filled up with the first group's items (or dropped), so both ranks step alike.
+    args = _args(tmp_path, per_device_train_batch_size=2, dataloader_drop_last=drop_last)
+    shares = []
+    for rank in range(2):
+        stage = SimpleNamespace(
+            rank=rank, world_size=2, dp_rank=rank, dp_world_size=2, device="cpu"
+        )
+        shares.append(_read(train_loader(Numbers(11), args, stage, default_data_collator)))  # type: ignore[arg-type]
+    if drop_last:
+        assert shares == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    else:
+        assert shares == [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10, 0]]
+    transformers = pytest.importorskip("transformers")
+    from transformers.trainer_pt_utils import IterableDatasetShard
+
+    for rank, share in enumerate(shares):
+        hf = IterableDatasetShard(
+            range(11), batch_size=2, drop_last=drop_last, num_processes=2, process_index=rank
+        )
+        assert share == list(hf), transformers.__version__
+
+
+def test_the_eval_split_reads_each_item_once_without_padding(tmp_path):
+    # HF pads the ranks' shares and gather_for_metrics drops the repeats; the façade does
+    # not pad, so the loss over the ranks' batches counts each item once.
+    args = _args(tmp_path, per_device_eval_batch_size=2)
+    for data, expected in ((Rows(5), [[0, 2, 4], [1, 3]]), (Numbers(5), [[0, 2, 4], [1, 3]])):
+        shares = []
+        for rank in range(2):
+            stage = SimpleNamespace(
+                rank=rank, world_size=2, dp_rank=rank, dp_world_size=2, device="cpu"
+            )
+            loader = eval_loader(data, args, stage, default_data_collator)  # type: ignore[arg-type]
+            shares.append(_read(loader) if isinstance(data, Numbers) else _rows(loader))
+        assert shares == expected
+
+
+def test_an_hf_iterable_dataset_in_shards_is_split_item_by_item_for_evaluation(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    # Two shards on two ranks: split_dataset_by_node would give rank 0 the first shard
+    # (0, 1, 2); the gather of the predictions expects items 0, 2, 4 on rank 0.
+    data = datasets.Dataset.from_dict({"x": [[float(i)] for i in range(6)]})
+    stream = data.to_iterable_dataset(num_shards=2)
+    args = _args(tmp_path, per_device_eval_batch_size=2)
+    shares = []
+    for rank in range(2):
+        stage = SimpleNamespace(
+            rank=rank, world_size=2, dp_rank=rank, dp_world_size=2, device="cpu"
+        )
+        shares.append(_read(eval_loader(stream, args, stage, default_data_collator)))  # type: ignore[arg-type]
+    assert shares == [[0, 2, 4], [1, 3, 5]]
+
+
+def _rows(loader: Any) -> list[int]:
+    return [int(i) for batch in loader for i in batch["id"]]
+
+
 # --- checkpoints --------------------------------------------------------------------------------
 
 
@@ -221,7 +297,8 @@ def test_hf_members_users_call(tmp_path):
     assert trainer.model_wrapped is trainer.model
     trainer.train()
     assert trainer.model_wrapped is trainer.model  # one process: fit does not wrap it
-    assert trainer.get_learning_rates() == [pytest.approx(0.025)]  # the last step's (linear)
+    # HF's optimizer holds the next step's lr: 0 once a linear schedule has run out
+    assert trainer.get_learning_rates() == [0.0]
     assert trainer.get_decay_parameter_names() == ["lin.weight"]
     assert trainer.accelerator.unwrap_model(torch.nn.DataParallel(trainer.model)) is trainer.model
     assert trainer.accelerator.is_main_process and trainer.accelerator.num_processes == 1

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from loopkit.compat import EvalPrediction, Trainer, TrainingArguments
-from loopkit.compat.fields import FIELDS
+from loopkit.compat.fields import FIELDS, OLD_FIELDS
 from loopkit.compat.runtime import COMPAT_LOGGER, ddp_options
 
 OURS = {f.name: f for f in dataclasses.fields(TrainingArguments)}
@@ -46,6 +46,51 @@ REFUSED_SAMPLES: dict[str, Any] = {
     "debug": "underflow_overflow",
     "save_safetensors": False,
     "group_by_length": True,
+    # transformers 4.46-4.57's fields gone in 5
+    "adafactor": True,
+    "fp16_backend": "apex",
+    "half_precision_backend": "apex",
+    "fsdp_min_num_params": 1000,
+    "fsdp_transformer_layer_cls_to_wrap": "Block",
+    "include_inputs_for_metrics": True,
+    "include_tokens_per_second": True,
+    "jit_mode_eval": True,
+    "use_ipex": True,
+    "past_index": 0,
+    "tpu_metrics_debug": True,
+    "dispatch_batches": True,
+    "split_batches": True,
+}
+
+# The 4.x defaults of OLD_FIELDS, read from transformers 4.46.0's and 4.57.1's
+# training_args.py (dispatch_batches, split_batches and use_ipex are 4.46's only).
+OLD_DEFAULTS: dict[str, Any] = {
+    "adafactor": False,
+    "dispatch_batches": None,
+    "fp16_backend": "auto",
+    "fp16_opt_level": "O1",
+    "fsdp_min_num_params": 0,
+    "fsdp_transformer_layer_cls_to_wrap": None,
+    "half_precision_backend": "auto",
+    "include_inputs_for_metrics": False,
+    "include_tokens_per_second": False,
+    "jit_mode_eval": False,
+    "mp_parameters": "",
+    "no_cuda": False,
+    "past_index": -1,
+    "per_gpu_eval_batch_size": None,
+    "per_gpu_train_batch_size": None,
+    "push_to_hub_model_id": None,
+    "push_to_hub_organization": None,
+    "push_to_hub_token": None,
+    "ray_scope": "last",
+    "split_batches": None,
+    "torchdynamo": None,
+    "tpu_metrics_debug": False,
+    "tpu_num_cores": None,
+    "use_ipex": False,
+    "use_legacy_prediction_loop": False,
+    "use_mps_device": False,
 }
 
 
@@ -101,13 +146,45 @@ def test_values_outside_what_is_built_in_are_refused_by_name(tmp_path, values, m
 
 def test_every_field_of_the_installed_transformers_is_here_with_hfs_default(tmp_path):
     transformers = pytest.importorskip("transformers")
-    theirs = dataclasses.fields(transformers.TrainingArguments)
+    theirs = [f for f in dataclasses.fields(transformers.TrainingArguments) if f.init]
     missing = sorted(f.name for f in theirs if f.name not in OURS)
     assert not missing, f"fields of transformers {transformers.__version__} missing: {missing}"
-    for f in theirs:
-        expected = _default(f)
-        assert _default(OURS[f.name]) == getattr(expected, "value", expected), f.name
+    major = int(transformers.__version__.split(".")[0])
+    for f in theirs:  # the defaults are transformers 5's (4.x: those of its own fields)
+        if major >= 5 or f.name in OLD_FIELDS:
+            expected = _default(f)
+            assert _default(OURS[f.name]) == getattr(expected, "value", expected), f.name
     TrainingArguments(output_dir=str(tmp_path))  # all of HF's defaults together
+
+
+def test_the_fields_transformers_4_had_and_5_removed_are_all_here_with_4xs_defaults(tmp_path):
+    assert set(OLD_FIELDS) == set(OLD_DEFAULTS)
+    for name, default in OLD_DEFAULTS.items():
+        assert name in FIELDS and _default(OURS[name]) == default, name
+        TrainingArguments(output_dir=str(tmp_path), **{name: default})  # never a TypeError
+
+
+def test_transformers_4_names_are_read_with_their_meaning_there(tmp_path):
+    args = TrainingArguments(
+        str(tmp_path),
+        no_cuda=True,
+        per_gpu_train_batch_size=3,
+        per_gpu_eval_batch_size=5,
+        torchdynamo="eager",
+        push_to_hub_token="secret",
+        half_precision_backend="cpu_amp",
+        use_mps_device=True,
+        use_legacy_prediction_loop=True,
+    )
+    assert args.use_cpu is True
+    assert (args.per_device_train_batch_size, args.per_device_eval_batch_size) == (3, 5)
+    assert args.torch_compile is True and args.torch_compile_backend == "eager"
+    assert args.hub_token == "secret"
+    shown = args.to_dict()  # HF hides every *_token in what it writes
+    assert shown["hub_token"] == "<HUB_TOKEN>"
+    assert shown["push_to_hub_token"] == "<PUSH_TO_HUB_TOKEN>"
+    with pytest.raises(ValueError, match="per_gpu_train_batch_size"):
+        TrainingArguments(str(tmp_path), per_gpu_train_batch_size=0)
 
 
 def test_hf_names_and_enums_and_json_strings_are_read_as_hf_reads_them(tmp_path):
@@ -262,15 +339,44 @@ def test_activation_checkpointing_calls_the_models_hook_with_hfs_arguments(tmp_p
     assert model.checkpointing == {"kwargs": {"use_reentrant": False}, "every": 2}
 
 
-def test_log_level_sets_the_level_of_loopkits_loggers(tmp_path):
-    loggers = [logging.getLogger("loopkit"), logging.getLogger(COMPAT_LOGGER)]
+def test_log_level_sets_the_level_of_transformers_and_loopkits_loggers(tmp_path):
+    names = ["transformers", "loopkit", COMPAT_LOGGER]
+    loggers = [logging.getLogger(name) for name in names]
     before = [logger.level for logger in loggers]
     try:
         Trainer(model=TokenNet(), args=_args(tmp_path, log_level="error"))
-        assert [logger.level for logger in loggers] == [logging.ERROR] * 2
+        assert [logger.level for logger in loggers] == [logging.ERROR] * 3
+        Trainer(model=TokenNet(), args=_args(tmp_path, log_level="passive"))  # leaves them
+        assert [logger.level for logger in loggers] == [logging.ERROR] * 3
     finally:
         for logger, level in zip(loggers, before, strict=True):
             logger.setLevel(level)
+
+
+@pytest.mark.parametrize(
+    ("rank", "local_rank", "on_each_node", "expected"),
+    [
+        (0, 0, True, logging.DEBUG),
+        (1, 1, True, logging.ERROR),  # a replica: log_level_replica
+        (2, 0, True, logging.DEBUG),  # the first process of another node
+        (2, 0, False, logging.ERROR),  # ... which only rank 0 is, without log_on_each_node
+    ],
+)
+def test_which_processes_get_log_level_is_hfs_rule(
+    tmp_path, monkeypatch, rank, local_rank, on_each_node, expected
+):
+    for name, value in (("RANK", rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", 4)):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")  # torchrun's variables; nothing connects
+    args = TrainingArguments(
+        str(tmp_path),
+        log_level="debug",
+        log_level_replica="error",
+        log_on_each_node=on_each_node,
+    )
+    assert args.get_process_log_level() == expected
 
 
 def test_sequential_sampling_reads_the_dataset_in_order(tmp_path):

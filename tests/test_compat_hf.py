@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import sys
 import types
@@ -134,9 +135,11 @@ def regression_script(api: types.ModuleType, out: Path) -> dict[str, Any]:
         eval_dataset=Points(12, seed=1),
         compute_metrics=lambda p: {"mae": float(np.abs(p.predictions - p.label_ids).mean())},
     )
+    lrs = lr_recorder(api, trainer)
     output = trainer.train()
     predictions = trainer.predict(Points(7, seed=2))
     return {
+        "lrs": lrs + [trainer.get_learning_rates()],
         "output": output,
         "history": trainer.state.log_history,
         "params": {k: v.detach().clone() for k, v in trainer.model.named_parameters()},
@@ -147,6 +150,18 @@ def regression_script(api: types.ModuleType, out: Path) -> dict[str, Any]:
         "wrapped_is_model": trainer.model_wrapped is trainer.model,
         "flos": trainer.state.total_flos,
     }
+
+
+def lr_recorder(api: types.ModuleType, trainer: Any) -> list[list[float]]:
+    """trainer.get_learning_rates() at every step's end, recorded by a callback."""
+    seen: list[list[float]] = []
+
+    class Record(api.TrainerCallback):  # type: ignore[name-defined,misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            seen.append(trainer.get_learning_rates())
+
+    trainer.add_callback(Record())
+    return seen
 
 
 class Scripted:
@@ -215,6 +230,69 @@ def nan_script(api: types.ModuleType, out: Path, nan_filter: bool) -> dict[str, 
     trainer = api.Trainer(model=tiny_pretrained_model(), args=args, train_dataset=Points(48))
     output = trainer.train()
     return {"step": output.global_step, "history": trainer.state.log_history}
+
+
+def log_script(api: types.ModuleType, out: Path, level: str) -> tuple[list[str], int]:
+    """A short train + evaluate with log_level=`level`: the messages on HF's Trainer logger
+    ('transformers.trainer') and the level of transformers' logger afterwards."""
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.name == "transformers.trainer" and "have been ignored" not in record.msg:
+                seen.append(record.getMessage())  # (HF also names the columns it drops)
+
+    root, before = logging.getLogger("transformers"), transformers.logging.get_verbosity()
+    handler = Keep()
+    root.addHandler(handler)
+    try:
+        args = api.TrainingArguments(
+            output_dir=str(out),
+            max_steps=3,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            per_device_eval_batch_size=3,
+            log_level=level,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+        )
+        trainer = api.Trainer(
+            model=tiny_pretrained_model(),
+            args=args,
+            train_dataset=Points(20),
+            eval_dataset=Points(7, seed=1),
+        )
+        trainer.train()
+        trainer.evaluate()
+        return seen, root.getEffectiveLevel()
+    finally:
+        root.removeHandler(handler)
+        transformers.logging.set_verbosity(before)
+
+
+class Poisoned(Points):
+    """Points whose items 1 and 5 have a NaN feature (their batches' loss is NaN) and item
+    9 a huge label (its batch's squared error overflows to inf): in batches of 4, the
+    first three batches' losses are not finite."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        super().__init__(n, seed)
+        self.x[[1, 5], 0] = np.nan
+        self.y[9] = np.float32(3e38)
+
+
+def nan_eval_script(api: types.ModuleType, out: Path, nan_filter: bool, n: int) -> float:
+    """evaluate() on batches of 4 where some batches' loss is NaN or inf: the eval loss."""
+    args = api.TrainingArguments(
+        output_dir=str(out),
+        per_device_eval_batch_size=4,
+        logging_nan_inf_filter=nan_filter,
+        report_to="none",
+        disable_tqdm=True,
+    )
+    trainer = api.Trainer(model=tiny_pretrained_model(), args=args, eval_dataset=Poisoned(n))
+    return float(trainer.evaluate()["eval_loss"])
 
 
 def load_example(api_name: str) -> types.ModuleType:
@@ -298,6 +376,10 @@ def test_logged_losses_lrs_evals_and_steps_are_hfs(regression):
     losses = [h["loss"] for h in ours["history"] if "loss" in h]
     assert any(round(loss, 4) != loss for loss in losses)
     assert ours["output"].training_loss == pytest.approx(hf["output"].training_loss, rel=1e-6)
+    # get_learning_rates(): what HF's optimizer holds, the next step's lr (warmup, decay)
+    assert len(ours["lrs"]) == len(hf["lrs"]) == 8 + 1
+    for mine, theirs in zip(ours["lrs"], hf["lrs"], strict=True):
+        assert mine == pytest.approx(theirs, rel=1e-12, abs=1e-15)
 
 
 def test_weights_and_predictions_are_hfs(regression):
@@ -359,6 +441,29 @@ def test_a_nonfinite_loss_is_logged_and_trained_through_as_hf_does(tmp_path, nan
     losses = [h["loss"] for h in hf["history"] if "loss" in h]
     assert any(not math.isfinite(x) for x in losses) != nan_filter
     assert_histories_match(ours["history"], hf["history"])
+
+
+@pytest.mark.parametrize("nan_filter", [True, False])
+@pytest.mark.parametrize("n", [18, 10])  # 18: two finite batches, of 4 and 2; 10: none
+def test_the_eval_loss_leaves_nonfinite_batches_out_as_hf_does(tmp_path, nan_filter, n):
+    ours = nan_eval_script(lk, tmp_path / "lk", nan_filter, n)
+    theirs = nan_eval_script(transformers, tmp_path / "hf", nan_filter, n)
+    if nan_filter and n == 18:
+        assert math.isfinite(theirs)  # the batches of items 12-15 and 16-17, by their sizes
+        assert ours == pytest.approx(theirs, rel=1e-6)
+    else:
+        assert not math.isfinite(theirs) and not math.isfinite(ours)
+
+
+@pytest.mark.parametrize("level", ["info", "error", "passive"])
+def test_hf_messages_go_where_hfs_go_at_hfs_log_level(tmp_path, level):
+    ours = log_script(lk, tmp_path / "lk", level)
+    theirs = log_script(transformers, tmp_path / "hf", level)
+    assert ours == theirs  # the same lines on 'transformers.trainer', the same level
+    shown = "***** Running training *****" in theirs[0]
+    assert shown == (level == "info" or (level == "passive" and theirs[1] <= logging.INFO))
+    if level == "info":
+        assert "\n***** Running Evaluation *****" in ours[0]
 
 
 def test_the_datasets_example_ends_equal_to_hfs_run(example):

@@ -13,6 +13,8 @@ The compiled steps are built once per module (`runs`): compiling costs seconds p
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,6 +270,47 @@ class Breaks(torch.nn.Module):
 @pytest.mark.filterwarnings("default::loopkit.compiled.CompileFallbackWarning")
 def test_a_model_torch_cannot_capture_falls_back_with_one_warning():
     run_fallback(chain_of(mean_loss, 1), lambda: new_state(Breaks()), "graph_break")
+
+
+class NotSingleDevice(lk.SingleDevice):
+    """Stands in for DDP/FSDP (which need a process group): a strategy compile_step refuses."""
+
+    def __repr__(self) -> str:
+        return "NotSingleDevice()"
+
+
+@pytest.mark.filterwarnings("default::loopkit.compiled.CompileFallbackWarning")
+def test_the_warning_names_the_strategy_not_the_guard_fit_adds_for_it():
+    # fit(compile=True) under DDP/FSDP steps chain(..., zero_nonfinite(), optimizer_step()):
+    # the guard is there because of the strategy, so the strategy is the cause to name.
+    step = lk.chain(
+        lk.forward(mean_loss), lk.accumulate(1), lk.zero_nonfinite(), lk.optimizer_step()
+    )
+
+    def state_of() -> lk.TrainState:
+        return lk.TrainState.create(
+            mlp(dtype=torch.float32), optimizer=adamw, strategy=NotSingleDevice("cpu")
+        )
+
+    run_fallback(step, state_of, "strategy=NotSingleDevice(): only SingleDevice steps")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        compiled = lk.compile_step(step)
+        compiled(state_of(), mlp_batches(1)[0])
+    assert not any("zero_nonfinite" in str(w.message) for w in record)
+
+
+def test_import_loopkit_does_not_import_the_compiler():
+    """torch._dynamo (~1 s to import, and torch's compiler state) loads with compile_step."""
+    code = (
+        "import sys, loopkit as lk\n"
+        "assert 'torch._dynamo' not in sys.modules, 'import loopkit imported torch._dynamo'\n"
+        "lk.compile_step(lk.chain(lk.forward(lambda m, b: m(b).sum()), lk.accumulate(1),"
+        " lk.optimizer_step()))\n"
+        "assert 'torch._dynamo' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
 
 
 def test_bad_steps_are_refused_when_built():

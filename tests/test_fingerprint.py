@@ -11,7 +11,7 @@ import torch
 from forensics_parts import build_data, build_model, loss_fn
 
 import loopkit as lk
-from loopkit.fingerprint import BLOCK, step_fingerprint
+from loopkit.fingerprint import _SIGN_SEED, BLOCK, _Cache, step_fingerprint
 
 
 def _fit(log_dir: Path | None, **kwargs: Any) -> lk.FitResult:
@@ -211,3 +211,124 @@ def test_block_sums_cover_ragged_and_single_element_tensors():
     got = dict(zip(columns, values.tolist()))
     for name, param in model.named_parameters():
         assert got[f"weights/{name}/sum"] == pytest.approx(float(param.detach().sum()), rel=1e-12)
+
+
+def _reference(tensor: torch.Tensor) -> tuple[float, float]:
+    """The documented definition: blocks of BLOCK elements (the last one zero-padded) summed
+    in float32 (float64 for float64), the block sums added in float64, plainly and with the
+    fixed signs."""
+    flat = tensor.detach().reshape(-1)
+    n_blocks = max(1, -(-flat.numel() // BLOCK))
+    padded = torch.zeros(n_blocks * BLOCK, dtype=flat.dtype)
+    padded[: flat.numel()] = flat
+    accumulator = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    sums = padded.view(n_blocks, BLOCK).sum(1, dtype=accumulator).double()
+    generator = torch.Generator().manual_seed(_SIGN_SEED)
+    signs = torch.randint(0, 2, (n_blocks,), generator=generator).double() * 2 - 1
+    return float(sums.sum()), float((sums * signs).sum())
+
+
+class _Mixed(torch.nn.Module):
+    """Every kind of tensor the reduction treats apart (big, ragged, small, single), 3 dtypes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = torch.nn.Parameter(torch.randn(64, BLOCK))  # 8192 elements: summed alone
+        self.ragged = torch.nn.Parameter(torch.randn(4100))  # packed, zero-padded
+        self.small = torch.nn.Parameter(torch.randn(7))
+        self.one = torch.nn.Parameter(torch.randn(()))
+        self.wide = torch.nn.Parameter(torch.randn(40, BLOCK, dtype=torch.float64))
+        self.brain = torch.nn.Parameter(torch.randn(3 * BLOCK + 1).to(torch.bfloat16))
+
+
+def test_the_columns_follow_the_block_definition_for_every_kind_of_tensor():
+    torch.manual_seed(0)
+    model = _Mixed()
+    state = lk.TrainState.create(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), seed=0)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    columns, values = step_fingerprint(state)
+    got = dict(zip(columns, values.tolist()))
+    for name, param in model.named_parameters():
+        for kind, tensor in (("weights", param), ("grads", param.grad)):
+            plain, signed = _reference(tensor)  # type: ignore[arg-type]
+            assert got[f"{kind}/{name}/sum"] == pytest.approx(plain, rel=1e-12, abs=1e-12)
+            assert got[f"{kind}/{name}/wsum"] == pytest.approx(signed, rel=1e-12, abs=1e-12)
+
+
+def test_a_fingerprint_reads_nothing_on_the_host():
+    """No `.item()` (a host sync on a GPU) in a step's fingerprint, plan made or reused."""
+    torch.manual_seed(0)
+    state = lk.TrainState.create(build_model(8), optimizer=_adamw, seed=0)
+    step = lk.chain(lk.forward(loss_fn), lk.accumulate(1), lk.clip(1.0), lk.optimizer_step())
+    x, y = build_data(64).tensors
+    for i in range(2):
+        state = step(state, (x[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]))
+    state = lk.chain(lk.forward(loss_fn), lk.accumulate(1), lk.clip(1.0))(state, (x[:16], y[:16]))
+    cache = _Cache()
+    step_fingerprint(state, cache)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step_fingerprint(state, cache)
+    names = {event.name for event in prof.events()}
+    assert not names & {"aten::item", "aten::_local_scalar_dense"}, names
+
+
+def test_a_reused_layout_sees_every_replaced_tensor():
+    torch.manual_seed(0)
+    model = build_model(8)
+    state = lk.TrainState.create(model, optimizer=_adamw, seed=0)
+    step = lk.chain(lk.forward(loss_fn), lk.accumulate(1), lk.optimizer_step())
+    x, y = build_data(64).tensors
+    state = step(state, (x[:16], y[:16]))
+    state = lk.chain(lk.forward(loss_fn), lk.accumulate(1))(state, (x[16:32], y[16:32]))
+    cache = _Cache()
+    step_fingerprint(state, cache)
+    weight, bias = model[2].weight, model[4].bias
+    optimizer = state.optimizer
+
+    def columns(fingerprint: tuple[tuple[str, ...], torch.Tensor]) -> dict[str, float]:
+        return dict(zip(fingerprint[0], fingerprint[1].tolist()))
+
+    def replace_state() -> None:
+        optimizer.state[weight]["exp_avg"] = torch.full_like(weight, 0.5)
+
+    def move_weight() -> None:
+        weight.data = weight.data + 1.0  # the same parameter object, new storage
+
+    def drop_grad() -> None:
+        bias.grad = None
+
+    for change in (replace_state, move_weight, drop_grad):  # one at a time, each seen
+        with torch.no_grad():
+            change()
+        reused, fresh = columns(step_fingerprint(state, cache)), columns(step_fingerprint(state))
+        assert reused == fresh, change.__name__
+    assert fresh["optimizer/2.weight/exp_avg/sum"] == pytest.approx(0.5 * weight.numel())
+    assert fresh["weights/2.weight/sum"] == pytest.approx(float(weight.detach().double().sum()))
+    assert "grads/4.bias/sum" not in fresh
+
+
+class _Sharded(torch.nn.Parameter):
+    """A parameter with a `to_local()`, as a DTensor has (here a new copy at each call)."""
+
+    def to_local(self) -> torch.Tensor:
+        return self.detach().clone()
+
+
+def test_a_sharded_model_is_read_through_to_local_at_every_step():
+    torch.manual_seed(0)
+    plain = build_model(8)
+    sharded = build_model(8)
+    sharded.load_state_dict(plain.state_dict())
+    for module in (sharded[0], sharded[2]):
+        module.weight = _Sharded(module.weight.detach().clone())
+    prints = []
+    for model in (plain, sharded):
+        state = lk.TrainState.create(model, optimizer=_adamw, seed=0)
+        cache = _Cache()
+        step_fingerprint(state, cache)
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        prints.append(step_fingerprint(state, cache))
+    assert prints[0][0] == prints[1][0]
+    assert torch.equal(prints[0][1], prints[1][1])

@@ -460,3 +460,23 @@ def test_a_directory_held_by_another_process_is_refused_before_any_step(tmp_path
                    **BASE)  # fmt: skip
     assert steps.count == 0
     lk.fit(mlp(), dataset(), max_steps=2, checkpoint_dir=tmp_path, **BASE)  # free again
+
+
+def test_resuming_ready_batches_without_a_position_says_it_reads_them_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = dataset()
+    batches = [data[i : i + 8] for i in range(0, 64, 8)]  # ready batches: no data position
+    kw: dict[str, Any] = dict(loss_fn=loss_fn, optimizer=sgd, progress=False, log_every=None)
+    lk.fit(mlp(), batches, max_steps=3, checkpoint_dir=tmp_path, save_every=3, **kw)
+    with caplog.at_level(logging.WARNING, logger="loopkit"):
+        lk.fit(mlp(), batches, max_steps=5, checkpoint_dir=tmp_path, resume=True, **kw)
+    assert "has no data position to save or restore" in caplog.text
+    assert "reads it again from its first batch" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="loopkit"):  # a Dataset resumes exactly
+        lk.fit(mlp(), data, max_steps=3, batch_size=8, checkpoint_dir=tmp_path / "ds",
+               save_every=3, **kw)  # fmt: skip
+        lk.fit(mlp(), data, max_steps=5, batch_size=8, checkpoint_dir=tmp_path / "ds",
+               resume=True, **kw)  # fmt: skip
+    assert "no data position" not in caplog.text

@@ -1,8 +1,9 @@
 """TrainingArguments: the HF-style settings of a Trainer run, validated when built.
 
-Every field of transformers' TrainingArguments (5.x, and the older names scripts still
-use) is accepted here; what the façade does with each one is `loopkit.compat.fields.FIELDS`
-(same, different, no effect, or refused with why and what to use instead).
+Every field of transformers' TrainingArguments (5.x, and the 4.46-4.57 names that 5
+removed) is accepted here; what the façade does with each one is
+`loopkit.compat.fields.FIELDS` (same, different, no effect, or refused with why and what
+to use instead).
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ class TrainingArguments:
     """The settings of a Trainer run, with the names and defaults of HF's TrainingArguments.
 
     Every field of transformers 5's TrainingArguments exists here, with its default, plus
-    the older names scripts still use (`warmup_ratio`, `evaluation_strategy`,
-    `overwrite_output_dir`, ...). Each is checked when the object is built (or by
+    those of transformers 4.46-4.57 that 5 removed (`warmup_ratio`, `no_cuda`,
+    `per_gpu_train_batch_size`, `overwrite_output_dir`, ...; fields.OLD_FIELDS), with
+    their 4.x defaults and meaning. Each is checked when the object is built (or by
     `from_dict`): a bad value raises ValueError naming the field, the value and the fix;
     a field the façade cannot honour (`deepspeed`, `push_to_hub`, ...) accepts only HF's
     default and otherwise raises "not supported by loopkit.compat: <field> (<why>; <what
@@ -247,6 +249,33 @@ class TrainingArguments:
     save_safetensors: bool = True
     group_by_length: bool = False
     evaluation_strategy: IntervalStrategy | None = None
+    # transformers 4.46-4.57's fields gone in 5 (fields.OLD_FIELDS: what each does here).
+    no_cuda: bool = False
+    use_mps_device: bool = False
+    per_gpu_train_batch_size: int | None = None
+    per_gpu_eval_batch_size: int | None = None
+    torchdynamo: str | None = None
+    push_to_hub_token: str | None = None
+    push_to_hub_model_id: str | None = None
+    push_to_hub_organization: str | None = None
+    adafactor: bool = False
+    fp16_backend: str = "auto"
+    half_precision_backend: str = "auto"
+    fp16_opt_level: str = "O1"
+    fsdp_min_num_params: int = 0
+    fsdp_transformer_layer_cls_to_wrap: str | None = None
+    include_inputs_for_metrics: bool = False
+    include_tokens_per_second: bool = False
+    jit_mode_eval: bool = False
+    use_ipex: bool = False
+    past_index: int = -1
+    tpu_metrics_debug: bool = False
+    tpu_num_cores: int | None = None
+    mp_parameters: str = ""
+    ray_scope: str = "last"
+    use_legacy_prediction_loop: bool = False
+    dispatch_batches: bool | None = None
+    split_batches: bool | None = None
     # loopkit: pipeline parallelism, mapped onto loopkit.strategies.Pipeline(...).
     pipeline_split_spec: list[str] | None = None
     pipeline_chunks: int | None = None
@@ -296,6 +325,7 @@ class TrainingArguments:
                 )
             self.eval_strategy = self.evaluation_strategy
             self.evaluation_strategy = None
+        self._resolve_old_names()
         # HF 5: gradient_checkpointing* are old names of activation_checkpointing*; once
         # resolved, the old names mirror the new ones.
         for old, new in (
@@ -321,6 +351,26 @@ class TrainingArguments:
         if self.save_total_limit is not None and _is_int(self.save_total_limit):
             if self.save_total_limit <= 0:
                 self.save_total_limit = None  # HF: <= 0 means no limit
+
+    def _resolve_old_names(self) -> None:
+        """transformers 4.x's deprecated names, resolved as its __post_init__ did."""
+        if not isinstance(self.no_cuda, bool):
+            raise _bad("no_cuda", self.no_cuda, "must be True or False")
+        if self.no_cuda:
+            self.use_cpu = True
+        for old, new in (
+            ("per_gpu_train_batch_size", "per_device_train_batch_size"),
+            ("per_gpu_eval_batch_size", "per_device_eval_batch_size"),
+        ):
+            value = getattr(self, old)
+            if value is not None:
+                if not (_is_int(value) and value >= 1):
+                    raise _bad(old, value, "must be None or an int >= 1")
+                setattr(self, new, value)  # HF's train/eval_batch_size prefer the old name
+        if self.torchdynamo is not None:
+            self.torch_compile_backend = self.torchdynamo
+        if self.push_to_hub_token is not None:
+            self.hub_token = self.push_to_hub_token
 
     def _resolve_dirs(self) -> None:
         if self.output_dir is None:
@@ -740,7 +790,10 @@ class TrainingArguments:
 
     @property
     def should_log(self) -> bool:
-        """Whether this process logs (the main one)."""
+        """Whether this process gets log_level (else log_level_replica), HF's rule: the
+        first process of each node with log_on_each_node (the default), else rank 0."""
+        if self.log_on_each_node:
+            return self.local_process_index == 0
         return self.process_index == 0
 
     @property
@@ -750,8 +803,9 @@ class TrainingArguments:
         return ("tensorboard",) if ("tensorboard" in reports or "all" in reports) else ()
 
     def get_process_log_level(self) -> int | None:
-        """The 'loopkit' logger's level for this process (None: "passive", leave it)."""
-        name = self.log_level if self.process_index == 0 else self.log_level_replica
+        """This process's log level: log_level where `should_log`, else log_level_replica
+        (None: "passive", leave the loggers' levels as they are)."""
+        name = self.log_level if self.should_log else self.log_level_replica
         name = "debug" if name == "detail" else name
         return LOG_LEVELS.get(name)
 
@@ -768,10 +822,12 @@ class TrainingArguments:
             torch.distributed.barrier()
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-able dict (HF hides hub_token: so does this)."""
+        """The fields as a JSON-able dict (HF hides hub_token and the other *_token
+        fields: so does this)."""
         values = {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
-        if values.get("hub_token") is not None:
-            values["hub_token"] = "<HUB_TOKEN>"
+        for name in values:
+            if name.endswith("_token") and values[name] is not None:
+                values[name] = f"<{name.upper()}>"  # HF hides every *_token
         return values
 
     def to_json_string(self) -> str:

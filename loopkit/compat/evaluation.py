@@ -10,6 +10,7 @@ gathered from every rank in dataset order, and given to `compute_metrics` as an
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -17,8 +18,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .._batch import batch_size
 from .._types import LossFn, Predict
 from ..evaluate import evaluate
+from ..loss import as_loss
+from ..metrics import accumulator_dtype
+from ..normalise import item_sum
 from ..precision import Precision
 from ..strategies import Strategy
 from .args import TrainingArguments
@@ -190,6 +195,7 @@ class PredictionCollector:
         has_loss: bool,
         batch_metrics: Callable[..., Mapping[str, Any] | None] | None = None,
         strategy: Strategy | None = None,
+        batches_per_rank: int | None = None,
     ) -> None:
         self.labels_of = labels_of
         self.preprocess = preprocess
@@ -197,6 +203,7 @@ class PredictionCollector:
         self.has_loss = has_loss
         self.batch_metrics = batch_metrics
         self.strategy = strategy
+        self.batches_per_rank = batches_per_rank
         self.predictions: list[tuple[torch.Tensor, ...]] = []
         self.labels: list[tuple[torch.Tensor, ...]] = []
         self._pending: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None
@@ -217,18 +224,22 @@ class PredictionCollector:
         labels = tuple(t.detach() for t in labels)
         self.predictions.append(logits)
         self.labels.append(labels)
-        if self.batch_metrics is not None and labels:
+        if self.batch_metrics is not None and labels and not self._gathers():
             # HF's batch_eval_metrics: compute_result=True on the last batch only, which is
             # known once the next one arrives (or the evaluation ends): one batch held back.
             self._flush(last=False)
             self._pending = (logits, labels)
+
+    def _gathers(self) -> bool:
+        """Whether each batch is gathered from several ranks (a collective)."""
+        return self.strategy is not None and self.strategy.world_size > 1
 
     def _flush(self, *, last: bool) -> None:
         if self._pending is None or self.batch_metrics is None:
             return
         logits, labels = self._pending
         self._pending = None
-        if self.strategy is not None and self.strategy.world_size > 1:  # one batch of each rank
+        if self.strategy is not None and self._gathers():  # one batch of each rank
             device = logits[0].device
             logits = tuple(
                 torch.from_numpy(a).to(device) for a in _gather_batch(logits, self.strategy)
@@ -247,8 +258,29 @@ class PredictionCollector:
             self.batch_result = result
 
     def finish_batches(self) -> Mapping[str, Any] | None:
-        """batch_eval_metrics: compute the held-back last batch with compute_result=True."""
-        self._flush(last=True)
+        """batch_eval_metrics: compute the held-back last batch with compute_result=True.
+
+        With several ranks each batch is gathered from all of them (a collective), so
+        the batches are computed here, after evaluate's own collectives: a rank that read
+        fewer batches (the eval split does not pad) joins the others' remaining gathers
+        with empty batches, up to `batches_per_rank`, the busiest rank's count (without
+        it, e.g. for an iterable dataset's split, the ranks agree on it with one
+        all_reduce), so the collectives match and every rank makes the same calls. A
+        rank of an iterable split with no labelled batch at all cannot take part.
+        """
+        if self.strategy is None or not self._gathers():
+            self._flush(last=True)
+            return self.batch_result
+        mine = [(p, labels) for p, labels in zip(self.predictions, self.labels) if labels]
+        busiest = self.batches_per_rank
+        if busiest is None:  # an iterable's split: the ranks tell each other their counts
+            busiest = _most_over_ranks(len(mine), self.strategy)
+        if not mine:
+            return None  # no labels: nothing to compute, on every rank alike
+        empty = (tuple(t[:0] for t in mine[-1][0]), tuple(t[:0] for t in mine[-1][1]))
+        for index in range(busiest):
+            self._pending = mine[index] if index < len(mine) else empty
+            self._flush(last=index == busiest - 1)
         return self.batch_result
 
     def compute(self) -> float:
@@ -316,7 +348,62 @@ def _all_gather_interleaved(array: np.ndarray, world: int, device: torch.device)
     out = np.full([per_rank * world] + biggest[1:], PAD_INDEX, dtype=array.dtype)
     for r, part in enumerate(rows):
         out[r : r + world * part.shape[0] : world] = part
-    return out
+    # Unpadded shares differ by at most one row, the lower ranks holding more: the rows
+    # of the ranks that hold one fewer are the last ones, and are no items.
+    return out[: int(sizes[:, 0].sum())]
+
+
+class FiniteLoss:
+    """HF's logging_nan_inf_filter for the eval loss: the batches whose loss is finite.
+
+    HF 5's evaluation loop leaves out the batches with a NaN or infinite loss when some
+    batch's loss is finite (each batch weighted by its samples); when none is, the loss
+    is the plain mean (NaN or inf). The Trainer's EvalLoss hands each batch's loss to
+    `add`; `filtered` sums the finite part over the ranks afterwards.
+
+    Args:
+        device: where the sums live (the strategy's device).
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        dtype = accumulator_dtype(self.device)
+        self.sums = torch.zeros(2, dtype=dtype, device=self.device)  # [loss sum, items]
+
+    def add(self, result: Any, batch: Any) -> None:
+        """Count one batch's loss (a scalar mean or Loss(sum, count)) if it is finite."""
+        value, count, is_mean = as_loss(result, batch_size(batch, "evaluate"), "evaluate")
+        total = item_sum(value.detach().to(self.sums.dtype), count, is_mean).to(self.device)
+        finite = torch.isfinite(total)
+        self.sums[0] += torch.where(finite, total, torch.zeros_like(total))
+        self.sums[1] += finite.to(self.sums.dtype) * torch.as_tensor(
+            count, dtype=self.sums.dtype, device=self.device
+        )
+
+    def filtered(self, loss: float, strategy: Strategy) -> float:
+        """`loss` (the mean over every batch) or, when it is not finite, the mean over the
+        batches whose loss is finite, if there are any (a collective with several ranks)."""
+        if math.isfinite(loss):
+            return loss
+        sums = self.sums
+        if strategy.world_size > 1 and _distributed():
+            sums = sums.clone()
+            torch.distributed.all_reduce(sums)
+        total, items = sums.tolist()  # host sync: once, and only after a non-finite loss
+        return total / items if items > 0 else loss
+
+
+def _most_over_ranks(count: int, strategy: Strategy) -> int:
+    """The largest `count` over the ranks (one all_reduce; `count` without several)."""
+    if not _distributed():
+        return count
+    most = torch.tensor([count], dtype=torch.int64, device=torch.device(strategy.device))
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most.item())
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class EvalResult(NamedTuple):
@@ -345,13 +432,16 @@ def run_evaluation(
     compute_metrics: ComputeMetrics | None,
     prefix: str,
     n_items: int | None,
+    finite: FiniteLoss | None = None,
 ) -> EvalResult:
     """Evaluate once over `loader`: `<prefix>_loss` (with `loss_fn`) and compute_metrics' values.
 
     With `collector`, the predictions and labels of the whole set are gathered over the
     ranks (`view.strategy`) and cut to `n_items`; compute_metrics then sees them when there
     are labels (or, with the collector's `batch_metrics`, each batch as it comes). Without
-    `loss_fn`, `predict` gives the outputs the collector reads.
+    `loss_fn`, `predict` gives the outputs the collector reads. With `finite` (fed by
+    `loss_fn`: HF's logging_nan_inf_filter) a non-finite loss becomes the mean over the
+    batches whose loss is finite.
     """
     values = evaluate(
         view,
@@ -362,7 +452,8 @@ def run_evaluation(
     )
     metrics: dict[str, float] = {}
     if "eval/loss" in values:
-        metrics[f"{prefix}_loss"] = values["eval/loss"]
+        loss = values["eval/loss"]
+        metrics[f"{prefix}_loss"] = loss if finite is None else finite.filtered(loss, view.strategy)
     if collector is None:
         return EvalResult(None, None, metrics, n_items)
     computed = collector.finish_batches() if collector.batch_metrics is not None else None
@@ -382,6 +473,7 @@ __all__ = [
     "EvalPrediction",
     "EvalResult",
     "EvalView",
+    "FiniteLoss",
     "PredictionCollector",
     "PredictionOutput",
     "check_eval_settings",

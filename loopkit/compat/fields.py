@@ -55,6 +55,14 @@ def _zero(value: Any) -> bool:
     return value == 0
 
 
+def _torch_amp(value: Any) -> bool:
+    return value in ("auto", "cpu_amp")
+
+
+def _negative(value: Any) -> bool:
+    return isinstance(value, int) and value < 0
+
+
 def _refused(note: str, instead: str, allowed: Callable[[Any], bool] = _is_false) -> FieldNote:
     return FieldNote("refused", note, instead, allowed)
 
@@ -152,18 +160,27 @@ FIELDS: dict[str, FieldNote] = {
     "logging_steps": _SAME,
     "logging_first_step": _SAME,
     "log_on_each_node": FieldNote(
-        "no effect", "loopkit logs on the main process only, on every setting"
+        "same",
+        "which processes get log_level (the first of each node; False: rank 0 only), the "
+        "others log_level_replica; loopkit's own messages come from rank 0 only",
     ),
     "logging_nan_inf_filter": FieldNote(
-        "different",
+        "same",
         "the logged training loss as HF's (a non-finite step loss counts as the mean of the "
-        "steps since the last log; training goes on); the eval loss is not filtered",
+        "steps since the last log; training goes on); the eval loss leaves out the batches "
+        "whose loss is not finite when some are (under Pipeline: the micro-batches)",
     ),
     "include_num_input_tokens_seen": FieldNote(
         "same", "'all' / 'non_padding' / 'no' (True / False); counted on the host from the batch"
     ),
-    "log_level": FieldNote("same", "the level of the 'loopkit' logger on the main process"),
-    "log_level_replica": FieldNote("same", "the level of the 'loopkit' logger on other ranks"),
+    "log_level": FieldNote(
+        "same",
+        "the level of transformers' logger (HF's set_verbosity; the façade logs HF's "
+        "messages on 'transformers.trainer') and of loopkit's loggers, where should_log",
+    ),
+    "log_level_replica": FieldNote(
+        "same", "the same levels on the other processes (default 'warning')"
+    ),
     "disable_tqdm": _SAME,
     "report_to": FieldNote(
         "different",
@@ -330,12 +347,133 @@ FIELDS: dict[str, FieldNote] = {
         "sort or bucket the dataset yourself",
     ),
     "evaluation_strategy": FieldNote("same", "(transformers < 4.46) old name of eval_strategy"),
+    # transformers 4.46-4.57's fields that 5 removed (OLD_FIELDS) --------------------
+    "no_cuda": FieldNote("same", "(transformers < 5) old name of use_cpu"),
+    "use_mps_device": FieldNote(
+        "no effect", "(transformers < 5) deprecated there too: mps is used when available"
+    ),
+    "per_gpu_train_batch_size": FieldNote(
+        "same", "(transformers < 5) old name of per_device_train_batch_size (it wins)"
+    ),
+    "per_gpu_eval_batch_size": FieldNote(
+        "same", "(transformers < 5) old name of per_device_eval_batch_size (it wins)"
+    ),
+    "torchdynamo": FieldNote("same", "(transformers < 5) old name of torch_compile_backend"),
+    "push_to_hub_token": FieldNote(
+        "no effect", "(transformers < 5) old name of hub_token, read only with push_to_hub"
+    ),
+    "push_to_hub_model_id": FieldNote(
+        "no effect", "(transformers < 5) read only with push_to_hub (refused)"
+    ),
+    "push_to_hub_organization": FieldNote(
+        "no effect", "(transformers < 5) read only with push_to_hub (refused)"
+    ),
+    "adafactor": _refused(
+        "(transformers < 5) Adafactor is not built in",
+        "pass optimizer_cls_and_kwargs=(transformers.Adafactor, {...})",
+    ),
+    "fp16_backend": _refused(
+        "(transformers < 5) apex is not integrated; loopkit's precision is torch autocast",
+        "leave it 'auto'",
+        _torch_amp,
+    ),
+    "half_precision_backend": _refused(
+        "(transformers < 5) apex is not integrated; loopkit's precision is torch autocast",
+        "leave it 'auto' (or 'cpu_amp')",
+        _torch_amp,
+    ),
+    "fp16_opt_level": FieldNote(
+        "no effect", "(transformers < 5) apex's level, read only with the apex backend (refused)"
+    ),
+    "fsdp_min_num_params": _refused(
+        "(transformers < 5) FSDP is a loopkit Strategy", "pass strategy=loopkit.FSDP(...)", _zero
+    ),
+    "fsdp_transformer_layer_cls_to_wrap": _refused(
+        "(transformers < 5) FSDP is a loopkit Strategy",
+        "pass strategy=loopkit.FSDP(...)",
+        _is_none,
+    ),
+    "include_inputs_for_metrics": _refused(
+        "(transformers < 5) EvalPrediction carries predictions and label_ids only",
+        "compute what you need from the predictions (return it from the model)",
+    ),
+    "include_tokens_per_second": _refused(
+        "(transformers < 5) the train metrics do not count tokens",
+        "use include_num_input_tokens_seen=True (state.num_input_tokens_seen, in the logs)",
+    ),
+    "jit_mode_eval": _refused(
+        "(transformers < 5) torch.jit tracing is not built in", "use torch_compile=True"
+    ),
+    "use_ipex": _refused(
+        "(transformers < 5) Intel Extension for PyTorch is not integrated",
+        "leave it False (torch_compile=True for speed)",
+    ),
+    "past_index": _refused(
+        "(transformers < 5) the Trainer does not feed a model's past state (mems) back in",
+        "leave it -1; carry the state in your model",
+        _negative,
+    ),
+    "tpu_metrics_debug": _refused(
+        "(transformers < 5) loopkit has no TPU support", "leave it False"
+    ),
+    "tpu_num_cores": FieldNote("no effect", "(transformers < 5) only HF's TPU launcher reads it"),
+    "mp_parameters": FieldNote(
+        "no effect", "(transformers < 5) SageMaker's; HF's Trainer ignores it too"
+    ),
+    "ray_scope": FieldNote(
+        "no effect", "(transformers < 5) read only by hyperparameter_search (refused)"
+    ),
+    "use_legacy_prediction_loop": FieldNote(
+        "different", "(transformers < 5) one evaluation loop; the legacy one computes the same"
+    ),
+    "dispatch_batches": _refused(
+        "(transformers < 5) there is no accelerate.Accelerator; each rank reads its own share",
+        "leave it None",
+    ),
+    "split_batches": _refused(
+        "(transformers < 5) there is no accelerate.Accelerator; each rank reads "
+        "per_device_train_batch_size samples",
+        "leave it None; divide the batch size by the world size yourself",
+    ),
     # -- loopkit's own -----------------------------------------------------------------
     "pipeline_split_spec": FieldNote("loopkit", "split points of loopkit.Pipeline"),
     "pipeline_chunks": FieldNote("loopkit", "micro-batches per pipeline step"),
     "pipeline_schedule": FieldNote("loopkit", "a torch.distributed.pipelining schedule"),
 }
 """Every field of the façade's TrainingArguments and how it is treated."""
+
+OLD_FIELDS: tuple[str, ...] = (
+    "adafactor",
+    "dispatch_batches",
+    "fp16_backend",
+    "fp16_opt_level",
+    "fsdp_min_num_params",
+    "fsdp_transformer_layer_cls_to_wrap",
+    "half_precision_backend",
+    "include_inputs_for_metrics",
+    "include_tokens_per_second",
+    "jit_mode_eval",
+    "mp_parameters",
+    "no_cuda",
+    "past_index",
+    "per_gpu_eval_batch_size",
+    "per_gpu_train_batch_size",
+    "push_to_hub_model_id",
+    "push_to_hub_organization",
+    "push_to_hub_token",
+    "ray_scope",
+    "split_batches",
+    "torchdynamo",
+    "tpu_metrics_debug",
+    "tpu_num_cores",
+    "use_ipex",
+    "use_legacy_prediction_loop",
+    "use_mps_device",
+)
+"""The TrainingArguments fields of transformers 4.46 or 4.57 (the supported 4.x range)
+that transformers 5 removed, read from those releases' training_args.py (besides the
+older names FIELDS already lists: evaluation_strategy, overwrite_output_dir, warmup_ratio,
+logging_dir, save_safetensors, group_by_length). `_n_gpu` (not an argument) is left out."""
 
 
 def refusal_of(name: str, value: Any) -> str | None:
@@ -351,4 +489,4 @@ def refusal_of(name: str, value: Any) -> str | None:
     return f"not supported by loopkit.compat: {name} ({note.note}; {note.instead})"
 
 
-__all__ = ["FIELDS", "FieldNote", "Support", "refusal_of"]
+__all__ = ["FIELDS", "OLD_FIELDS", "FieldNote", "Support", "refusal_of"]

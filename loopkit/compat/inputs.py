@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import make_loader
+from ..data import EpochSampler, make_loader
 from ..strategies import Strategy, unwrap
 from .args import TrainingArguments
 
@@ -279,13 +279,88 @@ def has_labels(dataset: Any, loader: Any, collate: Collator, reader: BatchReader
     return bool(reader.labels(sample))
 
 
-def _shard(dataset: Any, strategy: Strategy) -> Any:
-    """An HF IterableDataset's share for this data-parallel rank (others: as they are)."""
-    if strategy.dp_world_size > 1 and is_hf_dataset(dataset) and not hasattr(dataset, "__len__"):
+class IterableShard(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """This data-parallel rank's share of an iterable dataset that every rank reads whole.
+
+    Training (`batch_size` given): HF's IterableDatasetShard, as accelerate deals an
+    iterable dataset's batches: of each `batch_size * world_size` items in a row, rank r
+    takes the r-th `batch_size`; the last, short group is filled up with the first
+    group's items (without `drop_last`), so every rank takes as many steps. Evaluation
+    (`batch_size=None`): item i goes to rank i % world_size, each item once, as the
+    eval split of a map-style dataset deals them (what the prediction gather expects).
+
+    Args:
+        dataset: the iterable dataset.
+        rank, world_size: this data-parallel rank and the number of them.
+        batch_size: per-rank training batch size, or None for the evaluation split.
+        drop_last: drop the last, short group instead of filling it (training).
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int | None,
+        drop_last: bool = False,
+    ) -> None:
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+        self.batch_size, self.drop_last = batch_size, drop_last
+
+    def __iter__(self) -> Any:
+        if self.batch_size is None:
+            for index, item in enumerate(self.dataset):
+                if index % self.world_size == self.rank:
+                    yield item
+            return
+        group = self.batch_size * self.world_size
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        first: list[Any] | None = None
+        current: list[Any] = []
+        for item in self.dataset:
+            current.append(item)
+            if len(current) == group:
+                yield from current[mine]
+                first = first if first is not None else current
+                current = []
+        if current and not self.drop_last:
+            first = first if first is not None else list(current)
+            while len(current) < group:
+                current += first
+            yield from current[mine]
+
+
+def _shard(
+    dataset: Any, strategy: Strategy, args: TrainingArguments, *, eval_split: bool = False
+) -> Any:
+    """An iterable dataset's share for this data-parallel rank (others: as they are).
+
+    For training an HF `datasets.IterableDataset` is split by `split_dataset_by_node`, a
+    torch IterableDataset by `IterableShard` (HF shards both: every rank reading all of
+    it would count each item world_size times). For evaluation both are split item by
+    item (`IterableShard`), the order the prediction gather puts back together
+    (`split_dataset_by_node` gives whole shards to a rank when it can).
+    """
+    world = strategy.dp_world_size
+    if world == 1:
+        return dataset
+    iterable = isinstance(dataset, torch.utils.data.IterableDataset) or (
+        is_hf_dataset(dataset) and not hasattr(dataset, "__len__")
+    )
+    if eval_split and iterable:
+        return IterableShard(dataset, rank=strategy.dp_rank, world_size=world, batch_size=None)
+    if is_hf_dataset(dataset) and not hasattr(dataset, "__len__"):
         from datasets.distributed import split_dataset_by_node
 
-        return split_dataset_by_node(
-            dataset, rank=strategy.dp_rank, world_size=strategy.dp_world_size
+        return split_dataset_by_node(dataset, rank=strategy.dp_rank, world_size=world)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return IterableShard(
+            dataset,
+            rank=strategy.dp_rank,
+            world_size=world,
+            batch_size=None if eval_split else args.per_device_train_batch_size,
+            drop_last=args.dataloader_drop_last,
         )
     return dataset
 
@@ -297,7 +372,7 @@ def train_loader(
     sampling), this data-parallel rank's share (under Pipeline every stage of a replica
     reads the same batches)."""
     return make_loader(
-        _shard(dataset, strategy),
+        _shard(dataset, strategy, args),
         batch_size=args.per_device_train_batch_size,
         shuffle=args.train_sampling_strategy == "random",
         seed=args.data_seed if args.data_seed is not None else args.seed,
@@ -315,9 +390,12 @@ def eval_loader(
     dataset: Any, args: TrainingArguments, strategy: Strategy, collate: Collator
 ) -> Any:
     """An evaluation loader: dataset order, this data-parallel rank's share (rank r reads
-    items r, r+w, ...)."""
+    items r, r+w, ...), each item read once: the shares are not padded (as fit's eval
+    split), so that the loss and the gathered predictions count every item once, as HF's
+    gather_for_metrics leaves them."""
     return make_loader(
-        _shard(dataset, strategy),
+        _shard(dataset, strategy, args, eval_split=True),
+        pad=False,
         batch_size=args.per_device_eval_batch_size,
         shuffle=False,
         seed=args.seed,
@@ -328,6 +406,23 @@ def eval_loader(
         world_size=strategy.dp_world_size,
         where="Trainer(eval_dataset=...)",
     )
+
+
+def eval_batches_per_rank(loader: Any) -> tuple[int, int] | None:
+    """(the busiest rank's, the idlest rank's) batches in an unpadded eval split, read off
+    its sampler alike on every rank; None for a loader without loopkit's EpochSampler."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, EpochSampler):
+        return None
+    size, drop_last = int(loader.batch_size), bool(loader.drop_last)
+
+    def batches(items: int) -> int:
+        return items // size if drop_last else -(-items // size)
+
+    idlest = sampler.size // sampler.world_size
+    if sampler.drop_last:
+        return batches(idlest), batches(idlest)
+    return batches(sampler.busiest_share()), batches(idlest)
 
 
 def batches_per_epoch(loader: Any) -> int | None:
@@ -341,6 +436,7 @@ def batches_per_epoch(loader: Any) -> int | None:
 __all__ = [
     "IGNORE_INDEX",
     "BatchReader",
+    "IterableShard",
     "Collator",
     "PadCollator",
     "RemoveColumns",
@@ -351,6 +447,7 @@ __all__ = [
     "dataset_for_model",
     "default_collator",
     "default_data_collator",
+    "eval_batches_per_rank",
     "eval_loader",
     "find_labels",
     "forward_parameters",

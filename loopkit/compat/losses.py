@@ -146,16 +146,26 @@ class TrainLoss:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class EvalLoss:
-    """HF's eval loss: the model's mean loss per batch, weighted by the batch's samples."""
+    """HF's eval loss: the model's mean loss per batch, weighted by the batch's samples.
+
+    Attributes:
+        finite: where each batch's loss also goes (`add(loss, batch)`: the eval loss's
+            NaN/inf filter), or None.
+    """
 
     compute_loss: ComputeLoss
     reader: BatchReader
     loss_fn: LossFn | None = None
+    finite: Any = None
 
     def __call__(self, model: torch.nn.Module, batch: Any, /) -> Any:
         if self.loss_fn is not None:
-            return self.loss_fn(model, batch)
-        return self.compute_loss(model, batch)
+            loss = self.loss_fn(model, batch)
+        else:
+            loss = self.compute_loss(model, batch)
+        if self.finite is not None:
+            self.finite.add(loss, batch)
+        return loss
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -26,8 +26,12 @@ def num_trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def learning_rates(optimizer: torch.optim.Optimizer | None) -> list[float]:
-    """HF's get_learning_rates: each parameter group's current lr.
+def learning_rates(optimizer: torch.optim.Optimizer | None, state: Any = None) -> list[float]:
+    """HF's get_learning_rates: each parameter group's lr, as HF's optimizer holds it.
+
+    HF's scheduler steps right after each optimizer step, so the groups hold the lr of
+    the *next* step. loopkit sets the lr when a step runs; with fit's record `state` and a
+    loopkit schedule (step -> factor) the next step's lr is `base_lr * schedule(step)`.
 
     Raises:
         ValueError: before train() (there is no optimizer yet).
@@ -36,6 +40,10 @@ def learning_rates(optimizer: torch.optim.Optimizer | None) -> list[float]:
         raise ValueError(
             "Trainer.get_learning_rates(): the optimizer is built by train(); call it after."
         )
+    schedule = None if state is None else state.schedule
+    if schedule is not None and not isinstance(schedule, torch.optim.lr_scheduler.LRScheduler):
+        factor = float(schedule(state.step))
+        return [float(base) * factor for base in state.base_lrs]
     return [float(group["lr"]) for group in optimizer.param_groups]
 
 

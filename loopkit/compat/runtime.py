@@ -6,6 +6,7 @@ import inspect
 import logging
 import os
 import random
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -43,20 +44,43 @@ def seed_run(args: TrainingArguments) -> None:
 
 
 COMPAT_LOGGER = "loopkit.compat"
-"""The façade's logger. Like transformers' it shows warnings and errors unless a log_level
-(or your logging configuration) asks for more."""
+"""The façade's own logger (loopkit's messages). Like transformers' it shows warnings and
+errors unless a log_level (or your logging configuration) asks for more."""
 
 if logging.getLogger(COMPAT_LOGGER).level == logging.NOTSET:
     logging.getLogger(COMPAT_LOGGER).setLevel(logging.WARNING)
 
+HF_LOGGER = "transformers.trainer"
+"""Where HF's Trainer logs its messages ("***** Running training *****", ...): the façade
+logs the same messages there, so that handlers on transformers' logger see them."""
+
+HF_ROOT_LOGGER = "transformers"
+"""transformers' library logger, whose level HF's log_level sets (logging.set_verbosity)."""
+
 
 def apply_log_level(args: TrainingArguments) -> None:
-    """HF's log_level / log_level_replica: the level of loopkit's loggers ("loopkit" and
-    the façade's "loopkit.compat") on this process; "passive" leaves them as they are."""
+    """HF's log_level / log_level_replica on this process (HF's Trainer.__init__ does it).
+
+    The level goes to transformers' library logger, as HF's `logging.set_verbosity` sets
+    it (through transformers itself when it is imported), and to loopkit's loggers
+    ("loopkit", "loopkit.compat"); "passive" leaves them all as they are.
+    """
     level = args.get_process_log_level()
-    if level is not None:
-        logging.getLogger("loopkit").setLevel(level)
-        logging.getLogger(COMPAT_LOGGER).setLevel(level)
+    if level is None:
+        return
+    set_hf_verbosity(level)
+    logging.getLogger("loopkit").setLevel(level)
+    logging.getLogger(COMPAT_LOGGER).setLevel(level)
+
+
+def set_hf_verbosity(level: int) -> None:
+    """transformers.utils.logging.set_verbosity(level) when transformers is imported (its
+    handler set up as HF does), else the level of the stdlib logger of that name."""
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None and callable(getattr(hf_logging, "set_verbosity", None)):
+        hf_logging.set_verbosity(level)
+    else:
+        logging.getLogger(HF_ROOT_LOGGER).setLevel(level)
 
 
 def resolve_strategy(args: TrainingArguments, strategy: Strategy | None) -> Strategy:
@@ -229,6 +253,8 @@ def deactivate_neftune(model: torch.nn.Module, handle: Any) -> None:
 
 __all__ = [
     "COMPAT_LOGGER",
+    "HF_LOGGER",
+    "HF_ROOT_LOGGER",
     "activate_neftune",
     "apply_log_level",
     "ddp_options",
@@ -239,6 +265,7 @@ __all__ = [
     "prepare_model",
     "resolve_strategy",
     "seed_run",
+    "set_hf_verbosity",
     "set_seed",
     "set_use_cache",
 ]

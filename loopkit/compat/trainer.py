@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -26,7 +27,7 @@ import torch
 from ..checkpoint import save_model as save_model_file
 from ..fit import FitResult, fit
 from ..state import TrainState
-from ..strategies import Strategy, unwrap
+from ..strategies import Pipeline, Strategy, unwrap
 from . import members
 from .args import TrainingArguments
 from .bridge import Bridge, StopWhenAsked
@@ -51,6 +52,7 @@ from .evaluation import (
     EvalPrediction,
     EvalResult,
     EvalView,
+    FiniteLoss,
     PredictionCollector,
     PredictionOutput,
     check_eval_settings,
@@ -62,6 +64,7 @@ from .inputs import (
     collator_for,
     dataset_for_model,
     default_collator,
+    eval_batches_per_rank,
     eval_loader,
     has_labels,
     label_names,
@@ -80,6 +83,8 @@ from .memory import MemoryTracker
 from .optimizers import builtin_optimizer, check_optimizers, make_optimizer, make_schedule
 from .reporting import Reporters, speed_metrics
 from .runtime import (
+    COMPAT_LOGGER,
+    HF_LOGGER,
     activate_neftune,
     apply_log_level,
     deactivate_neftune,
@@ -91,7 +96,8 @@ from .runtime import (
 )
 from .steps import RunLength, run_length, train_samples, train_step
 
-logger = logging.getLogger("loopkit.compat")
+logger = logging.getLogger(COMPAT_LOGGER)
+hf_logger = logging.getLogger(HF_LOGGER)
 
 
 class TrainOutput(NamedTuple):
@@ -118,9 +124,9 @@ class Trainer:
         args: TrainingArguments, or a plain dict of its fields (unknown names raise).
         data_collator: builds a batch from a list of samples; default: HF's
             default_data_collator, or DataCollatorWithPadding with a tokenizer.
-        train_dataset / eval_dataset: any object with `__len__` and `__getitem__` (a torch
-            Dataset, an HF `datasets.Dataset`, a list), or an iterable dataset; eval_dataset
-            may be a dict of them.
+        train_dataset: any object with `__len__` and `__getitem__` (a torch Dataset, an HF
+            `datasets.Dataset`, a list), or an iterable dataset.
+        eval_dataset: the same kind of dataset, or a dict of them.
         processing_class: a tokenizer or processor; saved with save_model when it has
             `save_pretrained`.
         model_init: a function returning a fresh model (called after seeding, and again at
@@ -174,6 +180,10 @@ class Trainer:
         self._memory = MemoryTracker(not self.args.skip_memory_metrics, self.strategy.device)
         self._memory.start("init")
         apply_log_level(self.args)
+        if self.args.max_steps > 0 and self.args.num_train_epochs > 0:
+            hf_logger.info(
+                "max_steps is given, it will override any value given in num_train_epochs"
+            )
         seed_run(self.args)
         self.model_init = model_init
         self.model = _first_model(model, model_init)
@@ -202,6 +212,8 @@ class Trainer:
         self.lr_scheduler_factory = lr_scheduler_factory
         self.model_accepts_loss_kwargs = accepts_loss_kwargs(self.model)
         check_eval_settings(self.args, eval_dataset, compute_metrics)
+        if compute_metrics is not None and not self.args.prediction_loss_only:
+            _refuse_pipeline_predictions(self.strategy, "Trainer(compute_metrics=...)")
         self._init_state(callbacks)
         set_use_cache(self.model, self.args)
         self._memory.stop("init")
@@ -341,7 +353,8 @@ class Trainer:
         run = run_length(args, loader)
         if self.strategy.is_main:
             prepare_output_dir(args, resume)
-            _log_start(args, loader, run, self.get_num_trainable_parameters())
+        # Every rank, as HF: log_level / log_level_replica decide what shows.
+        _log_start(args, loader, run, self.get_num_trainable_parameters(), self.strategy)
         self.state, self.control = TrainerState(), TrainerControl()
         self.callback_handler.shared.update(train_dataloader=loader)
         start = time.time()
@@ -427,6 +440,10 @@ class Trainer:
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             load_best_model(self.model, self.state)
         keep_only_best(self.args, self.state)
+        hf_logger.info(
+            "\n\nTraining completed. Do not forget to share your model on "
+            "huggingface.co/models =)\n\n"
+        )
         self._call_event("on_train_end")
         self._reporters.close()
         return TrainOutput(self.state.global_step, train_loss, metrics)
@@ -481,15 +498,24 @@ class Trainer:
         return self.get_eval_dataloader(test_dataset)
 
     def _evaluation(
-        self, dataset: Any, ignore_keys: list[str] | None, prefix: str, want_predictions: bool
+        self,
+        dataset: Any,
+        ignore_keys: list[str] | None,
+        prefix: str,
+        want_predictions: bool,
+        description: str = "Evaluation",
     ) -> EvalResult:
         loader = self.get_eval_dataloader(dataset)
         _, prepared, collate = self._eval_loaders[id(dataset)]
+        _log_evaluation(description, loader, self.args.per_device_eval_batch_size)
         self.callback_handler.shared["eval_dataloader"] = loader
         reader = batch_reader(self.model, self.args)
         labelled = has_labels(prepared, loader, collate, reader)
         collector = None
         if want_predictions:
+            _refuse_pipeline_predictions(self.strategy, f"Trainer.{description.lower()}")
+            shares = eval_batches_per_rank(loader)
+            _check_batch_shares(self.args, self.strategy, shares)
             collector = PredictionCollector(
                 reader.labels,
                 self.preprocess_logits_for_metrics,
@@ -497,18 +523,22 @@ class Trainer:
                 has_loss=labelled and self.loss_fn is None,
                 batch_metrics=self.compute_metrics if self.args.batch_eval_metrics else None,
                 strategy=self.strategy,
+                batches_per_rank=None if shares is None else shares[0],
             )
         if not labelled and collector is None:
             return EvalResult(None, None, {}, None)
+        view = self._eval_view()
+        finite = FiniteLoss(view.strategy.device) if self.args.logging_nan_inf_filter else None
         return run_evaluation(
-            self._eval_view(),
+            view,
             loader,
-            loss_fn=EvalLoss(self.compute_loss, reader, self.loss_fn) if labelled else None,
+            loss_fn=EvalLoss(self.compute_loss, reader, self.loss_fn, finite) if labelled else None,
             predict=ForwardOutputs(reader),
             collector=collector,
             compute_metrics=self.compute_metrics,
             prefix=prefix,
             n_items=eval_items(dataset, self.args),
+            finite=finite if labelled else None,
         )
 
     def evaluate(
@@ -556,7 +586,7 @@ class Trainer:
         """Predictions (and metrics, when the dataset has labels) on `test_dataset`."""
         self._memory.start("test")
         start = time.time()
-        result = self._evaluation(test_dataset, ignore_keys, metric_key_prefix, True)
+        result = self._evaluation(test_dataset, ignore_keys, metric_key_prefix, True, "Prediction")
         metrics, n_items = result.metrics, result.n_items
         world_batch = self.args.per_device_eval_batch_size * self.strategy.dp_world_size
         steps = None if n_items is None else math.ceil(n_items / world_batch)
@@ -633,8 +663,9 @@ class Trainer:
         return members.num_trainable_parameters(self.model)
 
     def get_learning_rates(self) -> list[float]:
-        """Each parameter group's current learning rate (after train())."""
-        return members.learning_rates(self.optimizer)
+        """Each parameter group's learning rate as HF's optimizer holds it: the next
+        step's (after train(), the lr a further step would use)."""
+        return members.learning_rates(self.optimizer, self._live_state)
 
     def get_decay_parameter_names(self, model: torch.nn.Module | None = None) -> list[str]:
         """The names of the parameters that get weight decay (HF's rule)."""
@@ -746,17 +777,79 @@ class Trainer:
     end = Refused()
 
 
-def _log_start(args: TrainingArguments, loader: Any, run: RunLength, trainable: int) -> None:
-    """HF's "***** Running training *****" summary, on the 'loopkit.compat' logger (INFO)."""
+def _log_start(
+    args: TrainingArguments, loader: Any, run: RunLength, trainable: int, strategy: Strategy
+) -> None:
+    """HF's "***** Running training *****" summary, at INFO on HF's logger
+    ('transformers.trainer'), whose level log_level / log_level_replica set."""
     batches = run.batches_per_epoch
-    examples = len(loader.dataset) if batches is not None and hasattr(loader, "dataset") else None
-    logger.info("***** Running training *****")
-    logger.info("  Num examples = %s", "unknown" if examples is None else f"{examples:,}")
-    logger.info("  Num Epochs = %s", run.epochs)
-    logger.info("  Instantaneous batch size per device = %d", args.per_device_train_batch_size)
-    logger.info("  Gradient Accumulation steps = %d", args.gradient_accumulation_steps)
-    logger.info("  Total optimization steps = %d", run.max_steps)
-    logger.info("  Number of trainable parameters = %d", trainable)
+    total = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    total *= strategy.dp_world_size
+    if batches is not None:  # HF's numbers: with a length, and without (max_steps)
+        examples = members.num_examples(loader)
+        epochs, per_epoch = run.epochs or 0, max(math.ceil(batches / run.accumulation), 1)
+    else:
+        examples, epochs, per_epoch = total * run.max_steps, sys.maxsize, run.max_steps
+    hf_logger.info("***** Running training *****")
+    hf_logger.info("  Num examples = %s", f"{examples:,}")
+    hf_logger.info("  Num Epochs = %s", f"{epochs:,}")
+    hf_logger.info("  Num update steps per epoch = %s", f"{per_epoch:,}")
+    hf_logger.info(
+        "  Instantaneous batch size per device = %s", f"{args.per_device_train_batch_size:,}"
+    )
+    hf_logger.info(
+        "  Total train batch size (w. parallel, distributed & accumulation) = %s",
+        f"{total:,}",
+    )
+    hf_logger.info("  Gradient Accumulation steps = %d", args.gradient_accumulation_steps)
+    hf_logger.info("  Total optimization steps = %s", f"{run.max_steps:,}")
+    hf_logger.info("  Number of trainable parameters = %s", f"{trainable:,}")
+
+
+def _log_evaluation(description: str, loader: Any, batch_size: int) -> None:
+    """HF's "***** Running Evaluation *****" (or Prediction) lines, at INFO on HF's logger."""
+    hf_logger.info("\n***** Running %s *****", description)
+    try:
+        hf_logger.info("  Num examples = %d", members.num_examples(loader))
+    except (TypeError, AttributeError):
+        hf_logger.info("  Num examples: Unknown")
+    hf_logger.info("  Batch size = %d", batch_size)
+
+
+def _refuse_pipeline_predictions(strategy: Strategy, where: str) -> None:
+    """Predictions under Pipeline are refused: only the last stage holds the outputs.
+
+    Raises:
+        ValueError: `strategy` is a Pipeline.
+    """
+    if isinstance(strategy, Pipeline):
+        raise ValueError(
+            f"{where} with strategy={strategy!r}: not supported by loopkit.compat: "
+            "predictions under Pipeline (only the last stage holds the model's outputs, and "
+            "they are not gathered to every rank; the eval loss works: set "
+            "prediction_loss_only=True or leave compute_metrics out, and predict with the "
+            "saved model under SingleDevice or DDP)."
+        )
+
+
+def _check_batch_shares(
+    args: TrainingArguments, strategy: Strategy, shares: tuple[int, int] | None
+) -> None:
+    """batch_eval_metrics on several ranks gathers every batch from every rank: each rank
+    needs a batch of its own to take part (every rank finds the same from the sampler).
+
+    Raises:
+        ValueError: some rank reads no eval batch at all.
+    """
+    if args.batch_eval_metrics and strategy.world_size > 1 and shares is not None:
+        busiest, idlest = shares
+        if busiest > 0 and idlest == 0:
+            raise ValueError(
+                f"TrainingArguments(batch_eval_metrics=True, per_device_eval_batch_size="
+                f"{args.per_device_eval_batch_size}): the eval set leaves a rank of "
+                f"{strategy.dp_world_size} without a batch, so the per-batch gather cannot "
+                "run; use more eval items than ranks, or batch_eval_metrics=False."
+            )
 
 
 def _arguments(args: TrainingArguments | Mapping[str, Any] | None) -> TrainingArguments:

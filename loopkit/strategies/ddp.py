@@ -45,9 +45,12 @@ class DDP:
             rank (see loopkit.strategies.liveness).
         startup_timeout_s: the same for joining the group and the first step (compiles,
             loading, first data), which may take much longer.
-        find_unused_parameters, gradient_as_bucket_view, static_graph, bucket_cap_mb: passed
-            to DistributedDataParallel (same defaults). Buffers are broadcast from rank 0
-            at every forward, as DistributedDataParallel does by default.
+        find_unused_parameters: passed to DistributedDataParallel (same default).
+        gradient_as_bucket_view: passed to DistributedDataParallel (same default).
+        static_graph: passed to DistributedDataParallel (same default).
+        bucket_cap_mb: passed to DistributedDataParallel (same default). Buffers are
+            broadcast from rank 0 at every forward, as DistributedDataParallel does by
+            default.
 
     Raises:
         ValueError: a bad argument, or a half-set launcher environment.

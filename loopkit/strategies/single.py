@@ -47,6 +47,7 @@ class SingleDevice:
                 "'cuda:N', 'mps' or None."
             ) from error
         self._non_blocking = self.device.type == "cuda"
+        self._cpu = self.device.type == "cpu"
 
     def setup(
         self,
@@ -55,9 +56,20 @@ class SingleDevice:
         precision: Precision,
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = model.to(self.device)  # keeps Parameter identity, so a built optimizer still fits
-        return model, common.build_optimizer(model, optimizer)
+        built = common.build_optimizer(model, optimizer)
+        # Kept for the run (see gradient_accumulators): the nodes of the last model set up.
+        self._grad_accumulators = common.gradient_accumulators(built)
+        return model, built
 
     def to_device(self, batch: Batch) -> Batch:
+        if self._cpu and type(batch) is tuple:
+            # The usual `(x, y)` batch of CPU tensors is where it must be already: the same
+            # tuple, as move() would rebuild it, without reading each tensor's device object.
+            for value in batch:
+                if type(value) is not torch.Tensor or not value.is_cpu:
+                    break
+            else:
+                return batch
         # non_blocking from pinned host memory overlaps the copy with compute on CUDA.
         return move(batch, self.device, self._non_blocking)
 
@@ -77,6 +89,10 @@ class SingleDevice:
 
     def reduce_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         return dict(metrics)  # one process: local metrics are global
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The autograd nodes kept by setup() cannot be pickled; a copy makes its own.
+        return {k: v for k, v in self.__dict__.items() if k != "_grad_accumulators"}
 
     def __repr__(self) -> str:
         return f"SingleDevice(device={str(self.device)!r})"

@@ -65,10 +65,12 @@ def check_determinism(
     with a random value, `random.random()` in a transform) and state kept outside the record.
     The caller's global RNG state is restored afterwards.
 
+    Arguments not listed here are as in check_accumulation_invariance.
+
     Args:
         split: cut each batch into these micro-batch sizes (default: one micro-batch).
-        rtol, atol: tolerance; default bitwise on CPU, by dtype elsewhere.
-        (others as in check_accumulation_invariance)
+        rtol: relative tolerance; default bitwise on CPU, by dtype elsewhere.
+        atol: absolute tolerance; default bitwise on CPU, by dtype elsewhere.
 
     Raises:
         AssertionError: two runs differ.

@@ -95,12 +95,13 @@ def check_matches_reference(
     loopkit's forward seeds a one-micro-batch window. Catches a clip with per-parameter
     norms, a forgotten zero_grad, a wrong loss normalisation or lr.
 
+    Arguments not listed here are as in check_accumulation_invariance.
+
     Args:
         max_norm: global gradient-norm clipping in the reference (and in the default chain).
         schedule: lr factor per step (a loopkit.schedules instance or function), used by both.
         split: cut each batch into these micro-batch sizes for the chain (the reference always
             sees the whole batch).
-        (others as in check_accumulation_invariance)
 
     Raises:
         AssertionError: the parameters after some optimizer step differ from the reference.

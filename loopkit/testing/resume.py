@@ -181,14 +181,16 @@ def check_resume_equivalence(
     with `state_dict` / `load_state_dict`, e.g. a torchdata StatefulDataLoader) with `steps`
     and `k` (micro-batches per step).
 
+    Arguments not listed here are as in check_accumulation_invariance.
+
     Args:
         save_at: the optimizer step to save at (default: half way).
         save: `(state, data, directory) -> checkpoint path`; default `default_save`
             (save_checkpoint plus the data position).
         resume: `(path, fresh_state, fresh_data) -> state`; default `default_resume`.
         directory: where checkpoints go (default: a temporary directory).
-        rtol, atol: tolerance; default bitwise on CPU, by dtype elsewhere.
-        (others as in check_accumulation_invariance)
+        rtol: relative tolerance; default bitwise on CPU, by dtype elsewhere.
+        atol: absolute tolerance; default bitwise on CPU, by dtype elsewhere.
 
     Raises:
         AssertionError: the resumed run differs, right after resume or at the end.

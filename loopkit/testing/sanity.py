@@ -98,11 +98,12 @@ def check_loss_decreases(
     chain without optimizer_step, parameters missing from the optimizer) and a detached
     graph.
 
+    Arguments not listed here are as in check_accumulation_invariance.
+
     Args:
         batch: the batch to overfit (each step is one window of one micro-batch).
         steps: optimizer steps to take.
         min_decrease: the fraction the loss must fall by (0.1: to 90% of its start).
-        (others as in check_accumulation_invariance)
 
     Raises:
         AssertionError: the loss did not fall enough (with a diagnosis), or backward failed
@@ -223,11 +224,12 @@ def check_gradient_flow(
     Every trainable parameter must be in the optimizer and get a finite gradient that is not
     all zeros; frozen parameters (requires_grad=False) must get none.
 
+    Arguments not listed here are as in check_accumulation_invariance.
+
     Args:
         batch: one batch.
         allow_no_grad: parameter-name prefixes exempt from the trainable rules (e.g. an
             embedding table whose rows the batch does not use, or a head trained elsewhere).
-        (others as in check_accumulation_invariance)
 
     Raises:
         AssertionError: listing every parameter that breaks a rule, by name.

@@ -116,9 +116,10 @@ def check_no_stale_reuse(
     its tensors in place (it has to return `state.replace(...)` so the old record goes
     stale). Parts must return a TrainState.
 
+    Arguments not listed here are as in check_accumulation_invariance.
+
     Args:
         split: cut each batch into these micro-batch sizes (default: one micro-batch).
-        (others as in check_accumulation_invariance)
 
     Raises:
         AssertionError: naming the part, the step and the micro-step.

@@ -313,6 +313,8 @@ def check_strategy_equivalence(
     Every piece is pickled into the spawned processes: define them at module level
     (classes, functions, frozen dataclasses and functools.partial work; lambdas do not).
 
+    Arguments not listed here are as in check_accumulation_invariance.
+
     Args:
         strategy: a factory called in each process, e.g. `loopkit.strategies.DDP` or
             `functools.partial(FSDP, ...)`. Data is split by its `dp_world_size` /
@@ -324,7 +326,6 @@ def check_strategy_equivalence(
         timeout_s: give up (and fail) after this long.
         start_method: "forkserver" (the default where available: torch is imported once
             per session, so later calls start in well under a second) or "spawn".
-        (others as in check_accumulation_invariance)
 
     Raises:
         AssertionError: a rank's parameters differ from the reference (or ranks disagree),
