@@ -19,7 +19,11 @@ An eval batch size inherited from batch_size is no error for data that batches i
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
@@ -343,9 +347,42 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         collate_fn=collate_fn,
+        worker_init_fn=functools.partial(keep_workers_through_sigterm, main_pid=os.getpid()),
         # torch allows a timeout only with worker processes (0 means none).
         timeout=float(timeout_s) if timeout_s is not None and num_workers > 0 else 0.0,
     )
+
+
+def keep_workers_through_sigterm(worker_id: int, *, main_pid: int | None = None) -> None:
+    """A DataLoader `worker_init_fn`: the worker ends on a SIGTERM from the main process only.
+
+    A SIGTERM to the whole process group (`kill -- -PGID`; SLURM signals every process of a
+    job step) would otherwise kill the workers at once (torch's own worker handler lets any
+    sender but the parent kill it), and the main process would fail with "DataLoader
+    worker exited unexpectedly" before fit could finish its window and save. Here the
+    worker blocks SIGTERM and a thread takes each one: from the main process (or the
+    worker's parent), which ends its workers itself, the worker exits as torch's handler
+    makes it; from anyone else it is ignored, and the main process, which got the same
+    signal, stops the run and ends its workers. The loaders fit and the Trainer façade
+    build use it; pass it (or call it from yours) in a DataLoader of your own.
+
+    Args:
+        worker_id: the worker's index (unused; torch passes it).
+        main_pid: the process that owns the loader, where it is not the worker's parent
+            (the "forkserver" start method); by default the parent.
+    """
+    del worker_id
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(
+        target=_take_sigterms, args=(main_pid,), name="loopkit-sigterm", daemon=True
+    ).start()
+
+
+def _take_sigterms(main_pid: int | None) -> None:
+    while True:
+        sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+        if sender in (main_pid, os.getppid()):
+            os._exit(0)
 
 
 def has_global_position(loader: object) -> bool:
@@ -437,5 +474,6 @@ __all__ = [
     "has_global_position",
     "is_loader",
     "iterate",
+    "keep_workers_through_sigterm",
     "make_loader",
 ]

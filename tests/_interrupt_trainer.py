@@ -6,8 +6,8 @@ the run) is in `pause_at`, its loss function calls `pause()`, which tells the te
 waits for its go-ahead: the test sends its signal while that micro-batch is in flight, so
 the stop step is known exactly (the end of that micro-batch's window).
 
-As a script (`python tests/_interrupt_trainer.py CKPT_DIR --accumulate 3 --pause-at 4`) it
-pauses by printing "paused" and reading a line from stdin.
+As a script (`python tests/_interrupt_trainer.py CKPT_DIR --accumulate 3 --pause-at 4
+[--workers 2]`) it pauses by printing "paused" and reading a line from stdin.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def train(
     pause: Callable[[], None] | None = None,
     ends: tuple[Path | None, Path | None] = (None, None),
     save_every: int | None = 4,
+    num_workers: int = 0,
 ) -> lk.FitResult:
     """Train to MAX_STEPS[accumulate]; call `pause()` inside each micro-batch in `pause_at`."""
     calls = 0
@@ -89,6 +90,7 @@ def train(
         checkpoint_dir=checkpoint_dir,
         save_every=save_every,
         resume=resume,
+        num_workers=num_workers,
         progress=False,
         callbacks=[EndReason(ends[0]), OldStyleEnd(ends[1])],
     )
@@ -104,6 +106,7 @@ def main() -> None:
     parser.add_argument("checkpoint_dir", type=Path)
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--pause-at", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     args = parser.parse_args()
     # As an interactive shell leaves it, even where the test runner started us with
     # SIGINT ignored (a background job): fit keeps a signal the process ignores ignored.
@@ -115,6 +118,7 @@ def main() -> None:
         accumulate=args.accumulate,
         pause_at=(args.pause_at,),
         pause=_pause_on_stdin,
+        num_workers=args.workers,
     )
 
 

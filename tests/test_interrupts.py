@@ -10,6 +10,7 @@ the line a person sees.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -28,9 +29,11 @@ from typing import Any, NoReturn
 import pytest
 import torch
 from _interrupt_trainer import MAX_STEPS, train
+from torch.utils.data import DataLoader, TensorDataset
 
 import loopkit as lk
 from loopkit.checkpoint import validate_checkpoint
+from loopkit.data import keep_workers_through_sigterm
 
 HANG_S = 120.0  # only to turn a hang into a failure; a case takes well under a second
 EXIT = {"SIGINT": -signal.SIGINT, "SIGTERM": 143, "SIGUSR1": 0}  # as docs/fit.md says
@@ -211,6 +214,62 @@ def test_a_script_ends_as_the_signal_implies_and_says_how_to_resume(
     else:
         assert err == ""
     validate_checkpoint(ckpt / f"step-{stop:08d}")
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path: Path) -> None:
+    # SLURM and `kill -- -PGID` signal every process, DataLoader workers included: the
+    # workers must outlive the signal until the main process has closed its window.
+    ckpt, signal_at = tmp_path / "ckpt", 6
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(ckpt), "--accumulate", "3", "--workers", "2"]
+        + ["--pause-at", str(signal_at)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "paused\n"
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate("go\n", timeout=HANG_S)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT["SIGTERM"], err
+    stop = signal_at // 3 + 1
+    assert f"stopped by SIGTERM at step {stop}; saved checkpoint" in out
+    validate_checkpoint(ckpt / f"step-{stop:08d}")
+    resumed = train(ckpt, accumulate=3, resume=True, num_workers=2)
+    expected = uninterrupted(3, tmp_path)
+    final = resumed.state.model.state_dict()
+    for key, tensor in expected.items():
+        assert torch.equal(final[key], tensor), f"{key} differs from the uninterrupted run"
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_a_user_loader_worker_outlives_a_sigterm_from_outside(guarded: bool) -> None:
+    loader = DataLoader(
+        TensorDataset(torch.arange(32.0)),
+        batch_size=4,
+        num_workers=1,
+        worker_init_fn=keep_workers_through_sigterm if guarded else None,
+    )
+    batches = iter(loader)
+    got = [next(batches)[0]]
+    worker_pid = batches._workers[0].pid  # type: ignore[attr-defined]
+    outside = ["kill", "-TERM", str(worker_pid)]  # a sender other than the parent
+    if not guarded:  # torch's own worker handler: any sender but the parent kills it
+        with pytest.raises(RuntimeError, match="killed by signal: Terminated"):
+            subprocess.run(outside, check=True)
+            time.sleep(0.5)
+            got.extend(b[0] for b in batches)
+        return
+    subprocess.run(outside, check=True)
+    time.sleep(0.5)  # let the signal land before the next batches are asked for
+    got.extend(b[0] for b in batches)
+    assert torch.equal(torch.cat(got), torch.arange(32.0))
+    del batches  # the parent ends its worker (a SIGTERM from the parent still works)
 
 
 def test_a_second_sigint_aborts_at_once_without_saving(tmp_path: Path) -> None:
