@@ -34,7 +34,7 @@ from .checkpoint import (
     validate_checkpoint,
 )
 from .fit import fit
-from .forensics import diff_runs, plot_diff
+from .forensics import check_replayable, diff_runs, plot_diff
 from .replay import replay
 from .run_config import RunConfig, write_record
 
@@ -267,6 +267,8 @@ def _ckpt_inspect(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
+    if args.replay:
+        check_replayable(args.run_a, args.run_b)  # one process only: refused before any work
     report = diff_runs(args.run_a, args.run_b, rtol=args.rtol, atol=args.atol)
     if args.replay and report.first_divergent_step is not None:
         report.replay = replay(

@@ -364,7 +364,8 @@ def keep_workers_through_sigterm(worker_id: int, *, main_pid: int | None = None)
     worker's parent), which ends its workers itself, the worker exits as torch's handler
     makes it; from anyone else it is ignored, and the main process, which got the same
     signal, stops the run and ends its workers. The loaders fit and the Trainer façade
-    build use it; pass it (or call it from yours) in a DataLoader of your own.
+    build use it; pass it (or call it from yours) in a DataLoader of your own. Where the
+    system lacks `sigwaitinfo` (macOS, Windows) it does nothing.
 
     Args:
         worker_id: the worker's index (unused; torch passes it).
@@ -372,10 +373,19 @@ def keep_workers_through_sigterm(worker_id: int, *, main_pid: int | None = None)
             (the "forkserver" start method); by default the parent.
     """
     del worker_id
+    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: torch's own handler stays
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    # torch's handler kills the worker in whichever thread takes the signal; a thread made
+    # before this call does not block it, so the process-wide action must not kill either.
+    signal.signal(signal.SIGTERM, _sigterm_taken_elsewhere)
     threading.Thread(
         target=_take_sigterms, args=(main_pid,), name="loopkit-sigterm", daemon=True
     ).start()
+
+
+def _sigterm_taken_elsewhere(signum: int, frame: object) -> None:
+    """A SIGTERM that reached a thread other than `_take_sigterms`'s: its sender is unknown."""
 
 
 def _take_sigterms(main_pid: int | None) -> None:

@@ -12,7 +12,8 @@ before `optimizer_step`; fit() does, in its default step, whenever it has a `log
 - the window's loss (`loss`), the grad norm `clip` recorded (`grad_norm`) and, when the
   loss counts items on the device, `tokens_seen`;
 - as host values (no device work): the learning rates of step s, the epoch, `samples_seen`,
-  the root seed, the rank and the micro-step seeds of the window (loopkit._rng).
+  the root seed, the rank, the world size and the micro-step seeds of the window
+  (loopkit._rng).
 
 What the two reductions are. Each tensor is cut into blocks of `BLOCK` elements (the
 last one zero-padded), each block is summed with float32 accumulation (float64 for
@@ -40,9 +41,15 @@ On disk, under the recorder's directory (fit: `<log_dir>/fingerprints/`):
                                         the per-step host values as JSON
     index.json                          the chunk files in step order (replaced atomically)
 
+Under several processes every rank records its own tensors (its shards under FSDP, its
+stage under Pipeline) and its own data position and seeds: rank 0 into the directory, rank
+r > 0 into `<directory>/rank-<r>/`, in the same format (`FingerprintRecorder(rank=r)`).
+
 A resumed run continues the fingerprints of the run it resumes: `start(step)` drops those
-of steps >= step (recorded by work the checkpoint does not hold). A fresh run (step 0)
-moves an earlier run's directory aside, unchanged, to `<directory>.N`.
+of steps >= step (recorded by work the checkpoint does not hold), each rank in its own
+directory. A fresh run (step 0) moves an earlier run's directory aside, unchanged and with
+every rank's, to `<directory>.N`; rank 0 does that, and the other ranks touch nothing on
+disk until their first flush (see `FingerprintRecorder.flush` for why that comes after).
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ FORMAT = "loopkit-fingerprints/2"
 """Version 2 packs small tensors, zero-padded, into blocks of their own (version 1 summed a
 ragged tail apart); runs recorded in different versions are not compared."""
 INDEX = "index.json"
+RANK_PREFIX = "rank-"
+"""Rank r > 0 records into `<directory>/rank-<r>/`."""
 BLOCK = 128
 """Elements per block sum (see the module docstring)."""
 PACK_BELOW = 4096
@@ -466,6 +475,7 @@ def step_meta(state: TrainState) -> dict[str, Any]:
         "lr": lrs,
         "seed": state.seed,
         "rank": rank,
+        "world_size": state.strategy.world_size,
         "micro_step_seeds": [
             micro_step_seed(state.seed, state.step, m, rank) for m in range(state.micro_step)
         ],
@@ -550,35 +560,55 @@ class _Pending:
     meta: list[dict[str, Any]] = field(default_factory=list)
 
 
+def rank_directory(directory: str | os.PathLike[str], rank: int) -> Path:
+    """Where rank `rank` records a run's fingerprints: `directory` or `directory/rank-<r>`."""
+    return Path(directory) if rank == 0 else Path(directory) / f"{RANK_PREFIX}{rank}"
+
+
+def _is_count(value: object, least: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= least
+
+
 class FingerprintRecorder:
     """Buffer step fingerprints on the device; write them as safetensors chunks + a JSON index.
 
-    fit() makes one per run (`<log_dir>/fingerprints/`, on the main rank). In a loop of your
-    own, pass it to `fingerprint(recorder)` and call `flush()` where you log, or use it as a
-    context manager (flushes on exit). It has fit's callback hooks too, so fit(step=...,
+    fit() makes one per rank (`<log_dir>/fingerprints/`, rank r > 0 in its `rank-<r>/`). In
+    a loop of your own, pass it to `fingerprint(recorder)` and call `flush()` where you log,
+    or use it as a context manager (flushes on exit); under several processes make one on
+    every rank, each with its `rank`. It has fit's callback hooks too, so fit(step=...,
     callbacks=[recorder]) keeps it in step with fit's log steps, checkpoints and resumes.
 
     Args:
-        directory: where the chunk files and index.json go (created at the first flush).
+        directory: the run's fingerprint directory; rank 0's chunk files and index.json go
+            here, rank r's under `rank-<r>/` (created at the first flush).
+        rank: the process's rank (`state.strategy.rank`); the steps it records must be this
+            rank's.
         max_buffered_steps: flush by itself after this many unflushed steps (a host sync).
 
     Raises:
-        ValueError: max_buffered_steps is not an int >= 1.
+        ValueError: rank is not an int >= 0, or max_buffered_steps not an int >= 1.
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str], *, max_buffered_steps: int = MAX_BUFFERED_STEPS
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        rank: int = 0,
+        max_buffered_steps: int = MAX_BUFFERED_STEPS,
     ) -> None:
-        if (
-            isinstance(max_buffered_steps, bool)
-            or not isinstance(max_buffered_steps, int)
-            or max_buffered_steps < 1
-        ):
+        if not _is_count(rank, 0):
+            raise ValueError(
+                f"FingerprintRecorder(rank={rank!r}): must be an int >= 0, this process's rank "
+                "(state.strategy.rank)."
+            )
+        if not _is_count(max_buffered_steps, 1):
             raise ValueError(
                 f"FingerprintRecorder(max_buffered_steps={max_buffered_steps!r}): must be an "
                 "int >= 1."
             )
-        self.directory = Path(directory)
+        self.root = Path(directory)  # the run's; rank 0 records here
+        self.rank = rank
+        self.directory = rank_directory(self.root, rank)  # where this rank records
         self.max_buffered_steps = max_buffered_steps
         self._pending: list[_Pending] = []
         self._buffered = 0
@@ -586,12 +616,18 @@ class FingerprintRecorder:
         self._chunks: list[dict[str, Any]] | None = None  # the index's, as last written
 
     def __repr__(self) -> str:
-        return f"FingerprintRecorder({str(self.directory)!r})"
+        rank = f", rank={self.rank}" if self.rank else ""
+        return f"FingerprintRecorder({str(self.root)!r}{rank})"
 
     def add(
         self, step: int, columns: tuple[str, ...], values: torch.Tensor, meta: Mapping[str, Any]
     ) -> None:
-        """Buffer one step's fingerprint (a device vector: no sync unless the buffer is full)."""
+        """Buffer one step's fingerprint (a device vector: no sync unless the buffer is full).
+
+        Raises:
+            ValueError: `meta` names another rank than this recorder's.
+        """
+        self._check_rank(meta.get("rank", self.rank))
         if not self._started:
             self.start(step)
         if not self._pending or self._pending[-1].columns != columns:
@@ -605,16 +641,22 @@ class FingerprintRecorder:
             self.flush()
 
     def start(self, step: int) -> None:
-        """Begin recording at `step`: continue a run (drop steps >= step) or set one aside."""
+        """Begin recording at `step`: continue a run (drop steps >= step) or set one aside.
+
+        A fresh run (step 0): rank 0 moves an earlier run's directory aside, every rank's
+        fingerprints with it; another rank touches nothing (rank 0 may be moving its
+        parent directory). A continued run: each rank trims its own directory only.
+        """
         self._started = True
         self._pending, self._buffered = [], 0
-        index = _read_index(self.directory) if (self.directory / INDEX).exists() else None
         self._chunks = []
-        if index is None:
-            return
         if step == 0:
-            self._set_aside()
+            if self.rank == 0 and _holds_fingerprints(self.root):
+                self._set_aside()
             return
+        if not (self.directory / INDEX).exists():
+            return
+        index = _read_index(self.directory)
         kept = []
         for chunk in index["chunks"]:
             if chunk["last_step"] < step:
@@ -624,12 +666,20 @@ class FingerprintRecorder:
             else:
                 (self.directory / chunk["file"]).unlink(missing_ok=True)
         self._write_index(kept)
-        logger.info("%s: continued before step %s.", self.directory, step)
+        if self.rank == 0:  # messages come from the main rank only
+            logger.info("%s: continued before step %s.", self.directory, step)
 
     def flush(self) -> list[Path]:
-        """Write the buffered fingerprints (one host copy per chunk); the files written."""
+        """Write the buffered fingerprints (one host copy per chunk); the files written.
+
+        The host copies come before anything is created on disk: on rank r > 0 they wait
+        for the recorded steps' collectives, which rank 0 joined after its `start` had
+        moved an earlier run aside, so this rank never writes into a directory being moved.
+        """
         if not self._pending:
             return []
+        # host sync: the one per flush (stacked per chunk of the same columns)
+        hosts = [torch.stack(pending.values).cpu() for pending in self._pending]
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._chunks is not None:  # kept since the last write: no read back
             chunks = list(self._chunks)
@@ -637,8 +687,7 @@ class FingerprintRecorder:
             index = _read_index(self.directory) if (self.directory / INDEX).exists() else None
             chunks = list(index["chunks"]) if index else []
         written = []
-        for pending in self._pending:
-            values = torch.stack(pending.values).cpu()  # host sync: the one per flush
+        for pending, values in zip(self._pending, hosts, strict=True):
             steps = torch.tensor(pending.steps, dtype=torch.int64)
             path = self.directory / _chunk_name(pending.steps[0], pending.steps[-1])
             _write_chunk(path, steps, values, pending.columns, pending.meta)
@@ -665,6 +714,7 @@ class FingerprintRecorder:
 
     # fit()'s callback hooks, for a recorder passed in fit(callbacks=[...]).
     def on_fit_start(self, state: Any, hparams: Mapping[str, object]) -> None:
+        self._check_rank(state.strategy.rank)  # before any work
         self.start(state.step)
 
     def on_log(self, state: Any, metrics: Mapping[str, float]) -> None:
@@ -675,6 +725,14 @@ class FingerprintRecorder:
 
     def on_fit_end(self, state: Any, reason: str = "") -> None:
         self.flush()
+
+    def _check_rank(self, rank: int) -> None:
+        if rank != self.rank:
+            raise ValueError(
+                f"{self!r} records rank {self.rank}'s steps, not rank {rank}'s: make one "
+                f"recorder per process, FingerprintRecorder({str(self.root)!r}, "
+                "rank=state.strategy.rank)."
+            )
 
     def _write_index(self, chunks: list[dict[str, Any]]) -> None:
         data = json.dumps({"format": FORMAT, "block": BLOCK, "chunks": chunks}, indent=1)
@@ -693,7 +751,7 @@ class FingerprintRecorder:
         return _chunk_entry(path, steps.tolist())
 
     def _set_aside(self) -> None:
-        base = self.directory
+        base = self.root
         n = 1
         while base.with_name(f"{base.name}.{n}").exists():
             n += 1
@@ -705,6 +763,13 @@ class FingerprintRecorder:
             base,
             target,
         )
+
+
+def _holds_fingerprints(root: Path) -> bool:
+    """Whether any rank of a run recorded fingerprints under `root`."""
+    if (root / INDEX).exists():
+        return True
+    return any((d / INDEX).exists() for d in root.glob(f"{RANK_PREFIX}*"))
 
 
 def _chunk_entry(path: Path, steps: Sequence[int]) -> dict[str, Any]:
@@ -801,13 +866,33 @@ def fingerprints_dir(run: str | os.PathLike[str]) -> Path:
     )
 
 
-def read_fingerprints(run: str | os.PathLike[str]) -> list[Chunk]:
-    """Every recorded chunk of `run` (a fit log_dir or a recorder's directory), in step order.
+def fingerprint_ranks(run: str | os.PathLike[str]) -> list[int]:
+    """The ranks that recorded fingerprints in `run`, in order: 0, then each `rank-<r>/`.
 
     Raises:
-        ValueError: no fingerprints there, or a file is unreadable or malformed.
+        ValueError: `run` holds no fingerprints (see `fingerprints_dir`).
     """
     directory = fingerprints_dir(run)
+    ranks = [0]
+    for path in directory.glob(f"{RANK_PREFIX}*"):
+        number = path.name[len(RANK_PREFIX) :]
+        if number.isdigit() and int(number) > 0 and (path / INDEX).is_file():
+            ranks.append(int(number))
+    return sorted(ranks)
+
+
+def read_fingerprints(run: str | os.PathLike[str], *, rank: int = 0) -> list[Chunk]:
+    """Every chunk `rank` recorded in `run` (a fit log_dir or a recorder's directory), in order.
+
+    Raises:
+        ValueError: no fingerprints there (of that rank), or a file is unreadable or malformed.
+    """
+    directory = rank_directory(fingerprints_dir(run), rank)
+    if rank and not (directory / INDEX).is_file():
+        raise ValueError(
+            f"{str(run)!r}: rank {rank} recorded no fingerprints (no {directory / INDEX}); "
+            f"the ranks that did: {fingerprint_ranks(run)}."
+        )
     index = _read_index(directory)
     return [_read_chunk(directory / str(chunk["file"])) for chunk in index["chunks"]]
 
@@ -818,7 +903,9 @@ __all__ = [
     "FORMAT",
     "FingerprintRecorder",
     "fingerprint",
+    "fingerprint_ranks",
     "fingerprints_dir",
+    "rank_directory",
     "read_fingerprints",
     "step_fingerprint",
     "step_meta",

@@ -394,9 +394,12 @@ def fit(
     loader, eval_loader = _loaders(train_data, cfg, state.strategy)
     k = _window_size(cfg, loader, state.strategy)
     every = _fingerprint_every(cfg)
-    recorder = None  # the main rank records (its shards under FSDP, its stage under Pipeline)
-    if every and state.strategy.is_main:
-        recorder = FingerprintRecorder(Path(cfg.log_dir) / "fingerprints")  # type: ignore[arg-type]
+    recorder = None  # every rank records its own tensors (rank r > 0 in fingerprints/rank-<r>)
+    if every:
+        recorder = FingerprintRecorder(
+            Path(cfg.log_dir) / "fingerprints",  # type: ignore[arg-type]
+            rank=state.strategy.rank,
+        )
     several = state.strategy.world_size > 1
     train_step = cfg.step or _default_step(cfg, k, recorder, every, guard=several)
     if cfg.step is None:
@@ -579,7 +582,7 @@ class _Run:
         self.evaluator = evaluator
         self.evals = EvalTracker(cfg.monitor, mode)
         self.interrupts = Interrupts(state.strategy)
-        self.fingerprints: FingerprintRecorder | None = None  # fit sets it (main rank)
+        self.fingerprints: FingerprintRecorder | None = None  # fit sets it (every rank)
         self.saver = None
         if cfg.checkpoint_dir is not None:
             self.saver = CheckpointSaver(

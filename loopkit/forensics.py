@@ -14,10 +14,17 @@ weight changed between two steps); when only computed values differ, the computa
 itself differs (another summation order, another batch, a nondeterministic kernel).
 `plot_diff` draws both loss curves and the per-step largest relative difference (PNG,
 needs matplotlib: `pip install loopkit[plot]`).
+
+Runs of several processes: every rank recorded its own tensors (rank r > 0 under
+`fingerprints/rank-<r>/`). Rank 0 and every rank r that both runs recorded are compared
+alike; the first divergent step is the earliest over the ranks, and a rank r > 0's values
+are named `rank <r>: <name>`. Runs recorded at different world sizes are compared on rank
+0 only (a rank's shards or stage depend on the world size), and the report says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -27,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .fingerprint import Chunk, read_fingerprints
+from .fingerprint import Chunk, fingerprint_ranks, read_fingerprints
 
 _ENTERING_PREFIXES = ("weights/", "optimizer/", "data/", "lr", "seed", "micro_step_seeds")
 
@@ -80,6 +87,7 @@ class Difference:
             look huge); inf where one is missing.
         entering: True for what entered the step (weights, optimizer state, data, seeds,
             lr), False for what it computed (loss, gradients, grad norm).
+        rank: the rank that recorded it; name and column start with `rank <r>: ` when > 0.
     """
 
     name: str
@@ -89,6 +97,7 @@ class Difference:
     abs_diff: float
     rel_diff: float
     entering: bool
+    rank: int = 0
 
 
 @dataclass
@@ -100,13 +109,16 @@ class DiffReport:
         rtol, atol: the tolerance (both 0: bitwise).
         steps_compared: the steps both runs recorded, in order.
         only_in_a, only_in_b: how many steps one run recorded and the other did not.
-        first_divergent_step: the first compared step that differs, or None.
+        first_divergent_step: the first compared step that differs (on any rank compared),
+            or None.
         differences: at that step, entering values first, then by relative difference.
         tensors: the names in `differences`, each once, in the same order.
         notes: what was not compared and why (e.g. windows of different sizes).
         max_rel_diff: per compared step, the largest relative difference (rel_diff) of any
-            recorded value.
-        loss_a, loss_b: (step, loss) of every step each run recorded.
+            recorded value, over the ranks compared.
+        loss_a, loss_b: (step, loss) of every step each run's rank 0 recorded.
+        ranks: the ranks compared (rank 0 first); steps_compared, only_in_a and only_in_b
+            count rank 0's steps.
     """
 
     run_a: str
@@ -124,6 +136,7 @@ class DiffReport:
     loss_b: list[tuple[int, float]] = field(default_factory=list)
     replay: dict[str, Any] | None = None
     plot: str | None = None
+    ranks: list[int] = field(default_factory=lambda: [0])
 
     @property
     def bitwise(self) -> bool:
@@ -143,6 +156,7 @@ class DiffReport:
             "atol": self.atol,
             "first_divergent_step": self.first_divergent_step,
             "tensors": self.tensors,
+            "ranks": self.ranks,
             "differences": [_json_safe(asdict(d)) for d in self.differences],
             "steps_compared": len(self.steps_compared),
             "first_step": self.steps_compared[0] if self.steps_compared else None,
@@ -162,6 +176,7 @@ class DiffReport:
             lines.append(
                 f"compared {len(self.steps_compared)} steps "
                 f"({self.steps_compared[0]}..{self.steps_compared[-1]})"
+                + (f" on ranks {', '.join(map(str, self.ranks))}" if len(self.ranks) > 1 else "")
                 + (f"; only in A: {self.only_in_a}" if self.only_in_a else "")
                 + (f"; only in B: {self.only_in_b}" if self.only_in_b else "")
             )
@@ -360,6 +375,9 @@ def diff_runs(
 ) -> DiffReport:
     """Compare two runs' fingerprints; find the first step where they differ.
 
+    Every rank both runs recorded is compared (see the module docstring); the first
+    divergent step is the earliest over the ranks.
+
     Args:
         run_a: a fit log_dir (with fingerprints/) or a FingerprintRecorder directory.
         run_b: the run to compare with, of the same kind.
@@ -376,6 +394,60 @@ def diff_runs(
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"diff_runs({name}={value!r}): must be a finite float >= 0.")
     ta, tb = _table(read_fingerprints(run_a)), _table(read_fingerprints(run_b))
+    main = _diff_tables(ta, tb, 0, rtol, atol)
+    ranks, notes = _ranks_to_compare(run_a, run_b, ta, tb, main)
+    diffs = [main] + [
+        _diff_tables(
+            _table(read_fingerprints(run_a, rank=r)),
+            _table(read_fingerprints(run_b, rank=r)),
+            r,
+            rtol,
+            atol,
+        )
+        for r in ranks[1:]
+    ]
+    first = min((d.first for d in diffs if d.first is not None), default=None)
+    found = [x for d in diffs if d.first == first and first is not None for x in d.differences]
+    report = DiffReport(
+        run_a=str(run_a),
+        run_b=str(run_b),
+        rtol=float(rtol),
+        atol=float(atol),
+        steps_compared=main.common,
+        only_in_a=len(ta.steps) - len(main.common),
+        only_in_b=len(tb.steps) - len(main.common),
+        first_divergent_step=first,
+        differences=sorted(found, key=lambda d: (not d.entering, -d.rel_diff)),
+        notes=notes,
+        max_rel_diff=[max(d.max_rel.get(step, 0.0) for d in diffs) for step in main.common],
+        loss_a=_losses(ta),
+        loss_b=_losses(tb),
+        ranks=ranks,
+    )
+    report.notes += _window_notes(ta, tb, main.row_a, main.row_b, main.common)
+    report.notes += [
+        f"rank {d.rank}: {len(d.common)} steps recorded by both runs, rank 0: {len(main.common)}"
+        for d in diffs[1:]
+        if d.common != main.common
+    ]
+    return report
+
+
+@dataclass
+class _RankDiff:
+    """One rank's comparison: the steps both runs recorded and the first that differs."""
+
+    rank: int
+    common: list[int]
+    row_a: dict[int, int]
+    row_b: dict[int, int]
+    first: int | None
+    differences: list[Difference]
+    max_rel: dict[int, float]  # per compared step, the largest relative difference
+
+
+def _diff_tables(ta: _Table, tb: _Table, rank: int, rtol: float, atol: float) -> _RankDiff:
+    """Compare one rank's tables step by step; its differences are named with the rank."""
     common = sorted(set(ta.steps) & set(tb.steps))
     row_a = {s: i for i, s in enumerate(ta.steps)}
     row_b = {s: i for i, s in enumerate(tb.steps)}
@@ -385,19 +457,8 @@ def diff_runs(
     differs = _differs(va, vb, rtol, atol) | (pa != pb)
     scales = _scales(va, vb)
     rel = torch.where(pa & pb, _relative(va, vb, scales), torch.where(pa != pb, math.inf, 0.0))
-    report = DiffReport(
-        run_a=str(run_a),
-        run_b=str(run_b),
-        rtol=float(rtol),
-        atol=float(atol),
-        steps_compared=common,
-        only_in_a=len(ta.steps) - len(common),
-        only_in_b=len(tb.steps) - len(common),
-        first_divergent_step=None,
-        max_rel_diff=rel.max(dim=1).values.tolist() if columns else [0.0] * len(common),
-        loss_a=_losses(ta),
-        loss_b=_losses(tb),
-    )
+    max_rel = rel.max(dim=1).values.tolist() if columns else [0.0] * len(common)
+    result = _RankDiff(rank, common, row_a, row_b, None, [], dict(zip(common, max_rel)))
     for k, step in enumerate(common):
         ma, mb = ta.meta[row_a[step]], tb.meta[row_b[step]]
         meta = _meta_differences(ma, mb, rtol, atol)
@@ -405,11 +466,84 @@ def diff_runs(
             found = meta + _column_differences(
                 ta, tb, row_a[step], row_b[step], columns, differs[k], scales
             )
-            report.first_divergent_step = step
-            report.differences = sorted(found, key=lambda d: (not d.entering, -d.rel_diff))
+            result.first = step
+            result.differences = [_on_rank(d, rank) for d in found]
             break
-    report.notes += _window_notes(ta, tb, row_a, row_b, common)
-    return report
+    return result
+
+
+def _on_rank(difference: Difference, rank: int) -> Difference:
+    """`difference` as rank `rank` recorded it: `rank <r>: ` before its names when r > 0."""
+    if rank == 0:
+        return difference
+    return dataclasses.replace(
+        difference,
+        name=f"rank {rank}: {difference.name}",
+        column=f"rank {rank}: {difference.column}",
+        rank=rank,
+    )
+
+
+def _world_size(table: _Table, steps: Sequence[int], ranks: Sequence[int]) -> str:
+    """The world size(s) a run was recorded at over `steps` ("2", or "2 then 4")."""
+    rows = {s: i for i, s in enumerate(table.steps)}
+    sizes = [table.meta[rows[s]].get("world_size") for s in steps] or [
+        m.get("world_size") for m in table.meta
+    ]
+    known = [str(size) for size in dict.fromkeys(sizes) if size is not None]
+    # Fingerprints recorded before the world size was: one per rank that recorded any.
+    return " then ".join(known) if known else str(max(ranks) + 1)
+
+
+def _ranks_to_compare(
+    run_a: str | os.PathLike[str],
+    run_b: str | os.PathLike[str],
+    ta: _Table,
+    tb: _Table,
+    main: _RankDiff,
+) -> tuple[list[int], list[str]]:
+    """The ranks to compare (0 first) and notes on those that are not."""
+    ranks_a, ranks_b = fingerprint_ranks(run_a), fingerprint_ranks(run_b)
+    size_a = _world_size(ta, main.common, ranks_a)
+    size_b = _world_size(tb, main.common, ranks_b)
+    if size_a != size_b or not size_a.isdigit():
+        what = "different world sizes" if size_a != size_b else "a world size that changed"
+        return [0], [f"recorded at {what} (A: {size_a}, B: {size_b}): compared rank 0 only"]
+    ranks, notes = [0], []
+    for rank in range(1, int(size_a)):
+        if rank in ranks_a and rank in ranks_b:
+            ranks.append(rank)
+        elif rank in ranks_a or rank in ranks_b:
+            where = "A" if rank in ranks_a else "B"
+            notes.append(f"rank {rank}: fingerprints in {where} only, not compared")
+        else:
+            notes.append(f"rank {rank}: no fingerprints in either run, not compared")
+    return ranks, notes
+
+
+def recorded_world_size(run: str | os.PathLike[str]) -> int:
+    """How many processes recorded `run`'s fingerprints (the most, if it changed on resume).
+
+    Raises:
+        ValueError: `run` has no readable fingerprints.
+    """
+    sizes = [m.get("world_size") or 1 for chunk in read_fingerprints(run) for m in chunk.meta]
+    return max([*sizes, max(fingerprint_ranks(run)) + 1])
+
+
+def check_replayable(run_a: str | os.PathLike[str], run_b: str | os.PathLike[str]) -> None:
+    """Refuse `loopkit diff --replay` on runs of several processes, before any work.
+
+    Raises:
+        ValueError: either run was recorded by several processes (the replay runs one).
+    """
+    for name, run in (("RUN_A", run_a), ("RUN_B", run_b)):
+        if (size := recorded_world_size(run)) > 1:
+            raise ValueError(
+                f"--replay: {name}={str(run)!r} was recorded by {size} processes; the replay "
+                "reruns a step in one process only. Leave out --replay: the diff compares "
+                "every rank's fingerprints and names the tensor and rank that differ first."
+            )
 
 
 def _window_notes(
@@ -482,4 +616,11 @@ def _short(report: DiffReport, label: str) -> str:
     return text if len(text) <= 40 else "..." + text[-37:]
 
 
-__all__ = ["DiffReport", "Difference", "diff_runs", "plot_diff"]
+__all__ = [
+    "DiffReport",
+    "Difference",
+    "check_replayable",
+    "diff_runs",
+    "plot_diff",
+    "recorded_world_size",
+]
