@@ -10,7 +10,7 @@ before `optimizer_step`; fit() does, in its default step, whenever it has a `log
   (`grads/<name>`), and of each floating-point optimizer state tensor on the parameter's
   device (`optimizer/<name>/<key>`, e.g. Adam's `exp_avg`);
 - the window's loss (`loss`), the grad norm `clip` recorded (`grad_norm`) and, when the
-  loss counts items on the device, `tokens_seen`;
+  loss counts items on the device, `tokens_seen` (one process only, as `samples_seen`);
 - as host values (no device work): the learning rates of step s, the epoch, `samples_seen`,
   the root seed, the rank, the world size and the micro-step seeds of the window
   (loopkit._rng).
@@ -362,7 +362,7 @@ def _scalars(state: TrainState) -> tuple[tuple[str, ...], list[torch.Tensor]]:
             names.append(name)
             values.append(value if value.dim() == 0 else value.reshape(()))
     tokens = state.tokens_seen
-    if isinstance(tokens, torch.Tensor):
+    if isinstance(tokens, torch.Tensor) and state.strategy.world_size == 1:  # see step_meta
         names.append("tokens_seen")
         values.append(tokens if tokens.dim() == 0 else tokens.reshape(()))
     return tuple(names), values
@@ -471,7 +471,11 @@ def step_meta(state: TrainState) -> dict[str, Any]:
     return {
         "step": state.step,
         "epoch": state.epoch,
-        "samples_seen": state.samples_seen,
+        # Under several processes fit sums the counts over ranks only where it syncs (log,
+        # eval, save), so between those steps they depend on when the run last synced: a
+        # resumed run would differ from a straight one. Each rank's loss and gradients
+        # witness its data instead.
+        "samples_seen": state.samples_seen if state.strategy.world_size == 1 else None,
         "lr": lrs,
         "seed": state.seed,
         "rank": rank,

@@ -9,9 +9,9 @@ after step NUDGE_AT; and run A again from scratch into the same log_dir (the ear
 moves aside, with its rank-1 directory). Rank 0 alone never sees that weight change enter
 a step: only its gradients, computed from it.
 
-Every run saves at the same step: under several processes the recorded samples_seen (and
-tokens_seen) are summed over ranks where fit syncs (log, eval, save), so runs that save at
-different steps record different counts in between.
+Run C is A with other log and save steps: under several processes fit sums samples_seen
+and tokens_seen over ranks only where it syncs (log, eval, save), so those counts are not
+recorded there, and C must show no difference from A.
 
 The recorder and diff tests without processes write fingerprints of made-up steps.
 """
@@ -47,7 +47,14 @@ class NudgeOnRank1:
                 weight.to_local().view(-1)[0] += 1e-3
 
 
-def _fit(log_dir: Path, checkpoint_dir: Path, **options: Any) -> None:
+def _fit(
+    log_dir: Path,
+    checkpoint_dir: Path,
+    *,
+    log_every: int = 3,
+    save_every: int = SAVE_AT,
+    **options: Any,
+) -> None:
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(
         torch.randint(0, 11, (64, 5), generator=g), torch.randint(0, 11, (64, 5), generator=g)
@@ -60,10 +67,10 @@ def _fit(log_dir: Path, checkpoint_dir: Path, **options: Any) -> None:
         strategy=FSDP(timeout_s=TIMEOUT_S),
         batch_size=2,
         progress=False,
-        log_every=3,
+        log_every=log_every,
         log_dir=log_dir,
         checkpoint_dir=checkpoint_dir,
-        save_every=SAVE_AT,
+        save_every=save_every,
         max_steps=STEPS,
         **options,
     )
@@ -77,6 +84,7 @@ def four_fits(rank: int, root: str) -> None:
     _fit(runs / "b", runs / "b-ckpt", resume=runs / "b-ckpt" / f"step-{SAVE_AT:08d}")
     _fit(runs / "n", runs / "n-ckpt", callbacks=[NudgeOnRank1()])
     _fit(runs / "a", runs / "a-ckpt-2")  # a fresh run into a used log_dir
+    _fit(runs / "c", runs / "c-ckpt", log_every=2, save_every=5)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +129,14 @@ def test_a_resumed_run_drops_each_ranks_steps_after_the_checkpoint(runs):
         assert any(last == SAVE_AT - 1 for _, last in chunks), (rank, chunks)
     report = diff_runs(runs / "a", runs / "b")  # resume is exact on every rank
     assert report.ranks == [0, 1] and report.first_divergent_step is None, report.format()
+
+
+@pytest.mark.distributed
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")
+def test_runs_that_sync_at_other_steps_show_no_difference(runs):
+    report = diff_runs(runs / "a", runs / "c")
+    assert report.first_divergent_step is None, report.differences[:3]
+    assert report.ranks == [0, 1]
 
 
 @pytest.mark.distributed
