@@ -27,7 +27,8 @@ What cannot be captured runs the whole step eagerly instead, with one
 `CompileFallbackWarning` per cause: a chain with parts other than the four above (a part of
 your own, `every`/`when`, `skip_nonfinite`), a strategy other than SingleDevice, fp16 loss
 scaling, a torch LRScheduler, optimizer step hooks, or a model or optimizer that torch
-cannot trace whole (the warning quotes torch's reason).
+cannot trace whole (the warning quotes torch's reason). Under DDP and FSDP the wrapped
+model is compiled then (`model.compile()`), and the step runs eagerly around it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from .compose import chain as chain_of
 from .compose import parts_of
 from .normalise import check_first_count, closing_factor
 from .state import TrainState, Window
-from .strategies import SingleDevice
+from .strategies import DDP, FSDP, SingleDevice
 from .transforms import accumulate, clip, forward, optimizer_step, skip_nonfinite, window_size_of
 
 logger = logging.getLogger(__name__)
@@ -115,10 +116,7 @@ def _state_cause(state: TrainState) -> str | None:
             "(torch._dynamo.config.trace_autograd_ops; torch 2.13 can)"
         )
     if type(state.strategy) is not SingleDevice:
-        return (
-            f"strategy={state.strategy!r}: only SingleDevice steps are compiled (the model "
-            "is not compiled either)"
-        )
+        return f"strategy={state.strategy!r}: only SingleDevice steps are compiled whole"
     if state.precision.scales_loss:
         return "precision='fp16': dynamic loss scaling decides on the host whether to step"
     if isinstance(state.schedule, LRScheduler):
@@ -356,14 +354,15 @@ class CompiledStep:
         if self._eager_for is state.optimizer:
             return None
         cause = _state_cause(state) or self._chain_cause
-        if cause is None:
-            try:
-                self._graphs = _Graphs(state, self._backend)
-                return self._graphs
-            except RuntimeError as error:  # torch.compile unavailable (platform, python)
-                cause = f"torch.compile is not available here ({error})"
-        self._give_up(state, cause, stacklevel=5)
-        return None
+        if cause is not None:
+            self._give_up(state, cause + _compile_model_instead(state), stacklevel=5)
+            return None
+        try:
+            self._graphs = _Graphs(state, self._backend)
+            return self._graphs
+        except RuntimeError as error:  # torch.compile unavailable (platform, python)
+            self._give_up(state, f"torch.compile is not available here ({error})", stacklevel=5)
+            return None
 
     def _give_up(self, state: TrainState, cause: str, stacklevel: int = 4) -> None:
         self._eager_for = state.optimizer
@@ -490,6 +489,22 @@ class CompiledStep:
 
     def __repr__(self) -> str:
         return f"compile_step({self.step!r})"
+
+
+def _compile_model_instead(state: TrainState) -> str:
+    """Under DDP or FSDP, compile the wrapped model (forward and backward) and say so.
+
+    The step itself is not captured there, but `torch.compile` of the wrapped model is
+    PyTorch's own recipe (DDP's buckets split the graphs; FSDP's hooks run eagerly), and
+    what fit(compile=True) did before whole steps were compiled. A model the user compiled
+    already is left as it is. Other strategies and causes run fully eagerly.
+    """
+    if not isinstance(state.strategy, (DDP, FSDP)):
+        return " (the model is not compiled either)"
+    model = state.model
+    if getattr(model, "_compiled_call_impl", None) is None:
+        model.compile()
+    return f"; the model is compiled instead (torch.compile of the {type(model).__name__})"
 
 
 def _torch_reason(error: BaseException) -> str:
