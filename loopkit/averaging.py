@@ -81,6 +81,19 @@ class _Averaging:
             return None  # this step's weights are in already (an open window, a re-call)
         due = step >= self.start and step > 0 and (step - self.start) % self.every == 0
         if current is None:
+            if step > max(self.start, 1) and state.strategy.is_main:
+                # A resume from a checkpoint written without the average, or a transform
+                # first called late (inside when/every): say where the average starts.
+                logger.warning(
+                    "%r: the record holds no %r average at step %d, after start=%d (resumed "
+                    "from a checkpoint written without it, or first called at this step); "
+                    "it averages the weights from step %d on.",
+                    self,
+                    self.kind,
+                    step,
+                    self.start,
+                    step,
+                )
             with torch.no_grad():  # the weights at creation; DTensors stay sharded alike
                 tensors = tuple(p.detach().clone() for p in state.params)
             current = Average(tensors)

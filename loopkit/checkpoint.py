@@ -780,7 +780,8 @@ def save_model(
         directory: where the files go (created if missing).
         weights: "model", or "ema" / "swa" to write the average that `loopkit.ema` /
             `loopkit.swa` keep in a TrainState (its parameters; buffers are the model's).
-            config.json then records `"weights": "ema"`.
+            config.json then records `"weights": "ema"` (before the average's first
+            update the model's own weights are written, and recorded as such).
 
     Raises:
         TypeError: weights other than "model" with a module instead of a TrainState.
@@ -792,8 +793,11 @@ def save_model(
             "weights live in a TrainState; pass the state (e.g. result.state) instead of "
             "the module."
         )
+    written = weights  # what config.json records: the model's own before a first update
     if isinstance(model, TrainState):
-        check_weights(model, weights, where="save_model")
+        average = check_weights(model, weights, where="save_model")
+        if average is not None and average.count == 0:
+            written = "model"
     step = model.step if isinstance(model, TrainState) else None
     module = unwrap(model.model if isinstance(model, TrainState) else model)
     directory = Path(directory)
@@ -830,8 +834,8 @@ def save_model(
         "parameters": _parameter_count(module, state_dict),
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()},
     }
-    if weights != "model":
-        config["weights"] = weights
+    if written != "model":
+        config["weights"] = written
     _write_bytes(directory / "config.json", json.dumps(config, indent=1).encode())
     if sharded and torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -9,6 +9,7 @@ import json
 import math
 import numbers
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -136,6 +137,23 @@ _CHECKED = tuple(dict.fromkeys((*_CHECKS, *_DIRECTORIES)))
 """The fields with a check of their own (the others take any value)."""
 
 
+_TRUE_HALF = (
+    " Lightning's true half precision (the weights themselves in half) has no loopkit name: "
+    "cast the model (model.to(torch.bfloat16)) and keep precision='fp32' (no autocast)."
+)
+_VALUE_HINTS = {
+    # Lightning's Trainer(precision=...) names, compared as strings.
+    ("precision", "bf16-mixed"): " Lightning's 'bf16-mixed' is precision='bf16'.",
+    ("precision", "16-mixed"): " Lightning's '16-mixed' is precision='fp16'.",
+    ("precision", "16"): " Lightning's 16 (16-bit mixed) is precision='fp16'.",
+    ("precision", "32"): " Lightning's 32 is precision='fp32'.",
+    ("precision", "32-true"): " Lightning's '32-true' is precision='fp32'.",
+    ("precision", "bf16-true"): _TRUE_HALF,
+    ("precision", "16-true"): _TRUE_HALF,
+}
+"""Hints for a refused value that another toolkit spells so ((field, str(value)) -> text)."""
+
+
 def check_values(values: Mapping[str, Any]) -> None:
     """Check each field in `values` on its own (a config file's table, before merging).
 
@@ -146,7 +164,8 @@ def check_values(values: Mapping[str, Any]) -> None:
         if name in _CHECKS:
             check, allowed = _CHECKS[name]
             if not check(value):
-                raise ValueError(f"FitConfig({name}={value!r}): must be {allowed}.")
+                hint = _VALUE_HINTS.get((name, str(value)), "")
+                raise ValueError(f"FitConfig({name}={value!r}): must be {allowed}.{hint}")
         if name in _DIRECTORIES:
             _check_directory(name, value)
 
@@ -350,9 +369,7 @@ def read_table(path: str | os.PathLike[str], *, where: str) -> dict[str, Any]:
                 import tomllib
             values = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
+            values = _load_yaml(text)
         elif suffix == ".json":
             values = json.loads(text)
         else:
@@ -368,11 +385,39 @@ def read_table(path: str | os.PathLike[str], *, where: str) -> dict[str, Any]:
     return values
 
 
+def _load_yaml(text: str) -> Any:
+    """Parse YAML safely, reading `3e-4` as a float as TOML, JSON and YAML 1.2 do.
+
+    PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent: `lr: 3e-4`
+    would load as the string "3e-4" and fail deep inside the optimizer
+    (https://github.com/yaml/pyyaml/issues/173).
+    """
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return yaml.load(text, Loader=_Loader) or {}  # a SafeLoader: no arbitrary objects
+
+
 _FIELD_NAMES = tuple(f.name for f in fields(FitConfig))
 
 
 def _optimizer(key: str, name: str = "AdamW") -> str:
     return f"it belongs to the optimizer: optimizer={{'name': '{name}', '{key}': {{v}}}}"
+
+
+_OPTIMIZER_KEYS = {
+    **dict.fromkeys(("lr", "learning_rate", "base_lr"), "lr"),
+    **{key: key for key in ("weight_decay", "momentum", "betas")},
+    **dict.fromkeys(("eps", "adam_epsilon"), "eps"),
+}
+"""Names fit does not take that are a torch optimizer's keyword (the keyword)."""
 
 
 _HINTS: dict[str, str] = {
@@ -492,17 +537,29 @@ _HINTS: dict[str, str] = {
 """Names fit does not take, mapped to where their setting belongs ("{v}": the value)."""
 
 
-def unknown_hints(unknown: Mapping[str, Any], known: Sequence[str] = _FIELD_NAMES) -> list[str]:
+def unknown_hints(
+    unknown: Mapping[str, Any], known: Sequence[str] = _FIELD_NAMES, *, optimizer: object = None
+) -> list[str]:
     """One `name=value: hint` per unknown key: where it belongs, or "did you mean ...?".
 
     A well-known name from another toolkit (lr, gradient_accumulation_steps, output_dir, ...)
     says where its setting goes; any other name gets the closest of `known` (difflib), else
-    the closest well-known name's hint, else "no such field".
+    the closest well-known name's hint, else "no such field". An optimizer keyword (lr,
+    weight_decay, ...) next to an `optimizer` dict given too is shown added to that dict.
     """
     hints = []
     for name, value in unknown.items():
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        if name in _HINTS:
+        if name in _OPTIMIZER_KEYS and isinstance(optimizer, Mapping) and "name" in optimizer:
+            merged = {**optimizer, _OPTIMIZER_KEYS[name]: value}
+            hint = f"it belongs to the optimizer: optimizer={merged!r}"
+        elif name in _OPTIMIZER_KEYS and optimizer is not None:
+            key = _OPTIMIZER_KEYS[name]
+            hint = (
+                f"it belongs to the optimizer given as optimizer=: build it with {key}="
+                f"{value!r}, e.g. `lambda params: torch.optim.AdamW(params, {key}={value!r})`"
+            )
+        elif name in _HINTS:
             hint = _HINTS[name].replace("{v}", repr(value))
         elif close:
             hint = f"did you mean {close[0]!r}?"
@@ -523,7 +580,7 @@ def refuse_unknown(values: Mapping[str, Any], *, where: str) -> None:
     unknown = {k: v for k, v in values.items() if k not in _FIELD_NAMES}
     if not unknown:
         return
-    hints = unknown_hints(unknown)
+    hints = unknown_hints(unknown, optimizer=values.get("optimizer"))
     listing = ""
     if any(h.endswith(": no such field") for h in hints):
         listing = f" The fields: {', '.join(_FIELD_NAMES)}."

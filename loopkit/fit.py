@@ -32,6 +32,7 @@ from ._nonfinite_watch import NonfiniteWatch
 from ._resume import checkpoint_extra, resume
 from ._saving import CheckpointSaver, claim_run
 from ._types import Transform
+from .averaging import average_kind_of
 from .callbacks import (
     Mode,
     Request,
@@ -666,6 +667,7 @@ class _Run:
         if resumed is None:
             return False
         self.state = resumed.state
+        self._warn_of_stale_averages()
         self.seen = _SeenCounters(self.state)  # the checkpoint's counters are global sums
         self.result.history = resumed.history
         self.evals.best, self.evals.evaluated_at = resumed.best, resumed.evaluated_at
@@ -675,6 +677,26 @@ class _Run:
             self.saver.saved_at = self.state.step  # on disk already
             self.saver.run_id = self.claim.run_id
         return True
+
+    def _warn_of_stale_averages(self) -> None:
+        """Say so when the checkpoint holds an average that fit's own step will not update."""
+        if self.cfg.step is not None or not self.state.strategy.is_main:
+            return  # a step of the user's own may hold lk.ema / lk.swa itself
+        kept = average_kind_of(self.cfg.average)
+        for kind, average in self.state.averages.items():
+            if kind != kept:
+                logger.warning(
+                    "fit(resume=...): the checkpoint holds a %r average (%d updates, the last "
+                    "at step %s) that this fit does not update (average=%r); evaluate and "
+                    "save_model with weights=%r use it as it stands. Pass "
+                    "average=loopkit.%s(...) as the run that wrote it did, to continue it.",
+                    kind,
+                    average.count,
+                    average.updated_at,
+                    self.cfg.average,
+                    kind,
+                    kind,
+                )
 
     def _epoch(self, epoch: int, stop: Stop | None, *, may_be_empty: bool) -> Stop | None:
         """Train on one epoch's batches; return the latest Stop a callback asked for.

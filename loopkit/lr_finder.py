@@ -23,7 +23,7 @@ import importlib.util
 import math
 import numbers
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,12 @@ class LRFinderResult:
     def plot(self, path: str | os.PathLike[str]) -> Path:
         """Draw loss and smoothed loss against the lr (log scale) into a PNG at `path`.
 
+        Missing directories are created; a path without a suffix gets ".png". A curve
+        without a finite loss is drawn too (the lrs tried, marked "no finite loss").
+
+        Returns:
+            The path written.
+
         Raises:
             ModuleNotFoundError: matplotlib is missing (`pip install 'loopkit[plot]'`).
         """
@@ -88,6 +94,11 @@ class LRFinderResult:
             if finite:
                 axis.plot(*zip(*finite), color="0.7", linewidth=1, label="loss")
             axis.plot(self.lrs, self.smoothed_losses, color="tab:blue", label="smoothed loss")
+            if not any(math.isfinite(x) for x in self.smoothed_losses):
+                # Nothing finite to draw: set the lr axis, which a log scale cannot guess.
+                lrs = self.lrs or (1e-7, 10.0)
+                axis.set_xlim(min(lrs) / 2, max(lrs) * 2)
+                axis.text(0.5, 0.5, "no finite loss", ha="center", transform=axis.transAxes)
             if self.suggestion is not None:
                 axis.axvline(
                     self.suggestion,
@@ -102,6 +113,8 @@ class LRFinderResult:
             axis.set_title(f"LR range test ({len(self.lrs)} steps, stopped by {self.stopped_by})")
             axis.legend(loc="best", fontsize="small")
             out = Path(path)
+            if not out.suffix:  # matplotlib would add ".png" itself; return the real name
+                out = out.with_name(out.name + ".png")
             out.parent.mkdir(parents=True, exist_ok=True)
             figure.savefig(out, dpi=100, bbox_inches="tight")
         finally:
@@ -205,7 +218,8 @@ def _check_numbers(
     if not (_is_int(skip_start) and 0 <= skip_start <= num_steps - 3):
         raise ValueError(
             f"find_lr(skip_start={skip_start!r}): must be an int in [0, num_steps - 3] = "
-            f"[0, {num_steps - 3}] (the first steps left out of the suggestion)."
+            f"[0, {num_steps - 3}] (the first steps left out of the suggestion; default 10). "
+            "For a short sweep pass a smaller skip_start, or more num_steps."
         )
 
 
@@ -401,7 +415,7 @@ def find_lr(
     data: Any,
     *,
     loss_fn: LossFn,
-    optimizer: torch.optim.Optimizer | OptimizerFactory,
+    optimizer: torch.optim.Optimizer | OptimizerFactory | Mapping[str, Any],
     min_lr: float = 1e-7,
     max_lr: float = 10.0,
     num_steps: int = 100,
@@ -472,7 +486,8 @@ def find_lr(
         diverge_factor=diverge_factor,
         skip_start=skip_start,
     )
-    optimizer = resolve_named(optimizer, "optimizer")
+    # {"name": "AdamW", ...} -> a factory
+    resolved: torch.optim.Optimizer | OptimizerFactory = resolve_named(optimizer, "optimizer")
     loader = make_loader(
         data,
         batch_size=batch_size,
@@ -482,12 +497,12 @@ def find_lr(
         where="find_lr(data=...)",
     )
     strategy = SingleDevice() if strategy is None else strategy
-    saved = _Restorer(model, optimizer, strategy.device)
+    saved = _Restorer(model, resolved, strategy.device)
     curve = _Curve(float(smoothing), float(diverge_factor), [], [], [])
     try:
         state = TrainState.create(
             model,
-            optimizer=optimizer,
+            optimizer=resolved,
             schedule=_Sweep(float(min_lr), float(max_lr), int(num_steps)),
             precision=precision,
             strategy=strategy,

@@ -299,7 +299,9 @@ class TorchMetric:
     evaluate() and fit() wrap a torchmetrics object in this with the defaults; wrap it
     yourself to say where the predictions or the targets are. Each batch runs
     `metric.update(preds(outputs), target(batch))` on the device (float16/bfloat16
-    predictions from autocast are cast to float32 first). torchmetrics syncs its own
+    predictions from autocast are cast to float32 first; without `preds=`, predictions in
+    loopkit's layout, the targets' shape plus a last class dim, are put in torchmetrics':
+    see `_torchmetrics_layout`). torchmetrics syncs its own
     states across ranks inside `compute()` (over the metric's `process_group`, every rank
     by default), so `state_tensors()` is [] and evaluate calls `compute()` on every rank;
     loopkit's packed all_reduce never touches these states. A collection reports one
@@ -307,11 +309,13 @@ class TorchMetric:
 
     Args:
         metric: a `torchmetrics.Metric` or `torchmetrics.MetricCollection`.
-        preds: function outputs -> predictions; default `logits_of` (the logits tensor).
+        preds: function outputs -> predictions, passed to torchmetrics as they are;
+            default `logits_of` (the logits tensor, in torchmetrics' layout).
         target: function batch -> targets; default `default_target`.
 
     Raises:
-        TypeError: `metric` is not a torchmetrics object, or preds/target not callable.
+        TypeError: `metric` is not a torchmetrics object, preds/target not callable, or
+            an aggregator (MeanMetric, ...: it takes (value, weight)) without `target=`.
 
     Example:
         >>> from torchmetrics.classification import MulticlassF1Score
@@ -341,8 +345,17 @@ class TorchMetric:
             )
         self.metric = metric
         self.preds = preds or logits_of
+        self.adapts_layout = preds is None  # a preds= function picks the layout itself
         self.target = _check_target_fn(target, "TorchMetric")
         self.is_collection = isinstance(metric, sys.modules["torchmetrics"].MetricCollection)
+        if target is None:
+            _refuse_aggregators(self)
+        # torchmetrics' classification metrics want the classes second; others (text
+        # Perplexity: classes last) take the logits as a model gives them.
+        self.classes_second = all(
+            any(c.__module__.startswith("torchmetrics.classification") for c in type(leaf).__mro__)
+            for leaf in self.leaves()
+        )
 
     def names(self) -> tuple[str, ...]:
         """The names of a collection's entries (prefix/postfix applied); () for one metric."""
@@ -390,7 +403,20 @@ class TorchMetric:
                 )
         if preds.dtype in (torch.float16, torch.bfloat16):
             preds = preds.float()  # autocast outputs: torchmetrics' softmax/sums in float32
-        self.metric.update(preds, targets.to(preds.device))
+        targets = targets.to(preds.device)
+        if self.adapts_layout:
+            preds = _torchmetrics_layout(self, preds, targets)
+        try:
+            self.metric.update(preds, targets)
+        except (ValueError, RuntimeError) as error:
+            if type(error) not in (ValueError, RuntimeError):
+                raise  # e.g. torch.OutOfMemoryError: not about the inputs
+            raise type(error)(
+                f"{self!r}: update(preds of shape {tuple(preds.shape)} {preds.dtype}, target "
+                f"of shape {tuple(targets.shape)} {targets.dtype}) failed: {error} Pick the "
+                "inputs with loopkit.TorchMetric(metric, preds=lambda outputs: ..., "
+                "target=lambda batch: ...)."
+            ) from error
 
     def compute(self) -> Any:
         """The value (a dict name -> value for a collection); a collective with several ranks."""
@@ -419,6 +445,59 @@ class TorchMetric:
 
     def __repr__(self) -> str:
         return f"TorchMetric({type(self.metric).__name__})"
+
+
+def _refuse_aggregators(metric: TorchMetric) -> None:
+    """Refuse MeanMetric and its kin fed (preds, target): they would read it as (value, weight).
+
+    Raises:
+        TypeError: an entry is a `torchmetrics.aggregation.BaseAggregator`.
+    """
+    aggregation = sys.modules.get("torchmetrics.aggregation")
+    if aggregation is None:
+        return
+    for leaf in metric.leaves():
+        if isinstance(leaf, aggregation.BaseAggregator):
+            name = type(leaf).__name__
+            raise TypeError(
+                f"TorchMetric({name}): {name}.update takes (value, weight), so the adapter's "
+                f"(predictions, targets) would weight the predictions by the targets. For "
+                "the mean of a function of each batch use loopkit.Mean(lambda outputs, "
+                "batch: ...) or a plain function in metrics=; to feed the aggregator "
+                f"yourself, pass both: TorchMetric({name}(), preds=..., target=...)."
+            )
+
+
+def _torchmetrics_layout(
+    metric: TorchMetric, preds: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """`preds` in torchmetrics' layout when it has loopkit's: classes last.
+
+    loopkit's metrics read outputs of the targets' shape plus a last class dim, as a Linear
+    head gives them. torchmetrics wants one score per item without a class dim, and its
+    classification metrics want the classes second, (N, C, ...). So, when `preds` is
+    `targets`' shape plus one last dim: a last dim of 1 is dropped ((N, 1) against (N,)),
+    and for a classification metric (or a collection of them) classes last move second
+    ((N, T, C) against (N, T) become (N, C, T)); (N, C) is already both layouts.
+
+    Raises:
+        ValueError: the classes could be last or second (C equals the other sizes).
+    """
+    if preds.ndim != targets.ndim + 1 or preds.shape[:-1] != targets.shape:
+        return preds
+    if preds.shape[-1] == 1:
+        return preds.squeeze(-1)
+    if preds.ndim < 3 or not metric.classes_second:
+        return preds
+    if preds.shape[2:] == targets.shape[1:]:
+        raise ValueError(
+            f"{metric!r}: predictions of shape {tuple(preds.shape)} against targets of shape "
+            f"{tuple(targets.shape)}: the classes could be the last dim (loopkit's layout) or "
+            "the second (torchmetrics'). Say which with TorchMetric(metric, preds=...): "
+            "preds=lambda outputs: outputs.movedim(-1, 1) for classes last, or "
+            "preds=lambda outputs: outputs for classes second."
+        )
+    return preds.movedim(-1, 1)
 
 
 _PIPELINE_REFUSAL = (

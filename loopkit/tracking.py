@@ -204,7 +204,7 @@ class MLflowLogger:
         self.run_id = run_id
         self.log_checkpoints = log_checkpoints
         self._client: Any = None
-        self._renamed: set[str] = set()
+        self._names: dict[str, str] = {}  # each metric key's MLflow name, fixed for the run
 
     # ---- run state (fit stores it in checkpoints, so a resume continues the run)
 
@@ -221,16 +221,31 @@ class MLflowLogger:
         """The `mlflow.tracking.MlflowClient` of this logger's store (made on first use)."""
         if self._client is None:
             with _quiet_mlflow():
+                from mlflow.exceptions import MlflowException
                 from mlflow.tracking import MlflowClient
 
                 uri = self.tracking_uri or _default_tracking_uri()
                 self.tracking_uri = uri
-                self._client = MlflowClient(tracking_uri=uri)
+                try:
+                    self._client = MlflowClient(tracking_uri=uri)
+                except MlflowException as error:  # an unknown scheme, a plain file store
+                    raise ValueError(
+                        f"MLflowLogger(tracking_uri={uri!r}): MLflow cannot open this store: "
+                        f"{error} (e.g. tracking_uri='sqlite:///mlruns/mlflow.db' or "
+                        "'http://host:5000'; None: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db)"
+                    ) from error
         return self._client
 
     def _experiment_id(self) -> str:
         name = self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "loopkit"
         found = self.client.get_experiment_by_name(name)
+        if found is not None and found.lifecycle_stage == "deleted":
+            raise ValueError(
+                f"MLflowLogger(experiment={name!r}): that experiment is deleted in "
+                f"{self.tracking_uri} (MLflow keeps a deleted experiment's name until it is "
+                f"purged). Restore it (`mlflow experiments restore --experiment-id "
+                f"{found.experiment_id}`) or pick another name."
+            )
         if found is not None:
             return str(found.experiment_id)
         location = _artifacts_beside(self.client.tracking_uri)
@@ -272,7 +287,7 @@ class MLflowLogger:
     def _log_params(self, hparams: Mapping[str, object], *, continued: bool) -> None:
         from mlflow.entities import Param
 
-        params = {self._name(str(k)): _param_value(v) for k, v in hparams.items()}
+        params = {_mlflow_name(str(k)): _param_value(v) for k, v in hparams.items()}
         if continued:
             logged = self.client.get_run(self.run_id).data.params
             changed = sorted(k for k in params if k in logged and logged[k] != params[k])
@@ -287,12 +302,21 @@ class MLflowLogger:
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
-    def _name(self, key: str) -> str:
-        name = _MLFLOW_NAME.sub("_", key)
-        if name != key and key not in self._renamed:
-            self._renamed.add(key)
-            _log.warning("MLflow refuses %r as a name; logged as %r.", key, name)
-        return name
+    def _names_of(self, keys: list[str]) -> list[str]:
+        """Each metric key's MLflow name: itself when MLflow takes it, else `_mlflow_name`,
+        with "_2", "_3", ... when that is another key's name already (two keys never share
+        one history). Keys MLflow takes as they are pick first; a key keeps its name."""
+        for key in sorted(
+            (k for k in keys if k not in self._names), key=lambda k: _mlflow_name(k) != k
+        ):
+            name = base = _mlflow_name(key)
+            taken, n = set(self._names.values()), 2
+            while name in taken:
+                name, n = f"{base}_{n}", n + 1
+            self._names[key] = name
+            if name != key:
+                _log.warning("MLflow refuses %r as a metric name; logged as %r.", key, name)
+        return [self._names[k] for k in keys]
 
     def _metrics(self, state: Any, metrics: Mapping[str, float]) -> None:
         if not state.strategy.is_main or self.run_id is None:
@@ -300,7 +324,11 @@ class MLflowLogger:
         from mlflow.entities import Metric
 
         now_ms, step = int(time.time() * 1000), int(state.step)
-        items = [Metric(self._name(k), float(v), now_ms, step) for k, v in metrics.items()]
+        names = self._names_of(list(metrics))
+        items = [
+            Metric(name, float(v), now_ms, step)
+            for name, v in zip(names, metrics.values(), strict=True)
+        ]
         with _quiet_mlflow():
             for start in range(0, len(items), 1000):  # MLflow's limit per batch
                 self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
@@ -349,6 +377,16 @@ class MLflowLogger:
 
     def __repr__(self) -> str:
         return f"MLflowLogger(tracking_uri={self.tracking_uri!r}, experiment={self.experiment!r})"
+
+
+def _mlflow_name(key: str) -> str:
+    """`key` as a name MLflow takes: each refused character becomes "_", and a name that
+    path normalisation would change ("eval//f1", "eval/f1/", "a/./b", "..a"), which MLflow
+    refuses too, loses its empty parts and has its "." / ".." parts written as "_"."""
+    name = _MLFLOW_NAME.sub("_", key)
+    parts = [p if p not in (".", "..") else "_" * len(p) for p in name.split("/") if p]
+    name = "/".join(parts) or "_"
+    return "_" + name[1:] if name.startswith("..") else name
 
 
 def _param_value(value: object) -> str:

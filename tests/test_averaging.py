@@ -9,6 +9,7 @@ first update copies), swa the plain mean of the weights taken. Steps taken: s >=
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,19 @@ def test_save_model_writes_the_averaged_weights(tmp_path: Path) -> None:
         lk.save_model(state.model, tmp_path / "x", weights="ema")
 
 
+def test_save_model_before_the_first_update_writes_and_records_the_models_weights(
+    tmp_path: Path,
+) -> None:
+    step = lk.chain(lk.forward(loss_fn), lk.accumulate(1), lk.optimizer_step(), lk.swa(start=9))
+    state = fresh()
+    for batch in batches(3):  # before step 9: the average holds no update yet
+        state = step(state, batch)
+    saved = safetensors.torch.load_file(lk.save_model(state, tmp_path / "swa", weights="swa"))
+    names = [name for name, _ in state.model.named_parameters()]
+    assert_tensors([saved[n] for n in names], state.params, exact=True)
+    assert "weights" not in json.loads((tmp_path / "swa" / "config.json").read_text())
+
+
 def test_snapshot_copies_the_average_and_checkpoints_keep_it(tmp_path: Path) -> None:
     state = trained()
     copy = state.snapshot()
@@ -254,6 +268,18 @@ def test_fit_resumed_mid_run_ends_with_the_same_average_bitwise(
     assert resumed.averages[kind].count == whole.averages[kind].count > 0
     assert_tensors(resumed.averages[kind].tensors, whole.averages[kind].tensors, exact=True)
     assert_tensors(resumed.params, whole.params, exact=True)
+
+
+def test_resuming_an_average_without_average_says_it_is_not_updated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_fit(tmp_path, 3, False, average=lk.ema(0.8))
+    with caplog.at_level(logging.WARNING, logger="loopkit"):
+        state = run_fit(tmp_path, 5, True).state  # no average=: the ema stays as saved
+    assert state.averages["ema"].updated_at == 3
+    (message,) = [r.getMessage() for r in caplog.records if "does not update" in r.getMessage()]
+    assert "'ema' average (3 updates, the last at step 3)" in message
+    assert "average=loopkit.ema(...)" in message
 
 
 def test_fit_evaluates_with_the_average_it_keeps(tmp_path: Path) -> None:

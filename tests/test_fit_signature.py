@@ -154,8 +154,11 @@ def test_mypy_flags_an_unknown_keyword_and_a_wrong_type(tmp_path):
 def test_an_unknown_keyword_says_where_it_belongs(name, value, hint):
     model = mlp()
     before = [p.detach().clone() for p in model.parameters()]
+    # No optimizer= given: an optimizer keyword's hint then shows a fresh optimizer dict
+    # (next to a given dict it shows that dict: tests/test_ecosystem_edges.py).
+    without_optimizer = {k: v for k, v in BASE.items() if k != "optimizer"}
     with pytest.raises(ValueError) as error:
-        lk.fit(model, dataset(), **BASE, **{name: value})
+        lk.fit(model, dataset(), **without_optimizer, **{name: value})
     assert str(error.value).startswith(f"fit: unknown field {name}={value!r}: ")
     assert hint in str(error.value)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
@@ -272,3 +275,19 @@ def test_takes_config_passes_the_merged_values_to_the_function() -> None:
     assert run(1, config={"max_steps": 5}, max_steps=None)[1] is None  # written: it wins
     with pytest.raises(ValueError, match=r"run: unknown field max_stepz=2"):
         run(1, max_stepz=2)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    "value, hint",
+    [
+        ("bf16-mixed", "precision='bf16'"),
+        ("16-mixed", "precision='fp16'"),
+        (16, "precision='fp16'"),
+        ("32-true", "precision='fp32'"),
+        ("bf16-true", "cast the model"),
+    ],
+)
+def test_lightnings_precision_names_say_what_to_write(value, hint):
+    with pytest.raises(ValueError, match=r"must be 'fp32', 'bf16' or 'fp16'\. Lightning's") as info:
+        lk.FitConfig(precision=value)
+    assert hint in str(info.value)
