@@ -19,6 +19,7 @@ An eval batch size inherited from batch_size is no error for data that batches i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -363,9 +364,16 @@ def keep_workers_through_sigterm(worker_id: int, *, main_pid: int | None = None)
     worker blocks SIGTERM and a thread takes each one: from the main process (or the
     worker's parent), which ends its workers itself, the worker exits as torch's handler
     makes it; from anyone else it is ignored, and the main process, which got the same
-    signal, stops the run and ends its workers. The loaders fit and the Trainer façade
-    build use it; pass it (or call it from yours) in a DataLoader of your own. Where the
-    system lacks `sigwaitinfo` (macOS, Windows) it does nothing.
+    signal, stops the run and ends its workers.
+
+    Only threads that block SIGTERM leave it to that thread; one a library starts in the
+    worker before this runs (e.g. jemalloc's, with pyarrow loaded) would get torch's
+    handler. So `iterate` starts such workers with SIGTERM blocked in the calling thread,
+    which every thread of the worker inherits. fit, evaluate, find_lr and the Trainer
+    façade build their loaders with this and read them through `iterate`; for a DataLoader
+    of your own, pass it as `worker_init_fn` (or call it from yours) and loop over
+    `loopkit.data.iterate(loader)`. Where the system lacks `sigwaitinfo` (macOS, Windows)
+    it does nothing.
 
     Args:
         worker_id: the worker's index (unused; torch passes it).
@@ -376,16 +384,9 @@ def keep_workers_through_sigterm(worker_id: int, *, main_pid: int | None = None)
     if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: torch's own handler stays
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    # torch's handler kills the worker in whichever thread takes the signal; a thread made
-    # before this call does not block it, so the process-wide action must not kill either.
-    signal.signal(signal.SIGTERM, _sigterm_taken_elsewhere)
     threading.Thread(
         target=_take_sigterms, args=(main_pid,), name="loopkit-sigterm", daemon=True
     ).start()
-
-
-def _sigterm_taken_elsewhere(signum: int, frame: object) -> None:
-    """A SIGTERM that reached a thread other than `_take_sigterms`'s: its sender is unknown."""
 
 
 def _take_sigterms(main_pid: int | None) -> None:
@@ -393,6 +394,25 @@ def _take_sigterms(main_pid: int | None) -> None:
         sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
         if sender in (main_pid, os.getppid()):
             os._exit(0)
+
+
+def _keeps_workers_through_sigterm(loader: object) -> bool:
+    init = getattr(loader, "worker_init_fn", None)
+    init = init.func if isinstance(init, functools.partial) else init
+    return init is keep_workers_through_sigterm and getattr(loader, "num_workers", 0) > 0
+
+
+@contextlib.contextmanager
+def _sigterm_blocked(blocked: bool) -> Iterator[None]:
+    """SIGTERM blocked in this thread while the block runs (one that arrives waits)."""
+    if not blocked or not hasattr(signal, "sigwaitinfo"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def has_global_position(loader: object) -> bool:
@@ -428,12 +448,17 @@ def iterate(loader: Iterable[Any], *, where: str = "fit(train_data=...)") -> Ite
 
     torch raises a bare `RuntimeError("DataLoader timed out after ... seconds")` when a
     worker delivers no batch within the loader's `timeout`; this names the worker and the
-    fixes instead, and stops the loader's workers (the stuck one included) at once.
+    fixes instead, and stops the loader's workers (the stuck one included) at once. A
+    loader whose workers start with `keep_workers_through_sigterm` starts them with SIGTERM
+    blocked here (see there why).
 
     Raises:
         DataTimeoutError: a worker delivered no batch within the loader's timeout.
     """
-    iterator = iter(loader)
+    # Workers start here: with keep_workers_through_sigterm, each starts with SIGTERM
+    # blocked (this thread's mask is inherited), so only its own handler thread takes one.
+    with _sigterm_blocked(_keeps_workers_through_sigterm(loader)):
+        iterator = iter(loader)
     while True:
         try:
             batch = next(iterator)

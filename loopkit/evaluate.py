@@ -11,7 +11,7 @@ import torch
 from ._batch import batch_size
 from ._types import LossFn
 from .averaging import Weights, averaged_weights, check_weights
-from .data import EpochSampler
+from .data import EpochSampler, iterate
 from .metrics import (
     Metric,
     TorchMetric,
@@ -194,7 +194,7 @@ def _sum_batches(
     model.eval()
     try:
         with torch.no_grad():
-            for batch in data:
+            for batch in iterate(data, where="evaluate(data=...)"):
                 if max_batches is not None and n_batches >= max_batches:
                     break
                 batch = strategy.to_device(batch)

@@ -29,11 +29,11 @@ from typing import Any, NoReturn
 import pytest
 import torch
 from _interrupt_trainer import MAX_STEPS, train
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import loopkit as lk
 from loopkit.checkpoint import validate_checkpoint
-from loopkit.data import keep_workers_through_sigterm
+from loopkit.data import iterate, keep_workers_through_sigterm
 
 HANG_S = 120.0  # only to turn a hang into a failure; a case takes well under a second
 EXIT = {"SIGINT": -signal.SIGINT, "SIGTERM": 143, "SIGUSR1": 0}  # as docs/fit.md says
@@ -247,29 +247,92 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path: 
         assert torch.equal(final[key], tensor), f"{key} differs from the uninterrupted run"
 
 
+class _ItemAndPid(torch.utils.data.Dataset):
+    """Item i is (i, the pid of the process that read it); item `stuck_at` never comes."""
+
+    def __init__(self, stuck_at: int | None = None) -> None:
+        self.stuck_at = stuck_at
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i == self.stuck_at:
+            time.sleep(3600)
+        return torch.tensor(float(i)), torch.tensor(os.getpid())
+
+
+_STRAY_THREAD = [False]
+
+
+def _start_a_stray_thread() -> None:
+    """In a forked child: a thread that does not block SIGTERM, made before any init_fn
+    runs, as some libraries' fork handlers make them (jemalloc's, with pyarrow loaded)."""
+    if _STRAY_THREAD[0]:
+        threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+
+
+os.register_at_fork(after_in_child=_start_a_stray_thread)
+
+
+@pytest.fixture
+def stray_thread_in_children() -> Any:
+    _STRAY_THREAD[0] = True
+    yield
+    _STRAY_THREAD[0] = False
+
+
 @pytest.mark.parametrize("guarded", [True, False])
-def test_a_user_loader_worker_outlives_a_sigterm_from_outside(guarded: bool) -> None:
+def test_a_user_loader_worker_outlives_a_sigterm_from_outside(
+    guarded: bool, stray_thread_in_children: Any
+) -> None:
     loader = DataLoader(
-        TensorDataset(torch.arange(32.0)),
+        _ItemAndPid(),
         batch_size=4,
         num_workers=1,
         worker_init_fn=keep_workers_through_sigterm if guarded else None,
     )
-    batches = iter(loader)
-    got = [next(batches)[0]]
-    worker_pid = batches._workers[0].pid  # type: ignore[attr-defined]
-    outside = ["kill", "-TERM", str(worker_pid)]  # a sender other than the parent
+    batches = iterate(loader)  # starts a guarded loader's workers with SIGTERM blocked
+    first = next(batches)
+    outside = ["kill", "-TERM", str(int(first[1][0]))]  # a sender other than the parent
     if not guarded:  # torch's own worker handler: any sender but the parent kills it
         with pytest.raises(RuntimeError, match="killed by signal: Terminated"):
             subprocess.run(outside, check=True)
             time.sleep(0.5)
-            got.extend(b[0] for b in batches)
+            list(batches)
         return
     subprocess.run(outside, check=True)
     time.sleep(0.5)  # let the signal land before the next batches are asked for
-    got.extend(b[0] for b in batches)
+    got = [first[0], *(b[0] for b in batches)]
     assert torch.equal(torch.cat(got), torch.arange(32.0))
-    del batches  # the parent ends its worker (a SIGTERM from the parent still works)
+
+
+def test_a_guarded_worker_stuck_in_the_dataset_still_ends_when_the_loader_stops_it() -> None:
+    # The loader ends a worker that does not stop by itself with a SIGTERM of its own: a
+    # guarded worker must still obey that one, or the process would wait for it at exit.
+    loader = DataLoader(
+        _ItemAndPid(stuck_at=4),
+        batch_size=4,
+        num_workers=1,
+        timeout=1.0,
+        worker_init_fn=keep_workers_through_sigterm,
+    )
+    batches = iterate(loader)
+    worker_pid = int(next(batches)[1][0])
+    with pytest.raises(lk.DataTimeoutError):
+        next(batches)
+    deadline = time.monotonic() + HANG_S
+    while _alive(worker_pid):
+        assert time.monotonic() < deadline, f"worker {worker_pid} still running"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
 
 
 def test_a_second_sigint_aborts_at_once_without_saving(tmp_path: Path) -> None:
