@@ -402,6 +402,22 @@ def _keeps_workers_through_sigterm(loader: object) -> bool:
     return init is keep_workers_through_sigterm and getattr(loader, "num_workers", 0) > 0
 
 
+def workers_die_on_sigterm(loader: object) -> bool:
+    """Whether a SIGTERM sent to the whole process group would kill `loader`'s workers.
+
+    True for a DataLoader with worker processes that does not start them with
+    `keep_workers_through_sigterm` (a loader of the user's own, as a rule), where the
+    system has `sigwaitinfo` to do better. A `worker_init_fn` of the user's own that calls
+    it cannot be seen from here.
+    """
+    return (
+        isinstance(loader, (DataLoader, StatefulDataLoader))
+        and loader.num_workers > 0
+        and not _keeps_workers_through_sigterm(loader)
+        and hasattr(signal, "sigwaitinfo")
+    )
+
+
 @contextlib.contextmanager
 def _sigterm_blocked(blocked: bool) -> Iterator[None]:
     """SIGTERM blocked in this thread while the block runs (one that arrives waits)."""
@@ -511,4 +527,5 @@ __all__ = [
     "iterate",
     "keep_workers_through_sigterm",
     "make_loader",
+    "workers_die_on_sigterm",
 ]

@@ -16,6 +16,7 @@ loop. The loop calls one small named piece for each concern:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from .checkpoint import step_dir_name
 from .compiled import compile_step
 from .compose import chain, identity, inner_of, parts_of
 from .config import ConfigSource, FitConfig, merge_config, resolve_named, takes_config
-from .data import iterate, make_loader
+from .data import iterate, make_loader, workers_die_on_sigterm
 from .fingerprint import FingerprintRecorder, fingerprint
 from .guards import zero_nonfinite
 from .logging import CSVLogger, JSONLLogger, ProgressBar, TensorBoardLogger
@@ -393,6 +394,7 @@ def fit(
         if isinstance(metric, TorchMetric):  # refuse what torchmetrics cannot sync, before work
             metric.prepare(state.strategy, "fit(metrics=...)")
     loader, eval_loader = _loaders(train_data, cfg, state.strategy)
+    _warn_of_workers_slurm_kills(state.strategy, train_data=loader, eval_data=eval_loader)
     k = _window_size(cfg, loader, state.strategy)
     every = _fingerprint_every(cfg)
     recorder = None  # every rank records its own tensors (rank r > 0 in fingerprints/rank-<r>)
@@ -440,6 +442,26 @@ def _checked_config(config: ConfigSource) -> FitConfig:
     if cfg.mode is None and cfg.eval_data is not None:
         infer_mode(cfg.monitor)  # fail now, not at the first eval
     return cfg
+
+
+def _warn_of_workers_slurm_kills(strategy: Strategy, **loaders: Any) -> None:
+    """Under SLURM, which sends SIGTERM to every process of a job step, name a DataLoader of
+    the user's own whose workers that signal would kill before fit can save."""
+    if "SLURM_JOB_ID" not in os.environ or not strategy.is_main:
+        return
+    for name, loader in loaders.items():
+        if workers_die_on_sigterm(loader):
+            logger.warning(
+                "fit(%s=...): a DataLoader with num_workers=%d under SLURM, which sends "
+                "SIGTERM to every process of the job step (preemption, time limit, scancel): "
+                "its workers would die at once and the run would fail before it can finish "
+                "its window and save. Pass worker_init_fn=loopkit.data."
+                'keep_workers_through_sigterm to the DataLoader (docs/fit.md, "DataLoader '
+                'workers"), or pass fit the Dataset with batch_size= and num_workers= to '
+                "have it build the loader.",
+                name,
+                loader.num_workers,
+            )
 
 
 def _loaders(train_data: Any, cfg: FitConfig, strategy: Strategy) -> tuple[Any, Any]:

@@ -11,6 +11,7 @@ the line a person sees.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import re
@@ -28,8 +29,10 @@ from typing import Any, NoReturn
 
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
 from _interrupt_trainer import MAX_STEPS, train
-from torch.utils.data import DataLoader
+from helpers import mlp
+from torch.utils.data import DataLoader, TensorDataset
 
 import loopkit as lk
 from loopkit.checkpoint import validate_checkpoint
@@ -333,6 +336,42 @@ def _alive(pid: int) -> bool:
             return stat.read().split()[2] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize(
+    "slurm, guarded, warned", [(True, False, True), (True, True, False), (False, False, False)]
+)
+def test_fit_under_slurm_names_a_user_loader_whose_workers_sigterm_would_kill(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    slurm: bool,
+    guarded: bool,
+    warned: bool,
+) -> None:
+    if slurm:
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    else:
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    loader = DataLoader(
+        TensorDataset(torch.randn(8, 4, dtype=torch.float64), torch.zeros(8, dtype=torch.long)),
+        batch_size=4,
+        num_workers=1,
+        worker_init_fn=keep_workers_through_sigterm if guarded else None,
+    )
+    with caplog.at_level(logging.WARNING, logger="loopkit"):
+        lk.fit(
+            mlp(seed=0),
+            loader,
+            loss_fn=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]),
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+            max_steps=1,
+            progress=False,
+        )
+    messages = [r.getMessage() for r in caplog.records if "under SLURM" in r.getMessage()]
+    assert len(messages) == int(warned), messages
+    if warned:
+        assert "fit(train_data=...): a DataLoader with num_workers=1" in messages[0]
+        assert "worker_init_fn=loopkit.data.keep_workers_through_sigterm" in messages[0]
 
 
 def test_a_second_sigint_aborts_at_once_without_saving(tmp_path: Path) -> None:
