@@ -155,8 +155,9 @@ class MLflowLogger:
     under `model/`. At fit end the run is marked FINISHED (KILLED after a stop by a signal).
 
     A resumed fit continues the same run (the run id travels in fit's checkpoints; pass
-    `run_id=` to continue a run yourself). MLflow params cannot change: on a resumed run
-    only new ones are logged.
+    `run_id=` to continue a run yourself); a fit that does not resume starts a new run,
+    also with a logger object an earlier fit used (an lr sweep reusing one logger gets a
+    run per fit). MLflow params cannot change: on a resumed run only new ones are logged.
 
     Args:
         tracking_uri: where runs go; None: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db.
@@ -202,6 +203,7 @@ class MLflowLogger:
         self.experiment = experiment
         self.run_name = run_name
         self.run_id = run_id
+        self._continues = run_id is not None  # the next fit continues run_id (see on_fit_start)
         self.log_checkpoints = log_checkpoints
         self._client: Any = None
         self._names: dict[str, str] = {}  # each metric key's MLflow name, fixed for the run
@@ -214,7 +216,7 @@ class MLflowLogger:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         run_id = state.get("run_id")
         if isinstance(run_id, str):
-            self.run_id = run_id
+            self.run_id, self._continues = run_id, True
 
     @property
     def client(self) -> Any:
@@ -254,6 +256,9 @@ class MLflowLogger:
     def on_fit_start(self, state: Any, hparams: Mapping[str, object]) -> None:
         if not state.strategy.is_main:
             return
+        if not self._continues:  # a fresh fit: the logger's last run is not this one's
+            self.run_id, self._names = None, {}
+        self._continues = False
         with _quiet_mlflow():
             continued = self.run_id is not None and self._continue_run()
             if not continued:
@@ -416,7 +421,8 @@ class WandbLogger:
     stop by a signal).
 
     A resumed fit continues the same run id (`resume="allow"`; the id travels in fit's
-    checkpoints; pass `run_id=` yourself otherwise). Offline, each fit writes its own run
+    checkpoints; pass `run_id=` yourself otherwise); a fit that does not resume starts a
+    new run, also with a logger object an earlier fit used. Offline, each fit writes its own run
     directory under that id, and `wandb sync` uploads them into the one run.
 
     Args:
@@ -476,6 +482,7 @@ class WandbLogger:
             raise TypeError(f"WandbLogger(init_kwargs={init_kwargs!r}): expected a dict.")
         _require("wandb", "WandbLogger", WANDB_EXTRA)
         self.project, self.mode, self.name, self.run_id = project, mode, name, run_id
+        self._continues = run_id is not None  # the next fit continues run_id (see on_fit_start)
         self.dir = None if dir is None else os.fspath(dir)
         self.entity, self.tags, self.log_checkpoints = entity, tags, log_checkpoints
         self.init_kwargs = dict(init_kwargs or {})
@@ -487,7 +494,7 @@ class WandbLogger:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         run_id = state.get("run_id")
         if isinstance(run_id, str):
-            self.run_id = run_id
+            self.run_id, self._continues = run_id, True
 
     def _init(self, config: dict[str, Any] | None) -> Any:
         """Start (or continue, when the run id is known) the W&B run; return it."""
@@ -521,6 +528,9 @@ class WandbLogger:
         if not state.strategy.is_main:
             return
         self.on_fit_end(state)  # a run left open by an earlier fit ends here
+        if not self._continues:  # a fresh fit: the logger's last run is not this one's
+            self.run_id = None
+        self._continues = False
         self.run = self._init({str(k): _config_value(v) for k, v in hparams.items()})
         _log.info("W&B: run %s (%s) in %s", self.run.id, self.mode, self.run.dir)
 

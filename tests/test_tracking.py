@@ -293,3 +293,28 @@ def test_log_model_wants_a_save_model_directory(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(RuntimeError, match="no run yet"):
         lk.MLflowLogger().log_model(tmp_path)
+
+
+def test_one_logger_object_reused_by_fresh_fits_gives_a_run_per_fit(tmp_path):
+    # An lr sweep reusing one logger: each fit that does not resume starts its own run.
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_logger = lk.MLflowLogger(tracking_uri=uri, experiment="reuse")
+    wandb_logger = lk.WandbLogger(project="reuse", dir=tmp_path / "wb")
+    ids: dict[str, list[str]] = {"mlflow": [], "wandb": []}
+    for k in range(2):
+        if k:
+            time.sleep(1.1)  # wandb names offline directories by the second (see above)
+        _fit(mlflow_logger, tmp_path / f"m{k}", max_steps=2, resume=False)
+        ids["mlflow"].append(str(mlflow_logger.run_id))
+        _fit(wandb_logger, tmp_path / f"w{k}", max_steps=2, resume=False)
+        ids["wandb"].append(str(wandb_logger.run_id))
+    assert len(set(ids["mlflow"])) == 2 and len(set(ids["wandb"])) == 2
+    client = MlflowClient(tracking_uri=uri)
+    for run_id in ids["mlflow"]:
+        steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+        assert steps == [1, 2], steps  # each step once, in its own run
+        assert client.get_run(run_id).info.status == "FINISHED"
+    for run_id in ids["wandb"]:
+        assert len(list((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
