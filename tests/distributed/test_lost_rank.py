@@ -160,8 +160,14 @@ def test_the_survivor_names_the_lost_rank_and_the_run_resumes_exactly(
     assert lost_ranks == (lost_rank,), message
     assert f"Rank {lost_rank} is lost" in message, message
     assert f"pid {lost_pid} on {socket.gethostname()}" in message, message
-    state = "its process is stopped" if lose == "stop" else "its process has exited"
-    assert state in message, message
+    # A killed rank is a zombie until its parent (this test's run_ranks) reaps it, then it
+    # is gone: which of the two the survivor's roll call sees depends on that race.
+    states = (
+        ["its process is stopped"]
+        if lose == "stop"
+        else ["its process has exited", "no such process runs on this host any more"]
+    )
+    assert any(state in message for state in states), message
     assert f"timeout_s={TIMEOUT_S}" in message and "resume=True" in message, message
     assert waited_s < TIMEOUT_S + 10.0, (waited_s, message)
     assert outcomes[lost_rank].exitcode == -signal.SIGKILL
