@@ -354,6 +354,9 @@ def make_loader(
     )
 
 
+_TAKES_SIGNALS = hasattr(signal, "sigwaitinfo")  # not on macOS or Windows
+
+
 def keep_workers_through_sigterm(worker_id: int, *, main_pid: int | None = None) -> None:
     """A DataLoader `worker_init_fn`: the worker ends on a SIGTERM from the main process only.
 
@@ -381,7 +384,7 @@ def keep_workers_through_sigterm(worker_id: int, *, main_pid: int | None = None)
             (the "forkserver" start method); by default the parent.
     """
     del worker_id
-    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: torch's own handler stays
+    if not _TAKES_SIGNALS:  # torch's own handler stays
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(
@@ -414,14 +417,14 @@ def workers_die_on_sigterm(loader: object) -> bool:
         isinstance(loader, (DataLoader, StatefulDataLoader))
         and loader.num_workers > 0
         and not _keeps_workers_through_sigterm(loader)
-        and hasattr(signal, "sigwaitinfo")
+        and _TAKES_SIGNALS
     )
 
 
 @contextlib.contextmanager
 def _sigterm_blocked(blocked: bool) -> Iterator[None]:
     """SIGTERM blocked in this thread while the block runs (one that arrives waits)."""
-    if not blocked or not hasattr(signal, "sigwaitinfo"):
+    if not (blocked and _TAKES_SIGNALS):
         yield
         return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

@@ -484,15 +484,13 @@ def _on_rank(difference: Difference, rank: int) -> Difference:
     )
 
 
-def _world_size(table: _Table, steps: Sequence[int], ranks: Sequence[int]) -> str:
-    """The world size(s) a run was recorded at over `steps` ("2", or "2 then 4")."""
+def _world_sizes(table: _Table, steps: Sequence[int], ranks: Sequence[int]) -> tuple[int, ...]:
+    """The world sizes a run was recorded at over `steps` (all steps if none), in order."""
     rows = {s: i for i, s in enumerate(table.steps)}
-    sizes = [table.meta[rows[s]].get("world_size") for s in steps] or [
-        m.get("world_size") for m in table.meta
-    ]
-    known = [str(size) for size in dict.fromkeys(sizes) if size is not None]
-    # Fingerprints recorded before the world size was: one per rank that recorded any.
-    return " then ".join(known) if known else str(max(ranks) + 1)
+    metas = [table.meta[rows[s]] for s in steps] or table.meta
+    sizes = dict.fromkeys(m["world_size"] for m in metas if m.get("world_size") is not None)
+    # Fingerprints recorded before the world size was: one process per rank that recorded.
+    return tuple(sizes) or (max(ranks) + 1,)
 
 
 def _ranks_to_compare(
@@ -504,13 +502,14 @@ def _ranks_to_compare(
 ) -> tuple[list[int], list[str]]:
     """The ranks to compare (0 first) and notes on those that are not."""
     ranks_a, ranks_b = fingerprint_ranks(run_a), fingerprint_ranks(run_b)
-    size_a = _world_size(ta, main.common, ranks_a)
-    size_b = _world_size(tb, main.common, ranks_b)
-    if size_a != size_b or not size_a.isdigit():
-        what = "different world sizes" if size_a != size_b else "a world size that changed"
-        return [0], [f"recorded at {what} (A: {size_a}, B: {size_b}): compared rank 0 only"]
+    sizes_a = _world_sizes(ta, main.common, ranks_a)
+    sizes_b = _world_sizes(tb, main.common, ranks_b)
+    if sizes_a != sizes_b or len(sizes_a) > 1:
+        what = "different world sizes" if sizes_a != sizes_b else "a world size that changed"
+        a, b = (" then ".join(map(str, sizes)) for sizes in (sizes_a, sizes_b))
+        return [0], [f"recorded at {what} (A: {a}, B: {b}): compared rank 0 only"]
     ranks, notes = [0], []
-    for rank in range(1, int(size_a)):
+    for rank in range(1, sizes_a[0]):
         if rank in ranks_a and rank in ranks_b:
             ranks.append(rank)
         elif rank in ranks_a or rank in ranks_b:
@@ -527,8 +526,8 @@ def recorded_world_size(run: str | os.PathLike[str]) -> int:
     Raises:
         ValueError: `run` has no readable fingerprints.
     """
-    sizes = [m.get("world_size") or 1 for chunk in read_fingerprints(run) for m in chunk.meta]
-    return max([*sizes, max(fingerprint_ranks(run)) + 1])
+    ranks = fingerprint_ranks(run)
+    return max(*_world_sizes(_table(read_fingerprints(run)), (), ranks), max(ranks) + 1)
 
 
 def check_replayable(run_a: str | os.PathLike[str], run_b: str | os.PathLike[str]) -> None:
