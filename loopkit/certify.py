@@ -72,6 +72,8 @@ class Certificate:
         report: the fingerprint diff (bitwise) of the reference and the resumed run.
         final_weights_equal: the final weights agree bitwise.
         workdir: where both runs' logs and checkpoints are.
+        notes: what the draw could not cover, and interruptions that did not stop the run.
+        exercised: every drawn interruption stopped the run where it should (else not ok).
     """
 
     steps: int
@@ -82,10 +84,13 @@ class Certificate:
     final_weights_equal: bool
     workdir: str
     notes: list[str] = field(default_factory=list)
+    exercised: bool = True
 
     @property
     def ok(self) -> bool:
-        return self.report.first_divergent_step is None and self.final_weights_equal
+        return (
+            self.exercised and self.report.first_divergent_step is None and self.final_weights_equal
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,6 +103,7 @@ class Certificate:
             "final_weights_equal": self.final_weights_equal,
             "steps_compared": len(self.report.steps_compared),
             "workdir": self.workdir,
+            "exercised": self.exercised,
             "notes": self.notes,
             "diff": self.report.to_json(),
         }
@@ -121,6 +127,7 @@ class Certificate:
         lines.append(f"  fingerprints compared: {len(self.report.steps_compared)} steps")
         lines.append(f"  final weights equal: {'yes' if self.final_weights_equal else 'no'}")
         lines.append(f"  bitwise: {'yes' if self.ok else 'no'}")
+        lines.append(f"  runs: {self.workdir} (reference/, resumed/: `loopkit diff` them)")
         if not self.ok:
             lines.append(self.report.format())
         return "\n".join(lines)
@@ -151,14 +158,59 @@ def _run(config: RunConfig, *, interrupt_after: int | None = None) -> FitResult:
     return fit(built.model, built.data, **kwargs)
 
 
-def _draw(n_steps: int, window: int, count: int, seed: int) -> list[tuple[int, int]]:
-    """`count` (step, micro-batch offset) pairs, distinct steps < n_steps - 1, sorted."""
+def _draw(sizes: list[int], count: int, seed: int) -> list[tuple[int, int]]:
+    """`count` (step, micro-batch offset) pairs, distinct steps before the last, sorted.
+
+    `sizes` are the micro-batches of each step; at least one offset is inside its window
+    (not the window's last micro-batch) when a drawn step has a window of several.
+    """
     rng = random.Random(seed)
-    steps = sorted(rng.sample(range(n_steps - 1), min(count, n_steps - 1)))
-    offsets = [rng.randrange(window) for _ in steps]
-    if window > 1 and steps and all(o == window - 1 for o in offsets):
-        offsets[rng.randrange(len(steps))] = rng.randrange(window - 1)  # one mid-window
+    steps = sorted(rng.sample(range(len(sizes) - 1), min(count, len(sizes) - 1)))
+    offsets = [rng.randrange(sizes[s]) for s in steps]
+    inside = [i for i, s in enumerate(steps) if sizes[s] > 1]
+    if inside and all(offsets[i] == sizes[steps[i]] - 1 for i in inside):
+        i = rng.choice(inside)
+        offsets[i] = rng.randrange(sizes[steps[i]] - 1)  # one mid-window
     return list(zip(steps, offsets))
+
+
+def _interrupt(
+    config: RunConfig, draws: list[tuple[int, int]], metas: dict[int, dict[str, Any]]
+) -> tuple[list[Interruption], list[str]]:
+    """Run `config` (resume=True) in segments, each stopped by a drawn interruption.
+
+    Returns the interruptions and notes on those that did not stop the run where they
+    should (at the end of the window of the signal).
+    """
+    sizes = _window_sizes(metas)
+    first = [sum(sizes[:s]) for s in range(len(sizes) + 1)]  # of each step, from 0
+    done, notes = [], []
+    at_step = 0
+    for step, offset in draws:
+        micro_batch = first[step] + offset
+        result = _run(config, interrupt_after=micro_batch - first[at_step] + 1)
+        if result.state.step != step + 1:
+            notes.append(
+                f"the interruption at micro-batch {micro_batch} should have stopped the run at "
+                f"step {step + 1}; it stopped at step {result.state.step} ({result.stopped_by}):"
+                " resume was not exercised there, so nothing is certified"
+            )
+        at_step = result.state.step
+        epoch = {s: m["epoch"] for s, m in metas.items()}
+        done.append(
+            Interruption(
+                micro_batch=micro_batch,
+                stopped_at=at_step,
+                mid_window=offset < sizes[step] - 1,
+                mid_epoch=epoch.get(at_step, math.inf) == epoch.get(at_step - 1),
+            )
+        )
+    return done, notes
+
+
+def _window_sizes(metas: dict[int, dict[str, Any]]) -> list[int]:
+    """The micro-batches of each step of the reference run (its micro-step seeds)."""
+    return [max(1, len(metas[s].get("micro_step_seeds") or [1])) for s in sorted(metas)]
 
 
 def certify_resume(
@@ -175,17 +227,19 @@ def certify_resume(
             and resume are replaced by directories under `workdir`).
         interruptions: how many interruptions to draw (distinct steps).
         seed: seeds the draw.
-        workdir: where the two runs go (default: a new temporary directory, kept).
+        workdir: where the two runs go: a new or empty directory (default: a new
+            temporary directory, kept).
 
     Raises:
-        ValueError: interruptions < 1, the run has fewer than 2 steps, or it cannot run
-            here (not the main thread, no SIGUSR1).
+        ValueError: interruptions < 1, the run has fewer than 2 steps, workdir is a file or
+            not empty, or it cannot run here (not the main thread, no SIGUSR1).
     """
     if isinstance(interruptions, bool) or not isinstance(interruptions, int) or interruptions < 1:
         raise ValueError(f"certify_resume(interruptions={interruptions!r}): must be an int >= 1.")
     if not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
         raise ValueError("certify_resume: needs SIGUSR1 and the main thread (POSIX, not a worker).")
     work = Path(workdir or tempfile.mkdtemp(prefix="loopkit-certify-"))
+    _check_workdir(work)
 
     def run_config(name: str, resume: bool | None) -> RunConfig:
         return config.replace(
@@ -197,27 +251,15 @@ def certify_resume(
         )
 
     reference = _run(run_config("reference", None))
-    metas = [m for chunk in read_fingerprints(work / "reference") for m in chunk.meta]
+    metas = {s: m for c in read_fingerprints(work / "reference") for s, m in zip(c.steps, c.meta)}
     n_steps = reference.state.step
     if n_steps < 2:
         raise ValueError(f"certify_resume: the run has {n_steps} step(s); it needs at least 2.")
-    window = max(1, len(metas[0].get("micro_step_seeds") or [1]))
+    sizes = _window_sizes(metas)
+    draws = _draw(sizes, interruptions, seed)
     resumed_cfg = run_config("resumed", True)
-    done: list[Interruption] = []
-    at_step = 0
-    for step, offset in _draw(n_steps, window, interruptions, seed):
-        micro_batch = step * window + offset
-        result = _run(resumed_cfg, interrupt_after=micro_batch - at_step * window + 1)
-        at_step = result.state.step
-        epochs = {m["step"]: m["epoch"] for m in metas}
-        done.append(
-            Interruption(
-                micro_batch=micro_batch,
-                stopped_at=at_step,
-                mid_window=offset < window - 1,
-                mid_epoch=epochs.get(at_step, math.inf) == epochs.get(at_step - 1),
-            )
-        )
+    done, problems = _interrupt(resumed_cfg, draws, metas)
+    notes = _draw_notes(n_steps, max(sizes), interruptions, len(draws)) + problems
     final = _run(resumed_cfg)
     report = diff_runs(work / "reference", work / "resumed")
     same = all(
@@ -228,13 +270,43 @@ def certify_resume(
     )
     return Certificate(
         steps=n_steps,
-        window=window,
-        epochs=len({m["epoch"] for m in metas}),
+        window=sizes[0],
+        epochs=len({m["epoch"] for m in metas.values()}),
         interruptions=done,
         report=report,
         final_weights_equal=same and final.state.step == n_steps,
         workdir=str(work),
+        notes=notes,
+        exercised=not problems,
     )
+
+
+def _check_workdir(work: Path) -> None:
+    """Refuse a workdir that is a file or holds anything: runs there would resume old runs."""
+    if work.exists() and not work.is_dir():
+        raise ValueError(
+            f"certify_resume(workdir={str(work)!r}): is a file; pass a new or empty directory."
+        )
+    if work.is_dir() and any(work.iterdir()):
+        raise ValueError(
+            f"certify_resume(workdir={str(work)!r}): the directory is not empty (an earlier "
+            "certification's runs would be resumed instead of re-run, and files there could be "
+            "overwritten). Pass a new or empty directory, or leave --workdir out (a new "
+            "temporary directory)."
+        )
+
+
+def _draw_notes(n_steps: int, window: int, asked: int, drawn: int) -> list[str]:
+    """What the draw could not cover: fewer interruptions than asked, no mid-window stop."""
+    notes = []
+    if drawn < asked:
+        notes.append(
+            f"{drawn} interruption(s) of the {asked} asked: a run of {n_steps} steps can be "
+            f"interrupted before {n_steps - 1} step(s) only"
+        )
+    if window == 1:  # the largest window of the run
+        notes.append("no mid-window interruption: the run takes 1 micro-batch per step")
+    return notes
 
 
 __all__ = ["Certificate", "Interruption", "certify_resume"]

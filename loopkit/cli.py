@@ -6,27 +6,34 @@
     loopkit certify-resume CONFIG [--set key=value ...] [--interruptions N] [--seed S]
 
 Also `python -m loopkit ...`. Built on argparse: every subcommand has `--help`; a bad
-argument or a bad config value is an error naming it, with exit status 2. Other statuses:
-0 success; 1 a finding (`diff`: the runs differ; `ckpt validate`: a checkpoint is bad;
-`certify-resume`: the resumed run diverged).
+argument, config value or path is a one-line error naming it, with exit status 2, given
+before any work. Other statuses: 0 success; 1 a finding (`diff`: the runs differ; `ckpt
+validate`: a checkpoint is bad or there is none; `ckpt inspect`: the checkpoint is
+incomplete; `certify-resume`: the resumed run diverged) or a run that failed (its error and
+the line of the user's code that raised it; `loopkit --traceback ...` shows the traceback).
+Nothing the user wrote is overwritten (--save-model, --workdir and --plot are checked first).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import safetensors
+import torch
 
 from .certify import certify_resume
 from .checkpoint import (
+    SHARDS_DIR,
     CheckpointError,
     list_checkpoints,
     read_meta,
@@ -35,10 +42,11 @@ from .checkpoint import (
 )
 from .fit import fit
 from .forensics import check_replayable, diff_runs, plot_diff
-from .replay import replay
-from .run_config import RunConfig, write_record
+from .replay import check_replay_inputs, replay
+from .run_config import RUN_RECORD, RunConfig, error_site, write_record
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
+_STEP_NAME = re.compile(r"step-\d+$")
 
 
 def _tolerance(text: str) -> float:
@@ -61,6 +69,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _png(text: str) -> str:
+    """--plot: a .png path in an existing directory (checked before any work)."""
+    path = Path(text)
+    if path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a .png file path, e.g. diff.png")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; name a .png file in it")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the directory {str(path.parent)!r} does not exist; create it first"
+        )
+    return text
+
+
 def _add_sets(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
@@ -69,7 +91,8 @@ def _add_sets(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a config value (repeatable); dotted keys reach into tables "
-        "(--set model.hidden=32); values read as TOML (--set max_steps=20)",
+        "(--set model.hidden=32); values read as TOML (--set max_steps=20); "
+        "KEY=null removes a key",
     )
 
 
@@ -78,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loopkit",
         description="loopkit: fit from a config, inspect checkpoints, compare runs.",
+    )
+    parser.add_argument(
+        "--traceback",
+        action="store_true",
+        help="on an error, show Python's traceback instead of the one-line message",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -120,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--plot",
         metavar="PNG",
+        type=_png,
         default="loopkit-diff.png",
-        help="where to draw loss curves and relative differences (default: loopkit-diff.png)",
+        help="a .png file to draw the loss curves and relative differences into (default: "
+        "loopkit-diff.png in the current directory, replaced on each diff)",
     )
     plot.add_argument("--no-plot", action="store_true", help="draw nothing")
     diff.add_argument(
@@ -145,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--interruptions", type=_positive_int, default=3, help="interruptions to draw (3)"
     )
     cert.add_argument("--seed", type=int, default=0, help="seed of the draw (0)")
-    cert.add_argument("--workdir", metavar="DIR", help="where the runs go (default: a temp dir)")
+    cert.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="a new or empty directory for both runs (default: a new temp dir)",
+    )
     cert.add_argument("--json", action="store_true", help="print one JSON object")
     cert.add_argument(
         "--verbose", action="store_true", help="show fit's messages (resumed from ..., ...)"
@@ -158,27 +192,102 @@ def _load(args: argparse.Namespace) -> RunConfig:
     return RunConfig.load(args.config, args.sets)
 
 
+def _check_save_model(directory: str | None) -> None:
+    """--save-model DIR: refused before any work if it is a file or holds saved weights."""
+    if directory is None:
+        return
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--save-model {directory!r}: is a file; pass a directory.")
+    taken = [name for name in ("model.safetensors", "config.json") if (path / name).exists()]
+    if taken:
+        raise ValueError(
+            f"--save-model {directory!r}: the directory already holds {' and '.join(taken)}; "
+            "pass a new directory (nothing is overwritten)."
+        )
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns
+
+
 def _fit(args: argparse.Namespace) -> int:
+    _check_save_model(args.save_model)
     config = _load(args)
     built = config.build()
-    log_dir = built.fit_kwargs.get("log_dir")
-    if log_dir is not None:
-        write_record(config, log_dir)  # what `loopkit diff --replay` rebuilds the run from
-    result = fit(built.model, built.data, **built.fit_kwargs)
+    with _recording(config, built.fit_kwargs.get("log_dir")):
+        result = fit(built.model, built.data, **built.fit_kwargs)
     print(result)
     if args.save_model:
         print(f"saved {save_model(result.state, args.save_model)}")
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def _recording(config: RunConfig, log_dir: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Record the run config in the log_dir (`loopkit-run.json`) around the fit it wraps.
+
+    What `loopkit diff --replay` rebuilds the run from. A log_dir that records another
+    config keeps that record until this fit has started, since fit may still refuse the run
+    (a checkpoint_dir of another run, a held lock): a start shows as the log_dir's
+    fingerprints moved aside or rewritten, and the record is written then (or at the end).
+    """
+    if log_dir is None:
+        yield
+        return
+    directory = Path(log_dir)
+    if _may_record(config, directory):
+        write_record(config, directory)
+        yield
+        return
+    index = directory / "fingerprints" / "index.json"
+    before = _stat(index)
+    try:
+        yield
+    except BaseException:
+        if _stat(index) != before:
+            write_record(config, directory)
+        raise
+    write_record(config, directory)
+
+
+def _may_record(config: RunConfig, log_dir: Path) -> bool:
+    """`log_dir` has no run record, or one of this config (writing it loses nothing)."""
+    try:
+        recorded = json.loads((log_dir / RUN_RECORD).read_text())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return bool(recorded == json.loads(json.dumps(config.record())))
+
+
 def _checkpoints(directory: str) -> list[Path]:
+    """DIR as checkpoints: one checkpoint (a step-* directory or one with its files), or a
+    checkpoint_dir's, newest first."""
     path = Path(directory)
-    if (path / "manifest.json").exists() or (path / "state.json").exists():
-        return [path]
-    found = list_checkpoints(path)
     if not path.is_dir():
-        raise ValueError(f"DIR={directory!r}: no such directory.")
-    return found
+        what = "is a file, not a directory" if path.exists() else "no such directory"
+        raise ValueError(f"DIR={directory!r}: {what}.")
+    own_files = ("manifest.json", "state.json", "state.safetensors", SHARDS_DIR)
+    if _STEP_NAME.match(path.name) or any((path / f).exists() for f in own_files):
+        return [path]
+    return list_checkpoints(path)
+
+
+def _no_checkpoints(directory: str) -> str:
+    """Why DIR holds no checkpoint, and what to pass instead."""
+    path = Path(directory)
+    hint = "pass a fit checkpoint_dir (it holds step-<n> directories) or one step-<n> directory"
+    if (path / "fingerprints").is_dir() or (path / RUN_RECORD).exists():
+        hint = "it is a fit log_dir; " + hint
+    elif (path / "model.safetensors").exists():
+        hint = "it holds weights only, as save_model writes them; " + hint
+    return f"no checkpoints in {directory} ({hint})"
 
 
 def _ckpt_ls(args: argparse.Namespace) -> int:
@@ -198,7 +307,7 @@ def _ckpt_ls(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
         return EXIT_OK
     if not rows:
-        print(f"no checkpoints in {args.dir}")
+        print(_no_checkpoints(args.dir))
     for r in rows:
         if r["complete"]:
             print(
@@ -211,8 +320,14 @@ def _ckpt_ls(args: argparse.Namespace) -> int:
 
 
 def _ckpt_validate(args: argparse.Namespace) -> int:
+    paths = _checkpoints(args.dir)
+    if not paths:  # nothing validated is not "all valid"
+        print(f"loopkit ckpt validate: {_no_checkpoints(args.dir)}", file=sys.stderr)
+        if args.json:
+            print("[]")
+        return EXIT_FINDING
     results = []
-    for path in _checkpoints(args.dir):
+    for path in paths:
         try:
             validate_checkpoint(path, deep=True)
             results.append({"name": path.name, "valid": True, "reason": None})
@@ -220,8 +335,6 @@ def _ckpt_validate(args: argparse.Namespace) -> int:
             results.append({"name": path.name, "valid": False, "reason": str(error)})
     if args.json:
         print(json.dumps(results, indent=1))
-    elif not results:
-        print(f"no checkpoints in {args.dir}")
     for r in results if not args.json else []:
         print(f"{r['name']}: ok" if r["valid"] else f"{r['name']}: BAD: {r['reason']}")
     return EXIT_FINDING if any(not r["valid"] for r in results) else EXIT_OK
@@ -237,49 +350,161 @@ def _shapes(path: Path) -> dict[str, dict[str, Any]]:
         return out
 
 
-def _ckpt_inspect(args: argparse.Namespace) -> int:
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def _sharded_shapes(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """A sharded checkpoint's whole tensors (not the shards): "model" and "state" parts.
+
+    Read from the shard files' headers by DCP's reader (no tensor data).
+    """
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    stored = HuggingFaceStorageReader(str(path / SHARDS_DIR)).read_metadata()
+    parts: dict[str, dict[str, dict[str, Any]]] = {"model": {}, "state": {}}
+    for name, meta in sorted(stored.state_dict_metadata.items()):
+        size, properties = getattr(meta, "size", None), getattr(meta, "properties", None)
+        if size is None or properties is None:
+            continue
+        dtype = _DTYPES.get(properties.dtype, str(properties.dtype).removeprefix("torch."))
+        part, key = ("model", name[6:]) if name.startswith("model.") else ("state", name)
+        parts[part][key] = {"shape": list(size), "dtype": dtype}
+    return parts
+
+
+def _problem(path: Path) -> str | None:
+    """Why a checkpoint is incomplete (manifest, files, sizes; no checksums), or None."""
+    try:
+        validate_checkpoint(path, deep=False)
+    except CheckpointError as error:
+        return str(error)
+    return None
+
+
+def _inspected(args: argparse.Namespace) -> tuple[Path, dict[str, Any], str | None, list[str]]:
+    """The checkpoint to inspect, its state.json, its problem and notes: DIR itself, or a
+    checkpoint_dir's newest complete and readable checkpoint (its newest, if none is)."""
     paths = _checkpoints(args.dir)
     if not paths:
-        raise ValueError(f"DIR={args.dir!r}: no checkpoint to inspect.")
-    path = paths[0]  # a checkpoint_dir: its newest
-    meta = read_meta(path)
+        raise ValueError(f"DIR={args.dir!r}: {_no_checkpoints(args.dir)}.")
+    notes: list[str] = []
+    for path in paths if paths != [Path(args.dir)] else []:
+        problem = _problem(path)
+        try:
+            if problem is None:
+                return path, read_meta(path), None, notes
+        except CheckpointError as error:
+            problem = str(error)
+        notes.append(f"skipped {path.name}: {problem}")
+    path = paths[0]  # DIR itself, or none is complete: the newest, reported as incomplete
+    problem = _problem(path)
+    try:
+        return path, read_meta(path), problem, []
+    except CheckpointError as error:
+        reason = str(problem or error).rstrip(".")
+        raise ValueError(
+            f"DIR={args.dir!r}: cannot inspect it: {reason}. `loopkit ckpt ls` lists the "
+            "checkpoints of a checkpoint_dir and which are complete."
+        ) from None
+
+
+def _ckpt_inspect(args: argparse.Namespace) -> int:
+    path, meta, problem, notes = _inspected(args)
     info: dict[str, Any] = {
         "path": str(path),
+        "complete": problem is None,
+        "problem": problem,
         **{k: meta.get(k) for k in ("step", "epoch", "samples_seen", "skipped_steps", "seed")},
         **{k: meta.get(k) for k in ("run_id", "precision", "schedule", "base_lrs", "versions")},
         "layout": meta.get("layout", "full"),
+        "notes": notes,
     }
-    if (path / "model.safetensors").exists():
-        info["model"] = _shapes(path / "model.safetensors")
-    info["state"] = _shapes(path / "state.safetensors")
+    info.update(_tensor_shapes(path, info["layout"]))
+    for note in notes:
+        print(f"loopkit ckpt inspect: {note}", file=sys.stderr)
+    if problem is not None:
+        print(
+            f"loopkit ckpt inspect: incomplete or altered: {problem.rstrip('.')}; fit's resume "
+            "skips it, and its values below may be wrong.",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(info, indent=1))
-        return EXIT_OK
-    for key, value in info.items():
-        if key not in ("model", "state"):
-            print(f"{key}: {value}")
+    else:
+        _print_inspected(info)
+    return EXIT_OK if problem is None else EXIT_FINDING
+
+
+def _tensor_shapes(path: Path, layout: str) -> dict[str, Any]:
+    """The "model" and "state" tensor listings of a checkpoint (files that are missing or
+    unreadable are left out: the checkpoint is incomplete, which inspect reports)."""
+    if layout == "sharded":
+        try:
+            return _sharded_shapes(path)
+        except Exception:  # noqa: BLE001 -- DCP raises several kinds for a broken shard dir
+            return {}
+    out = {}
     for part in ("model", "state"):
-        tensors = info.get(part, {})
-        print(f"{part}.safetensors: {len(tensors)} tensors")
+        try:
+            out[part] = _shapes(path / f"{part}.safetensors")
+        except Exception:  # noqa: BLE001 -- missing or not safetensors: reported as incomplete
+            continue
+    return out
+
+
+def _print_inspected(info: dict[str, Any]) -> None:
+    for key, value in info.items():
+        if key not in ("model", "state", "notes", "problem") and not (key == "complete" and value):
+            print(f"{key}: {value}")
+    if info["problem"] is not None:
+        print(f"problem: {info['problem']}")
+    sharded = info["layout"] == "sharded"
+    for part in ("model", "state"):
+        if part not in info:
+            continue
+        tensors = info[part]
+        label = f"{part} (whole tensors, from {SHARDS_DIR}/)" if sharded else f"{part}.safetensors"
+        print(f"{label}: {len(tensors)} tensors")
         for name, t in tensors.items():
             print(f"  {name}  {t['dtype']}  {tuple(t['shape'])}")
-    return EXIT_OK
 
 
 def _diff(args: argparse.Namespace) -> int:
-    if args.replay:
-        check_replayable(args.run_a, args.run_b)  # one process only: refused before any work
+    for name, run in (("RUN_A", args.run_a), ("RUN_B", args.run_b)):
+        if not Path(run).is_dir():
+            what = "is a file, not a run's directory" if Path(run).exists() else "no such directory"
+            raise ValueError(f"{name}={run!r}: {what}; pass a fit log_dir (with fingerprints/).")
+    if args.replay:  # refused before any work: several processes, no record, no checkpoints
+        check_replayable(args.run_a, args.run_b)
+        check_replay_inputs(args.run_a, args.run_b)
     report = diff_runs(args.run_a, args.run_b, rtol=args.rtol, atol=args.atol)
+    failed = None
     if args.replay and report.first_divergent_step is not None:
-        report.replay = replay(
-            args.run_a, args.run_b, report.first_divergent_step, rtol=args.rtol, atol=args.atol
-        )
-    if not args.no_plot:
+        try:
+            report.replay = replay(
+                args.run_a, args.run_b, report.first_divergent_step, rtol=args.rtol, atol=args.atol
+            )
+        except ValueError as error:  # e.g. no checkpoint at or before that step: say so, after
+            failed = str(error)  # the report (the diff itself is done)
+            report.replay = {"module": None, "error": failed, "message": f"not run: {failed}"}
+    if not args.no_plot and report.steps_compared:
         try:
             report.plot = str(plot_diff(report, args.plot))
         except ModuleNotFoundError:
             report.notes.append("no plot: matplotlib is not installed (pip install loopkit[plot])")
     print(json.dumps(report.to_json(), indent=1) if args.json else report.format())
+    if not report.steps_compared:  # no overlap is not "no difference"
+        failed = (
+            "RUN_A and RUN_B recorded no step in common, so nothing was compared; pass runs "
+            "whose recorded steps overlap (fingerprint_every, resume points)."
+        )
+    if failed is not None:
+        print(f"loopkit diff: error: {failed}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK if report.first_divergent_step is None else EXIT_FINDING
 
 
@@ -303,19 +528,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the `loopkit` command; return its exit status.
 
     Bad arguments, configs and paths (ValueError, TypeError) print `loopkit <command>:
-    error: ...` and return 2.
+    error: ...` and return 2; another error (a run that fails) prints its type, message and
+    the line of the user's code that raised it, and returns 1; `loopkit --traceback ...`
+    shows Python's traceback instead.
     """
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with status 2 on a bad argument, naming it
     command = " ".join(p for p in (args.command, getattr(args, "action", None)) if p)
     try:
         return int(args.handler(args))
-    except (ValueError, TypeError) as error:
-        print(f"loopkit {command}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
     except BrokenPipeError:  # `loopkit ckpt inspect DIR | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FINDING
+    except KeyboardInterrupt:
+        print(f"loopkit {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.traceback:
+            raise
+        usage = isinstance(error, (ValueError, TypeError))
+        what = "" if usage else f"{type(error).__name__}: "
+        site = error_site(error)
+        site = "" if site.strip() in str(error) else site  # a builder's error names it already
+        print(
+            f"loopkit {command}: error: {what}{error}{site}"
+            + ("" if usage else " (loopkit --traceback ... shows the traceback)"),
+            file=sys.stderr,
+        )
+        return EXIT_USAGE if usage else EXIT_FINDING
 
 
 __all__ = ["build_parser", "main"]

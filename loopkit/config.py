@@ -376,9 +376,9 @@ def read_table(path: str | os.PathLike[str], *, where: str) -> dict[str, Any]:
             raise ValueError(
                 f"{where}: unknown suffix {suffix!r}; use .toml, .yaml, .yml or .json."
             )
-    except ValueError:
-        raise
-    except Exception as error:  # each parser has its own error type
+    except Exception as error:  # each parser has its own error type (TOML's and JSON's
+        if str(error).startswith(where):  # are ValueErrors): name the file in each
+            raise
         raise ValueError(f"{where}: cannot parse: {error}") from error
     if not isinstance(values, dict):
         raise ValueError(f"{where}: expected a table of fields, got {type(values).__name__}.")
@@ -706,7 +706,11 @@ class TorchOptimizer:
             )
 
     def __call__(self, params: Any) -> torch.optim.Optimizer:
-        return getattr(torch.optim, self.name)(params, **self.kwargs)  # type: ignore[no-any-return]
+        try:
+            return getattr(torch.optim, self.name)(params, **self.kwargs)  # type: ignore[no-any-return]
+        except (TypeError, ValueError) as error:  # torch's message names no setting
+            given = {"name": self.name, **self.kwargs}
+            raise type(error)(f"optimizer={given!r}: {error}") from error
 
 
 def resolve_named(value: Any, what: str) -> Any:

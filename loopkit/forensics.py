@@ -119,6 +119,7 @@ class DiffReport:
         loss_a, loss_b: (step, loss) of every step each run's rank 0 recorded.
         ranks: the ranks compared (rank 0 first); steps_compared, only_in_a and only_in_b
             count rank 0's steps.
+        recorded_a, recorded_b: the first and last step each run's rank 0 recorded.
     """
 
     run_a: str
@@ -137,6 +138,8 @@ class DiffReport:
     replay: dict[str, Any] | None = None
     plot: str | None = None
     ranks: list[int] = field(default_factory=lambda: [0])
+    recorded_a: tuple[int, int] | None = None
+    recorded_b: tuple[int, int] | None = None
 
     @property
     def bitwise(self) -> bool:
@@ -181,8 +184,17 @@ class DiffReport:
                 + (f"; only in B: {self.only_in_b}" if self.only_in_b else "")
             )
         else:
-            lines.append("no step was recorded by both runs")
+            spans = (
+                "none" if span is None else f"{span[0]}..{span[1]}"
+                for span in (self.recorded_a, self.recorded_b)
+            )
+            lines.append(
+                "no step was recorded by both runs (A: steps {}, B: steps {}): nothing "
+                "compared".format(*spans)
+            )
         lines += [f"note: {note}" for note in self.notes]
+        if not self.steps_compared:
+            return "\n".join(lines)
         if self.first_divergent_step is None:
             lines.append("no difference" + (" (bitwise equal)" if self.bitwise else ""))
             return "\n".join(lines)
@@ -423,6 +435,8 @@ def diff_runs(
         loss_a=_losses(ta),
         loss_b=_losses(tb),
         ranks=ranks,
+        recorded_a=(ta.steps[0], ta.steps[-1]) if ta.steps else None,
+        recorded_b=(tb.steps[0], tb.steps[-1]) if tb.steps else None,
     )
     report.notes += _window_notes(ta, tb, main.row_a, main.row_b, main.common)
     report.notes += [

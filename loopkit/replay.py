@@ -73,6 +73,38 @@ def checkpoint_at_or_before(directory: str | os.PathLike[str], step: int) -> Pat
     return None
 
 
+def _valid_steps(directory: Path) -> list[int]:
+    """The steps of the complete checkpoints in `directory`, oldest first."""
+    steps = []
+    for path in list_checkpoints(directory):
+        try:
+            validate_checkpoint(path, deep=False)
+            steps.append(int(read_meta(path)["step"]))
+        except (CheckpointError, KeyError, ValueError):
+            continue
+    return sorted(steps)
+
+
+def check_replay_inputs(*runs: str | os.PathLike[str]) -> None:
+    """What `--replay` needs of each run, checked before any work: the config `loopkit fit`
+    recorded in its log_dir and a checkpoint_dir with a complete checkpoint.
+
+    Raises:
+        ValueError: a run lacks its record, a checkpoint_dir, or any complete checkpoint.
+    """
+    for run in runs:
+        config = RunConfig.from_record(run)
+        directory = config.path_value("checkpoint_dir")
+        if directory is None or not _valid_steps(directory):
+            where = "no checkpoint_dir" if directory is None else f"none in {str(directory)!r}"
+            raise ValueError(
+                f"--replay: {str(run)!r} has no checkpoints ({where}); the replay starts each "
+                "run from a checkpoint at or before the divergent step. Run both again with "
+                "checkpoint_dir=... and save_every=... (save_every=1 around the step is best), "
+                "or leave out --replay."
+            )
+
+
 def _tensors(value: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(value, torch.Tensor):
         yield prefix, value
@@ -250,6 +282,11 @@ def first_difference(
     return None
 
 
+def _listing(steps: list[int], limit: int = 8) -> str:
+    shown = ", ".join(map(str, steps[:limit]))
+    return shown + (f", ... ({len(steps)} in all)" if len(steps) > limit else "")
+
+
 def replay(
     run_a: str | os.PathLike[str],
     run_b: str | os.PathLike[str],
@@ -273,10 +310,13 @@ def replay(
         directory = config.path_value("checkpoint_dir")
         found = None if directory is None else checkpoint_at_or_before(directory, step)
         if found is None:
+            steps = [] if directory is None else _valid_steps(directory)
+            held = f"its checkpoints are at steps {_listing(steps)}" if steps else "none there"
             raise ValueError(
                 f"--replay: {str(run)!r} has no valid checkpoint at or before step {step} "
-                f"(checkpoint_dir={None if directory is None else str(directory)!r}). Save "
-                "checkpoints (save_every=...) in both runs."
+                f"(checkpoint_dir={None if directory is None else str(directory)!r}: {held}). "
+                f"Run it again saving a checkpoint at or before step {step} (save_every=...; "
+                "at the step itself is best)."
             )
         captures.append(capture_step(config, found, step))
         used.append(str(found))
@@ -299,4 +339,11 @@ def replay(
     return result
 
 
-__all__ = ["Captured", "capture_step", "checkpoint_at_or_before", "first_difference", "replay"]
+__all__ = [
+    "Captured",
+    "capture_step",
+    "check_replay_inputs",
+    "checkpoint_at_or_before",
+    "first_difference",
+    "replay",
+]

@@ -33,7 +33,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import reprlib
 import sys
+import sysconfig
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -109,9 +112,12 @@ def resolve(value: Any, *, where: str, code: bool = False) -> Any:
         kwargs = {str(k): resolve(v, where=f"{where}.{k}") for k, v in value.items() if k != "call"}
         try:
             return fn(**kwargs)
-        except TypeError as error:
+        except Exception as error:  # the user's builder: its error, named with where it ran
+            arguments = ", ".join(f"{k}={reprlib.repr(v)}" for k, v in kwargs.items())
             raise ValueError(
-                f"{where}: calling {target}(**{sorted(kwargs)}) failed: {error}"
+                f"{where}: calling {target}({arguments}) failed: "
+                f"{type(error).__name__}: {str(error).rstrip('.')}{error_site(error)}. "
+                f"Check the values of {where} in the config (or the builder itself)."
             ) from error
     if code and isinstance(value, str):
         return import_object(value, where=where)
@@ -120,6 +126,34 @@ def resolve(value: Any, *, where: str, code: bool = False) -> Any:
     if isinstance(value, list):
         return [resolve(v, where=f"{where}[{i}]", code=code) for i, v in enumerate(value)]
     return value
+
+
+_LIBRARY_DIRS = tuple(  # where a frame is not the user's: the stdlib, torch, loopkit
+    str(Path(p).resolve()) + os.sep
+    for p in (sysconfig.get_path("stdlib"), Path(torch.__file__).parent, Path(__file__).parent)
+)
+
+
+def error_site(error: BaseException) -> str:
+    """` (at file:line, in function)`: the innermost frame of the user's code in a traceback.
+
+    Follows `raise ... from` causes to the original error; frames of the standard library,
+    torch and loopkit itself are passed over ("" when every frame is theirs).
+    """
+    while error.__cause__ is not None:
+        error = error.__cause__
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return ""
+    own = [
+        f
+        for f in frames
+        if not f.filename.startswith("<")  # generated code: a dataclass's __init__, exec
+        and not str(Path(f.filename).resolve()).startswith(_LIBRARY_DIRS)
+    ]
+    if not own:  # raised by loopkit or torch itself (e.g. a call with bad keywords)
+        return ""
+    return f" (at {own[-1].filename}:{own[-1].lineno}, in {own[-1].name})"
 
 
 def _needs_build(value: Any) -> bool:
@@ -132,11 +166,25 @@ def _needs_build(value: Any) -> bool:
     return False
 
 
+class _Unset:
+    """The value of `--set key=null`: remove the key (the field's or argument's default)."""
+
+    def __repr__(self) -> str:
+        return "null"
+
+
+UNSET = _Unset()
+
+
 def parse_set(item: str) -> tuple[list[str], Any]:
     """`key.sub=value` -> (["key", "sub"], value read as TOML, else the plain string).
 
+    `key=null` gives UNSET: the key is removed (TOML has no null; `key='"null"'` is the
+    string).
+
     Raises:
-        ValueError: no `=`, or an empty key.
+        ValueError: no `=`, an empty key, or a value that starts as an array or a table but
+            is not valid TOML.
     """
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
@@ -146,10 +194,18 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         import tomli as tomllib
     else:
         import tomllib
+    if text.strip() == "null":  # TOML has no null: this removes the key (its default)
+        return [p.strip() for p in parts], UNSET
     try:
         value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text
+    except tomllib.TOMLDecodeError as error:
+        if text.lstrip().startswith(("[", "{")):  # meant as an array or a table: say why not
+            raise ValueError(
+                f"--set {item!r}: not a TOML array or table ({error}); quote the strings in "
+                "it, e.g. --set 'metrics=[\"accuracy\"]', "
+                "--set 'model={call=\"mypkg.models:build_model\", hidden=32}'."
+            ) from None
+        value = text  # a bare word: the string itself (--set log_dir=runs/b)
     return [p.strip() for p in parts], value
 
 
@@ -204,6 +260,12 @@ class RunConfig:
         if not (isinstance(extra, list) and all(isinstance(p, str) for p in extra)):
             raise ValueError(f"python_path={extra!r}: must be a list of directory strings.")
         dirs = (str(source.parent), *(str((source.parent / p).resolve()) for p in extra))
+        for given, directory in zip(extra, dirs[1:]):
+            if not Path(directory).is_dir():
+                raise ValueError(
+                    f"python_path=[..., {given!r}, ...]: {directory} is not a directory (entries "
+                    f"are relative to the config file's directory, {source.parent})."
+                )
         config = cls(values=values, source=source, python_path=dirs)
         config.check()
         return config
@@ -235,6 +297,12 @@ class RunConfig:
                 raise ValueError(
                     f"{key}: missing; e.g. {key} = {{call = 'mypkg.mod:build_{key}'}}."
                 )
+        callbacks = self.values.get("callbacks")
+        if callbacks is not None and not isinstance(callbacks, list):
+            raise ValueError(
+                f"callbacks={callbacks!r}: must be a list, e.g. "
+                "callbacks = [{call = 'mypkg.callbacks:MyCallback'}] or ['mypkg.mod:callback']."
+            )
         threads = self.values.get("threads")
         if threads is not None and not (isinstance(threads, int) and threads >= 1):
             raise ValueError(f"threads={threads!r}: must be an int >= 1.")
@@ -334,7 +402,10 @@ def _merged(values: dict[str, Any], keys: list[str], value: Any) -> dict[str, An
     out = dict(values)
     head, rest = keys[0], keys[1:]
     if not rest:
-        out[head] = value
+        if value is UNSET:
+            out.pop(head, None)
+        else:
+            out[head] = value
         return out
     inner = out.get(head, {})
     if not isinstance(inner, dict):
@@ -363,6 +434,8 @@ __all__ = [
     "RUN_FORMAT",
     "RUN_RECORD",
     "RunConfig",
+    "UNSET",
+    "error_site",
     "import_object",
     "parse_set",
     "resolve",
