@@ -51,6 +51,7 @@ def _is_bad(norm: Any, grads: list[torch.Tensor], device: torch.device) -> torch
     """A 0-dim bool device tensor: whether the gradients (or the recorded norm) are not finite."""
     if isinstance(norm, torch.Tensor):
         return ~torch.isfinite(norm.reshape(()))  # clip's global norm: the same on every rank
+    grads = [g for g in grads if g.numel()]  # an empty FSDP shard (dim 0 < ranks) has no norm
     if not grads:
         return torch.zeros((), dtype=torch.bool, device=device)
     # Each gradient's max-abs norm (one foreach kernel): NaN and inf propagate through it,

@@ -68,13 +68,17 @@ def train(rank: int, root: Path, case: dict[str, Any]) -> dict[str, Any]:
 
     def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
         nonlocal calls
-        loss = F.cross_entropy(model(batch[0]), batch[1])
+        out = model(batch[0])
+        if case.get("d_out") == 1:  # one output: a bias of one element, an empty shard on rank 1
+            loss = F.mse_loss(out.squeeze(1), batch[1].to(out.dtype))
+        else:
+            loss = F.cross_entropy(out, batch[1])
         bad = rank == BAD_RANK and calls == case["bad_step"]  # accumulate=1: call i is step i
         calls += 1
         return poison(loss, case["kind"]) if bad else loss
 
     strategy = FSDP if case["strategy"] == "fsdp" else DDP
-    model = mlp(seed=3)
+    model = mlp(seed=3, d_out=case.get("d_out", 3))
     out: dict[str, Any] = {"error": None}
     try:
         result = lk.fit(
@@ -107,19 +111,28 @@ def run(tmp_path: Path, **case: Any) -> list[dict[str, Any]]:
 
 
 RAISE_CASES = [
-    pytest.param("ddp", "nan", 1.0, BAD_STEPS[0], id="strategy(DDP)-nan-clip"),
-    pytest.param("ddp", "inf", None, BAD_STEPS[1], id="strategy(DDP)-inf-noclip"),
-    pytest.param("ddp", "inf-loss", None, BAD_STEPS[2], id="strategy(DDP)-inf-loss-only"),
-    pytest.param("fsdp", "nan", 1.0, BAD_STEPS[0], id="strategy(FSDP)-nan-clip"),
+    pytest.param("ddp", "nan", 1.0, BAD_STEPS[0], 3, id="strategy(DDP)-nan-clip"),
+    pytest.param("ddp", "inf", None, BAD_STEPS[1], 3, id="strategy(DDP)-inf-noclip"),
+    pytest.param("ddp", "inf-loss", None, BAD_STEPS[2], 3, id="strategy(DDP)-inf-loss-only"),
+    pytest.param("fsdp", "nan", 1.0, BAD_STEPS[0], 3, id="strategy(FSDP)-nan-clip"),
+    # No clip: the guard takes each rank's own gradient norms, and a one-element bias leaves
+    # rank 1 an empty shard, which has none (this failed at the first step).
+    pytest.param("fsdp", "nan", None, BAD_STEPS[1], 1, id="strategy(FSDP)-nan-noclip-bias1"),
 ]
 
 
-@pytest.mark.parametrize(("strategy", "kind", "clip", "bad_step"), RAISE_CASES)
+@pytest.mark.parametrize(("strategy", "kind", "clip", "bad_step", "d_out"), RAISE_CASES)
 def test_raise_both_ranks_raise_the_same_error_with_finite_weights(
-    tmp_path: Path, strategy: str, kind: str, clip: float | None, bad_step: int
+    tmp_path: Path, strategy: str, kind: str, clip: float | None, bad_step: int, d_out: int
 ) -> None:
     ranks = run(
-        tmp_path, strategy=strategy, kind=kind, clip=clip, bad_step=bad_step, policy="raise"
+        tmp_path,
+        strategy=strategy,
+        kind=kind,
+        clip=clip,
+        bad_step=bad_step,
+        policy="raise",
+        d_out=d_out,
     )
     errors = [r["error"] for r in ranks]
     assert errors[0] is not None and errors[0] == errors[1], errors
