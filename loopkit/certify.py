@@ -10,9 +10,12 @@ What `loopkit certify-resume CONFIG` runs, in this process:
    window, saves a checkpoint at its end and returns), and the next segment is a new
    fit(..., resume=True) with freshly built model, data and loss, as a restarted process
    would have. The draws (seeded) cover micro-batches inside a window ("mid-window": the
-   stop comes with the window still open; needs accumulate > 1) and the last micro-batch
-   of a window (a stop at a step boundary); a stop is "mid-epoch" when the epoch goes on
-   after it. Interruptions land before the last step.
+   signal comes with the window still open; needs accumulate > 1) and the last micro-batch
+   of a window (a "step boundary"). Where the stop leaves the data is labelled from the
+   reference run: "mid-epoch" when its epoch goes on after the stop, "at an epoch
+   boundary" when the stop is exactly at an epoch's end. (A window may span an epoch's
+   end: a stop after such a window is mid-epoch in the next epoch, and a stop before it is
+   mid-epoch in the one that ends inside it.) Interruptions land before the last step.
 3. `diff_runs` of the two, bitwise, plus the final weights compared bitwise.
 
 It certifies what fit's resume restores (weights, optimizer, schedule, RNG derivation, data
@@ -23,7 +26,6 @@ closure, a global RNG draw — shows up as the first divergent step after an int
 from __future__ import annotations
 
 import logging
-import math
 import random
 import signal
 import tempfile
@@ -51,13 +53,23 @@ class Interruption:
             signal was raised.
         stopped_at: the step the interrupted segment saved and the next one resumed from.
         mid_window: the signal came with the window still open (fit finished it first).
-        mid_epoch: the epoch went on after the stop (the data position is inside it).
+        mid_epoch: the epoch went on after the stop (the data position is inside it); else
+            the stop was at an epoch boundary (the data position is at the epoch's end).
+        epoch: the epoch the data position is in (mid_epoch), or at whose end it is.
     """
 
     micro_batch: int
     stopped_at: int
     mid_window: bool
     mid_epoch: bool
+    epoch: int
+
+    def label(self) -> str:
+        """Where the signal came and where the stop left the data, for the certificate."""
+        signal_at = "mid-window" if self.mid_window else "step boundary"
+        if self.mid_epoch:
+            return f"{signal_at}; mid-epoch, in epoch {self.epoch}"
+        return f"{signal_at}; at an epoch boundary, the end of epoch {self.epoch}"
 
 
 @dataclass
@@ -116,12 +128,9 @@ class Certificate:
         )
         lines.append(f"  interruptions: {len(self.interruptions)}")
         for i in self.interruptions:
-            where = ", ".join(
-                w for w, on in (("mid-window", i.mid_window), ("mid-epoch", i.mid_epoch)) if on
-            )
             lines.append(
                 f"    micro-batch {i.micro_batch}: stopped and resumed at step {i.stopped_at}"
-                + (f" ({where})" if where else " (step boundary, epoch end)")
+                f" ({i.label()})"
             )
         lines += [f"  note: {note}" for note in self.notes]
         lines.append(f"  fingerprints compared: {len(self.report.steps_compared)} steps")
@@ -150,11 +159,30 @@ class _Interrupting:
         return repr(self.loss_fn)
 
 
-def _run(config: RunConfig, *, interrupt_after: int | None = None) -> FitResult:
+class _EpochEnds:
+    """Records where each epoch of a run ended: (steps taken, micro-batches of the open window).
+
+    The fingerprints' `epoch` (that of each window's last micro-batch) cannot say where in a
+    window of several micro-batches an epoch ended; fit's `on_epoch_end` can. It only
+    observes (no state_dict, no request), so the run is the run without it.
+    """
+
+    def __init__(self) -> None:
+        self.at: dict[tuple[int, int], int] = {}  # -> the epoch that ended there
+
+    def on_epoch_end(self, state: Any) -> None:
+        self.at[(state.step, state.micro_step)] = state.epoch - 1
+
+
+def _run(
+    config: RunConfig, *, interrupt_after: int | None = None, observe: Any = None
+) -> FitResult:
     built = config.build()
     kwargs = dict(built.fit_kwargs)
     if interrupt_after is not None:
         kwargs["loss_fn"] = _Interrupting(kwargs["loss_fn"], interrupt_after)
+    if observe is not None:
+        kwargs["callbacks"] = [*kwargs.get("callbacks", ()), observe]
     return fit(built.model, built.data, **kwargs)
 
 
@@ -175,7 +203,10 @@ def _draw(sizes: list[int], count: int, seed: int) -> list[tuple[int, int]]:
 
 
 def _interrupt(
-    config: RunConfig, draws: list[tuple[int, int]], metas: dict[int, dict[str, Any]]
+    config: RunConfig,
+    draws: list[tuple[int, int]],
+    metas: dict[int, dict[str, Any]],
+    epoch_ends: _EpochEnds,
 ) -> tuple[list[Interruption], list[str]]:
     """Run `config` (resume=True) in segments, each stopped by a drawn interruption.
 
@@ -196,13 +227,17 @@ def _interrupt(
                 " resume was not exercised there, so nothing is certified"
             )
         at_step = result.state.step
-        epoch = {s: m["epoch"] for s, m in metas.items()}
+        ended = epoch_ends.at.get((at_step, 0))  # an epoch ended exactly at the stop
         done.append(
             Interruption(
                 micro_batch=micro_batch,
                 stopped_at=at_step,
                 mid_window=offset < sizes[step] - 1,
-                mid_epoch=epoch.get(at_step, math.inf) == epoch.get(at_step - 1),
+                mid_epoch=ended is None,
+                # the epoch of the stopped window's last micro-batch (the reference's record)
+                epoch=ended
+                if ended is not None
+                else int(metas.get(at_step - 1, {}).get("epoch", 0)),
             )
         )
     return done, notes
@@ -250,7 +285,8 @@ def certify_resume(
             resume=resume,
         )
 
-    reference = _run(run_config("reference", None))
+    epoch_ends = _EpochEnds()
+    reference = _run(run_config("reference", None), observe=epoch_ends)
     metas = {s: m for c in read_fingerprints(work / "reference") for s, m in zip(c.steps, c.meta)}
     n_steps = reference.state.step
     if n_steps < 2:
@@ -258,7 +294,7 @@ def certify_resume(
     sizes = _window_sizes(metas)
     draws = _draw(sizes, interruptions, seed)
     resumed_cfg = run_config("resumed", True)
-    done, problems = _interrupt(resumed_cfg, draws, metas)
+    done, problems = _interrupt(resumed_cfg, draws, metas, epoch_ends)
     notes = _draw_notes(n_steps, max(sizes), interruptions, len(draws)) + problems
     final = _run(resumed_cfg)
     report = diff_runs(work / "reference", work / "resumed")

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,17 @@ from .checkpoint import (
     save_model,
     validate_checkpoint,
 )
-from .fit import fit
+from .fit import _Run, fit
 from .forensics import check_replayable, diff_runs, plot_diff
 from .replay import check_replay_inputs, replay
-from .run_config import RUN_RECORD, RunConfig, error_site, write_record
+from .run_config import (
+    RUN_RECORD,
+    Earlier,
+    RunConfig,
+    error_site,
+    keep_record_with,
+    write_record,
+)
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 _STEP_NAME = re.compile(r"step-\d+$")
@@ -235,14 +243,20 @@ def _recording(config: RunConfig, log_dir: str | os.PathLike[str] | None) -> Ite
     config keeps that record until this fit has started, since fit may still refuse the run
     (a checkpoint_dir of another run, a held lock): a start shows as the log_dir's
     fingerprints moved aside or rewritten, and the record is written then (or at the end).
+    A fresh run that moved an earlier run's fingerprints aside (`fingerprints.<n>`) gets
+    the earlier record put with them (see `keep_record_with`).
     """
     if log_dir is None:
         yield
         return
     directory = Path(log_dir)
+    earlier = Earlier.of(directory)
     if _may_record(config, directory):
         write_record(config, directory)
-        yield
+        try:
+            yield
+        finally:
+            keep_record_with(earlier, directory)
         return
     index = directory / "fingerprints" / "index.json"
     before = _stat(index)
@@ -250,8 +264,10 @@ def _recording(config: RunConfig, log_dir: str | os.PathLike[str] | None) -> Ite
         yield
     except BaseException:
         if _stat(index) != before:
+            keep_record_with(earlier, directory)
             write_record(config, directory)
         raise
+    keep_record_with(earlier, directory)
     write_record(config, directory)
 
 
@@ -524,13 +540,34 @@ def _certify(args: argparse.Namespace) -> int:
     return EXIT_OK if certificate.ok else EXIT_FINDING
 
 
+_TRAINING_CODE = frozenset(  # fit's loop: an error raised under one of these came from work
+    f.__code__ for f in (_Run._epoch, _Run._end_epoch, _Run._finish)
+)
+
+
+def _raised_by_work(error: BaseException) -> bool:
+    """Whether an error came from work under way, not from loopkit's checks before any work.
+
+    Work is fit's training loop (its steps, evaluations, saves and callbacks, and loopkit's
+    checks made there) and the user's own code: a loss, model or callback that raises a
+    ValueError or TypeError is a run that failed (exit 1), not a bad argument (exit 2).
+    Only the error's own traceback is read: a builder's error that loopkit wraps into a
+    ValueError naming the config key (before any work) stays a bad config value.
+    """
+    if any(frame.f_code in _TRAINING_CODE for frame, _ in traceback.walk_tb(error.__traceback__)):
+        return True
+    return bool(error_site(error, causes=False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `loopkit` command; return its exit status.
 
-    Bad arguments, configs and paths (ValueError, TypeError) print `loopkit <command>:
-    error: ...` and return 2; another error (a run that fails) prints its type, message and
-    the line of the user's code that raised it, and returns 1; `loopkit --traceback ...`
-    shows Python's traceback instead.
+    Bad arguments, configs and paths (a ValueError or TypeError from loopkit's checks,
+    before any work) print `loopkit <command>: error: ...` and return 2; another error (a
+    run that fails, also with a ValueError or TypeError from the user's loss, model or
+    callback, or from a check made while training) prints its type, message and the line of
+    the user's code that raised it, and returns 1; `loopkit --traceback ...` shows Python's
+    traceback instead.
     """
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with status 2 on a bad argument, naming it
@@ -546,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if args.traceback:
             raise
-        usage = isinstance(error, (ValueError, TypeError))
+        usage = isinstance(error, (ValueError, TypeError)) and not _raised_by_work(error)
         what = "" if usage else f"{type(error).__name__}: "
         site = error_site(error)
         site = "" if site.strip() in str(error) else site  # a builder's error names it already

@@ -134,13 +134,14 @@ _LIBRARY_DIRS = tuple(  # where a frame is not the user's: the stdlib, torch, lo
 )
 
 
-def error_site(error: BaseException) -> str:
+def error_site(error: BaseException, *, causes: bool = True) -> str:
     """` (at file:line, in function)`: the innermost frame of the user's code in a traceback.
 
-    Follows `raise ... from` causes to the original error; frames of the standard library,
-    torch and loopkit itself are passed over ("" when every frame is theirs).
+    Follows `raise ... from` causes to the original error (with `causes=False`, only
+    `error`'s own traceback is read); frames of the standard library, torch and loopkit
+    itself are passed over ("" when every frame is theirs).
     """
-    while error.__cause__ is not None:
+    while causes and error.__cause__ is not None:
         error = error.__cause__
     frames = traceback.extract_tb(error.__traceback__)
     if not frames:
@@ -427,8 +428,67 @@ def write_record(config: RunConfig, log_dir: str | os.PathLike[str]) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Earlier:
+    """What a log_dir held before a fit: its run record and its set-aside fingerprints.
+
+    Attributes:
+        record: the text of `<log_dir>/loopkit-run.json` (None: there was none).
+        set_aside: the names of the `fingerprints.<n>` directories already there.
+    """
+
+    record: str | None
+    set_aside: frozenset[str]
+
+    @classmethod
+    def of(cls, log_dir: str | os.PathLike[str]) -> Earlier:
+        """Read `log_dir` as it is now (before the fit)."""
+        directory = Path(log_dir)
+        try:
+            record: str | None = (directory / RUN_RECORD).read_text()
+        except OSError:  # none, or unreadable: nothing to keep
+            record = None
+        return cls(record, frozenset(p.name for p in _set_aside_dirs(directory)))
+
+
+def _set_aside_dirs(log_dir: Path) -> list[Path]:
+    """The `fingerprints.<n>` directories in `log_dir` (earlier runs' fingerprints)."""
+    return [
+        p
+        for p in log_dir.glob("fingerprints.*")
+        if p.is_dir() and p.name.removeprefix("fingerprints.").isdigit()
+    ]
+
+
+def keep_record_with(earlier: Earlier, log_dir: str | os.PathLike[str]) -> list[Path]:
+    """Put the earlier run's record with its fingerprints, set aside since `earlier` was read.
+
+    A fresh fit moves an earlier run's `fingerprints/` to `fingerprints.<n>` (loopkit
+    .fingerprint); its record, `<log_dir>/loopkit-run.json`, is about to be replaced by the
+    new run's. Written as `fingerprints.<n>/loopkit-run.json` (the same n), it keeps the
+    earlier run replayable: `loopkit diff <log_dir>/fingerprints.<n> OTHER --replay`.
+    A record already there is left as it is.
+
+    Returns:
+        The records written.
+    """
+    if earlier.record is None:
+        return []
+    written = []
+    for directory in _set_aside_dirs(Path(log_dir)):
+        path = directory / RUN_RECORD
+        if directory.name in earlier.set_aside or path.exists():
+            continue
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(earlier.record)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
 __all__ = [
     "Built",
+    "Earlier",
     "CODE_KEYS",
     "OWN_KEYS",
     "RUN_FORMAT",
@@ -437,6 +497,7 @@ __all__ = [
     "UNSET",
     "error_site",
     "import_object",
+    "keep_record_with",
     "parse_set",
     "resolve",
     "write_record",

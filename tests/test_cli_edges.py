@@ -292,3 +292,62 @@ def test_an_interruption_that_does_not_stop_the_run_certifies_nothing(tmp_path, 
     assert not certificate.ok and certificate.report.first_divergent_step is None
     assert "nothing is certified" in certificate.format()
     assert "no mid-window interruption" in certificate.format()
+
+
+def test_interruptions_are_labelled_by_where_the_data_stopped(tmp_path, monkeypatch):
+    """5 micro-batches per epoch, windows of 2: windows span epoch ends. A stop after step 1
+    (micro-batch 3) leaves micro-batch 4 of epoch 0 to read: mid-epoch, though step 2's
+    window ends in epoch 1; a stop after step 4 (micro-batch 9) is the end of epoch 1."""
+    monkeypatch.setattr(
+        loopkit.certify, "_draw", lambda sizes, count, seed: [(1, 0), (2, 0), (4, 0)]
+    )
+    config = RunConfig.load(
+        base_config(tmp_path), ["max_steps=6", "accumulate=2", "data.n=80", "batch_size=16"]
+    )
+    certificate = certify_resume(config, interruptions=3, workdir=str(tmp_path / "w"))
+    assert certificate.ok, certificate.format()
+    where = [(i.stopped_at, i.mid_window, i.mid_epoch) for i in certificate.interruptions]
+    assert where == [(2, True, True), (3, True, True), (5, True, False)]
+    assert [i.epoch for i in certificate.interruptions] == [0, 1, 1]
+    text = certificate.format()
+    assert "at step 2 (mid-window; mid-epoch, in epoch 0)" in text
+    assert "at step 3 (mid-window; mid-epoch, in epoch 1)" in text
+    assert "at step 5 (mid-window; at an epoch boundary, the end of epoch 1)" in text
+
+
+def test_a_fresh_run_keeps_the_earlier_runs_record_with_its_fingerprints(tmp_path, capsys):
+    """The earlier run's fingerprints move to fingerprints.1 and its record goes with them:
+    `loopkit diff --replay` still rebuilds it from there."""
+    config = base_config(tmp_path)
+    records = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        for sets in (["checkpoint_dir=ckpt1"], ["checkpoint_dir=ckpt2", NUDGE_3]):
+            argv = ["fit", config, "--set", "max_steps=5", "--set", "log_dir=run", "--set",
+                    "save_every=1", *(x for s in sets for x in ("--set", s))]  # fmt: skip
+            assert run(argv, capsys)[0] == 0
+            records.append((tmp_path / "run" / RUN_RECORD).read_text())
+    aside = tmp_path / "run" / "fingerprints.1"
+    assert (aside / RUN_RECORD).read_text() == records[0] != records[1]
+    status, out, err = run(["diff", aside, tmp_path / "run", "--no-plot", "--replay"], capsys)
+    assert status == 1, err
+    assert "first divergent step: 3" in out and "first differing module: 2 (Linear)" in out
+
+
+def test_a_value_error_from_the_users_loss_while_training_is_a_failed_run(tmp_path, capsys):
+    """Exit 1 (a run that failed), not 2 (bad input): training had begun."""
+    (tmp_path / "raising_loss.py").write_text(
+        "from forensics_parts import loss_fn\n"
+        "calls = [0]\n\n\n"
+        "def loss(model, batch):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == 3:\n"
+        "        raise ValueError('labels out of range')\n"
+        "    return loss_fn(model, batch)\n"
+    )
+    argv = ["fit", base_config(tmp_path), "--set", "max_steps=5", "--set",
+            "loss_fn=raising_loss:loss"]  # fmt: skip
+    status, _, err = run(argv, capsys)
+    assert status == 1
+    assert err.startswith("loopkit fit: error: ValueError: labels out of range (at ")
+    assert "raising_loss.py:8, in loss" in err and "--traceback" in err
