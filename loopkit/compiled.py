@@ -21,22 +21,30 @@ tensors, as torch.compile arranges on CUDA); after it, the group is as eager lef
 run compiles each graph once (with accumulation, two micro-batch variants: gradients absent
 or present); a new batch shape compiles once more, after which torch marks the changed
 sizes dynamic. An optimizer whose state appears only after its first update (SGD with
-momentum) compiles its update graph once more, at the second step.
+momentum) compiles its update graph once more, at the second step. Random ops (dropout) run
+torch's own kernels (inductor's `fallback_random`), so they draw what the eager step draws
+from the seed forward sets.
 
-What cannot be captured runs the whole step eagerly instead, with one
-`CompileFallbackWarning` per cause: a chain with parts other than the four above (a part of
-your own, `every`/`when`, `skip_nonfinite`), a strategy other than SingleDevice, fp16 loss
-scaling, a torch LRScheduler, optimizer step hooks, or a model or optimizer that torch
-cannot trace whole (the warning quotes torch's reason). Under DDP and FSDP the wrapped
-model is compiled then (`model.compile()`), and the step runs eagerly around it.
+Parts after optimizer_step (fit's `average=`: `ema`, `swa`; a part of your own) run
+eagerly after the graphs, on each call, as the eager chain runs them. What cannot be
+captured runs the whole step eagerly instead, with one `CompileFallbackWarning` per cause:
+a chain with other parts before or among the four above (a part of your own,
+`every`/`when`, `skip_nonfinite`), a strategy other than SingleDevice, fp16 loss
+scaling, a torch LRScheduler, optimizer step hooks, a model or optimizer that torch
+cannot trace whole (the warning quotes torch's reason), or torch's compiler switched off
+(TORCHDYNAMO_DISABLE=1, a `torch.compiler.set_stance`; checked at each call). Under DDP
+and FSDP the wrapped model is compiled then (`model.compile()`), and the step runs eagerly
+around it.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import numbers
+import sys
 import time
 import types
 import warnings
@@ -55,7 +63,15 @@ from .compose import parts_of
 from .normalise import check_first_count, closing_factor
 from .state import TrainState, Window
 from .strategies import DDP, FSDP, SingleDevice
-from .transforms import accumulate, clip, forward, optimizer_step, skip_nonfinite, window_size_of
+from .transforms import (
+    accumulate,
+    clip,
+    forward,
+    optimizer_step,
+    skip_nonfinite,
+    warn_groups_added,
+    window_size_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +92,13 @@ class CompileFallbackWarning(UserWarning):
 
 @dataclass(frozen=True, slots=True)
 class _Parts:
-    """The four parts compile_step captures, read from the step."""
+    """The four parts compile_step captures, read from the step, and what follows them."""
 
     forward: Any
     accumulate: Any
     clip: Any | None
     optimizer_step: Any
+    after: Transform | None  # the parts after optimizer_step (fit's average=), run eagerly
 
     @property
     def k(self) -> int:
@@ -92,12 +109,16 @@ def _read_chain(step: Transform) -> tuple[_Parts | None, str | None]:
     """The capturable chain of `step`, or None and why it cannot be captured."""
     parts = parts_of(step)
     kinds = [type(p) for p in parts]
-    if kinds in (
+    n = 4 if kinds[2:3] == [_CLIP] else 3  # the captured head; what follows runs eagerly
+    if kinds[:n] in (
         [_FORWARD, _ACCUMULATE, _OPTIMIZER_STEP],
         [_FORWARD, _ACCUMULATE, _CLIP, _OPTIMIZER_STEP],
     ):
-        clip_part = parts[2] if len(parts) == 4 else None
-        return _Parts(parts[0], parts[1], clip_part, parts[-1]), None
+        # Parts after optimizer_step (lk.ema, lk.swa, a logger of the user's) read what the
+        # step made: run after the graphs on each call, as the eager chain runs them.
+        after = chain_of(*parts[n:]) if parts[n:] else None
+        clip_part = parts[2] if n == 4 else None
+        return _Parts(parts[0], parts[1], clip_part, parts[n - 1], after), None
     others = [repr(p) for p in parts if not isinstance(p, _BUILT_IN)]
     if others:
         what = f"{', '.join(others)}, which may run anything on the host"
@@ -208,11 +229,24 @@ def _apply_window(
     return loss, norm
 
 
+_copies = itertools.count(1)
+
+
 def _fresh(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A copy of `fn` with its own code object: torch.compile keeps its cache per code
-    object, so each compiled step (and each model it trains) has caches of its own."""
-    code = fn.__code__.replace()
-    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__)
+    """A copy of `fn` with a code object, and a name, of its own.
+
+    torch.compile keeps its graphs per code object, and what it learnt from earlier
+    compiles (automatic dynamic: which sizes and floats changed, `torch._dynamo.pgo`) per
+    code *name* (file, line, name). A copy per compiled step keeps both its own: without
+    the new name, a second compile_step in a process (a sweep over momentum) started with
+    the first one's differing optimizer floats marked dynamic, and torch could fail while
+    retracing for them (SpeculationLogDivergence, SGD with momentum and a frozen parameter).
+    """
+    name = f"{fn.__name__}_{next(_copies)}"
+    code = fn.__code__.replace(co_name=name)
+    if sys.version_info >= (3, 11):
+        code = code.replace(co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__)
 
 
 class _CountingInductor:
@@ -226,7 +260,9 @@ class _CountingInductor:
             warnings.simplefilter("ignore", DeprecationWarning)
             from torch._inductor.compile_fx import compile_fx
 
-        compiled = compile_fx(gm, example_inputs)
+        # fallback_random: random ops (dropout) draw from torch's generator as eager ones do,
+        # so the compiled step draws eager's numbers (inductor's own generator draws others).
+        compiled = compile_fx(gm, example_inputs, config_patches={"fallback_random": True})
         self.graphs += 1  # after it: a restarted analysis calls the backend twice
         return compiled
 
@@ -239,12 +275,16 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     torch._dynamo (about a second, and torch's compiler state) for users who never compile.
     """
     import torch._dynamo.exc as dynamo_errors
+    import torch._dynamo.symbolic_convert as tracer
 
     return tuple(
         error
         for error in (
             getattr(dynamo_errors, "TorchDynamoException", None),
             getattr(dynamo_errors, "FailOnRecompileLimitHit", None),  # torch >= 2.7
+            # An AssertionError torch raises while retracing a frame (its own bug, before
+            # anything ran): the step runs eagerly rather than the run ending.
+            getattr(tracer, "SpeculationLogDivergence", None),
         )
         if error is not None
     )
@@ -319,11 +359,14 @@ class CompiledStep:
         self._eager_for: object = None  # the optimizer whose steps run eagerly, if any
         if self._chain is not None:
             self._empty_window = Window(size=self._chain.k)
-            tail = parts_of(step)[1:]  # accumulate, [clip], optimizer_step
+            tail = parts_of(step)[1:]  # accumulate, [clip], optimizer_step, after
             self._tail = chain_of(*tail)
 
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
         state.check_fresh()
+        if (off := _compiler_off()) is not None:  # for now: compiles again once it is back on
+            self._fall_back(off, stacklevel=3)
+            return self.step(state, batch)
         graphs = self._graphs
         if graphs is None or not graphs.fits(state):
             graphs = self._graphs_for(state)
@@ -347,6 +390,8 @@ class CompiledStep:
                 return self._tail(state, batch)  # the micro-batch ran: close it eagerly
         if self._backend.graphs != before:
             self._note_compile(time.perf_counter() - start)
+        if parts.after is not None:
+            state = parts.after(state, batch)
         return state
 
     def _graphs_for(self, state: TrainState) -> _Graphs | None:
@@ -442,8 +487,16 @@ class CompiledStep:
                 graphs.factor.fill_(factor)
             factor = graphs.factor
         lr = self._set_lrs(state, graphs, parts)
-        groups = state.optimizer.param_groups
-        saved = [{key: group[key] for key in graphs.overrides[i]} for i, group in enumerate(groups)]
+        # The groups the record started with (base_lrs); a group added since (unfreezing
+        # layers with add_param_group) keeps its own lr and settings, as eager leaves it,
+        # and gets the same warning.
+        if len(state.optimizer.param_groups) != len(state.base_lrs):
+            warn_groups_added(state, parts.optimizer_step)
+        groups = state.optimizer.param_groups[: len(graphs.overrides)]
+        saved = [
+            {key: group[key] for key in overrides}
+            for group, overrides in zip(groups, graphs.overrides)
+        ]
         for group, overrides in zip(groups, graphs.overrides):
             group.update(overrides)
         clip_part = parts.clip
@@ -462,6 +515,9 @@ class CompiledStep:
             for group, value, originals in zip(groups, graphs.lr_values, saved):
                 group.update(originals)
                 group["lr"] = value
+        for group in state.optimizer.param_groups[len(groups) :]:  # as optimizer.zero_grad()
+            for p in group["params"]:
+                p.grad = None
         metrics: dict[str, Any] = {"train/loss": loss}
         if norm is not None:
             metrics["train/grad_norm"] = norm
@@ -491,6 +547,21 @@ class CompiledStep:
         return f"compile_step({self.step!r})"
 
 
+def _compiler_off() -> str | None:
+    """Why torch would run the compiled functions uncompiled, or None (~2 us, a config read).
+
+    Run uncompiled, the update would call the optimizer with `capturable=True` outside a
+    graph (Adam refuses that on CPU), and fullgraph=True raises after a micro-batch ran.
+    """
+    if torch._dynamo.config.disable:
+        return "torch.compile is off (torch._dynamo.config.disable, e.g. TORCHDYNAMO_DISABLE=1)"
+    # torch's private record of the stance (2.6+); absent elsewhere: taken as the default
+    stance = getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", "default")
+    if stance != "default":
+        return f"torch.compiler.set_stance({stance!r}) runs compiled functions eagerly at times"
+    return None
+
+
 def _compile_model_instead(state: TrainState) -> str:
     """Under DDP or FSDP, compile the wrapped model (forward and backward) and say so.
 
@@ -508,10 +579,19 @@ def _compile_model_instead(state: TrainState) -> str:
 
 
 def _torch_reason(error: BaseException) -> str:
-    """The first line of torch's message: the graph break or compile failure."""
+    """The first line of torch's message (the graph break or compile failure), and of its
+    cause where torch chained one ("Hard failure due to fullgraph=True" says nothing of the
+    recompile limit behind it)."""
+    reason = f"{type(error).__name__}: {_first_line(error)}"
+    cause = error.__cause__
+    if cause is not None:
+        reason += f", from {type(cause).__name__}: {_first_line(cause)}"
+    return f"torch.compile could not capture it whole ({reason})"
+
+
+def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    first = text[0] if text else type(error).__name__
-    return f"torch.compile could not capture it whole ({type(error).__name__}: {first})"
+    return text[0] if text else type(error).__name__
 
 
 def compile_step(step: Transform) -> Transform:
@@ -526,7 +606,8 @@ def compile_step(step: Transform) -> Transform:
 
     Args:
         step: `chain(forward(loss_fn), accumulate(k), optimizer_step())`, optionally with
-            `clip(max_norm)` before optimizer_step: fit's default step.
+            `clip(max_norm)` before optimizer_step (fit's default step), and with any parts
+            after optimizer_step (`ema`, `swa`), which run eagerly after the graphs.
 
     Raises:
         TypeError: step is not callable.

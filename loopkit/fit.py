@@ -61,7 +61,7 @@ from .metrics import (
     to_host,
 )
 from .state import TrainState, Window
-from .strategies import Strategy
+from .strategies import DDP, SingleDevice, Strategy
 from .transforms import (
     accumulate,
     clip,
@@ -223,6 +223,52 @@ def _window_size(config: FitConfig, loader: Iterable[Any], strategy: Strategy) -
             "accumulate=%s (%s %s per step / %s per micro-batch)", k, target, unit, per_micro
         )
     return k
+
+
+def _check_it_trains(
+    cfg: FitConfig, state: TrainState, loader: Any, k: int, max_epochs: int | None
+) -> None:
+    """Refuse a run too short for one optimizer step; warn of one whose lr is 0 throughout.
+
+    Both would otherwise end without an error having changed no weight. (An lr of 0 is a
+    warning, not an error: fit with SGD(lr=0) is a way to evaluate through fit's loop.)
+    """
+    try:
+        micro_batches = None if max_epochs is None else max_epochs * len(loader)
+    except TypeError:  # an iterable without a length
+        micro_batches = None
+    if micro_batches == 0:
+        raise ValueError(
+            "fit(train_data=...): the data has no batches (len 0), so the run would end "
+            "without a step; a DataLoader with drop_last=True and fewer items than its "
+            "batch_size has none. Pass data with at least one batch."
+        )
+    if cfg.step is None and micro_batches is not None and micro_batches < k:
+        per_epoch = micro_batches // max(1, max_epochs or 1)
+        raise ValueError(
+            f"fit(accumulate={k}, epochs={max_epochs}): the run reads {micro_batches} "
+            f"micro-batch(es) ({per_epoch} per epoch) and one optimizer step takes {k}, so it "
+            "would end without a step. Lower accumulate (or samples_per_step / "
+            "tokens_per_step, or batch_size), or raise epochs, or set max_steps=N instead."
+        )
+    steps = cfg.max_steps
+    if micro_batches is not None:
+        steps = min(steps or micro_batches // k, micro_batches // k)
+    schedule = state.schedule
+    if isinstance(schedule, torch.optim.lr_scheduler.LRScheduler) or not state.strategy.is_main:
+        return  # a torch scheduler's lrs are known only as it steps
+    if all(lr == 0 for lr in state.base_lrs):
+        arg, what = f"optimizer={cfg.optimizer!r}", "every parameter group's lr is 0"
+    elif steps is not None and not any(float(schedule(s)) != 0 for s in range(steps)):
+        arg, what = f"schedule={cfg.schedule!r}", f"the lr factor is 0 at steps 0..{steps - 1}"
+    else:
+        return
+    logger.warning(
+        "fit(%s): %s, the whole run, so it changes no weight. Give the optimizer an lr > 0 "
+        "and a schedule that is not 0 for the whole run (to evaluate only: loopkit.evaluate).",
+        arg,
+        what,
+    )
 
 
 @takes_config
@@ -417,6 +463,7 @@ def fit(
     best_mode: Mode = cfg.mode or (infer_mode(cfg.monitor) if eval_loader is not None else "min")
     callbacks = _with_loggers(user_callbacks, cfg)
     max_epochs = cfg.epochs if cfg.epochs is not None else (None if cfg.max_steps else 1)
+    _check_it_trains(cfg, state, loader, k, max_epochs)
     hparams = {**_hparams(cfg, loader, k, train_step, max_epochs), "fingerprint_every": every}
     run = _Run(state, train_step, loader, callbacks, cfg, hparams, evaluator, best_mode)
     run.fingerprints = recorder
@@ -621,6 +668,7 @@ class _Run:
         # Micro-batches since the optimizer last stepped: more than the chain's longest
         # window means the step never trains (host-side ints, no device sync).
         self.open_micro_batches, self.max_open = 0, _largest_window(train_step)
+        self.probe: _GradientProbe | None = None  # the first window's gradients, see there
         self.seen = _SeenCounters(state)
 
     def train(self, max_epochs: int | None) -> FitResult:
@@ -641,6 +689,8 @@ class _Run:
             raise
         finally:
             claim.release()  # the OS would free the lock at exit; a caller may go on
+            if self.probe is not None:
+                self.probe.close()  # no hook is left on the user's model
         self._flush_fingerprints()
         return result
 
@@ -660,6 +710,8 @@ class _Run:
         resumed = self._resume()
         if self.fingerprints is not None:
             self.fingerprints.start(self.state.step)  # a resumed run continues its fingerprints
+        if self.state.step == 0 and _GradientProbe.applies(self.cfg, self.state):
+            self.probe = _GradientProbe(self.state)
         stop = dispatch(self.callbacks, "on_fit_start", self.state, self.hparams)
         epoch = self.state.epoch
         while stop is None and (max_epochs is None or epoch < max_epochs):
@@ -735,6 +787,9 @@ class _Run:
                 self._count_open_micro_batch()
                 continue  # a micro-batch inside an open window
             self.open_micro_batches = 0
+            if self.probe is not None:
+                self.probe.check()
+                self.probe = None
             self.watch.after_step(self.state, previous_step, previous_skips)
             requests: list[Request] = []
             stop = dispatch(self.callbacks, "on_step_end", self.state, requests=requests) or stop
@@ -857,6 +912,16 @@ class _Run:
             self.result.stopped_by = stop.reason
         elif not self.result.stopped_by:
             self.result.stopped_by = "epochs"
+        if self.state.micro_step and self.state.strategy.is_main:
+            logger.warning(
+                "fit: the run ended with %d micro-batch(es) in an open gradient window "
+                "(accumulate=%d): their gradients were never applied, so that data was not "
+                "trained on. Make the run's micro-batches a multiple of %d (batch_size, "
+                "drop_last, epochs) or end it by max_steps.",
+                self.state.micro_step,
+                self.max_open,
+                self.max_open,
+            )
         self.watch.check()
         if self.evaluator is not None and self.evals.evaluated_at != self.state.step:
             self._evaluate()
@@ -882,6 +947,48 @@ class _Run:
         self.result.state, self.result.best = self.state, self.evals.best
         self.interrupts.announce(self.state.step, saved, self.cfg.checkpoint_dir)
         return self.result
+
+
+class _GradientProbe:
+    """Whether the first window gave any trainable parameter a gradient (a host flag).
+
+    A loss that does not depend on the parameters (a constant, or computed by a model that
+    is not the one trained) gives none, and every step would leave the weights as they are
+    without an error. Post-accumulate-grad hooks on the optimizer's parameters set the flag
+    (host only, no sync); they are removed after the first window. Only where autograd
+    accumulates into those very tensors: one device or DDP, fit's own step, not compiled.
+    """
+
+    def __init__(self, state: TrainState) -> None:
+        self.reached = False
+        params = [p for g in state.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self.handles = [p.register_post_accumulate_grad_hook(self._reach) for p in params]
+
+    @staticmethod
+    def applies(cfg: FitConfig, state: TrainState) -> bool:
+        return (
+            cfg.step is None and not cfg.compile and isinstance(state.strategy, (SingleDevice, DDP))
+        )
+
+    def _reach(self, param: torch.Tensor) -> None:
+        self.reached = True
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def check(self) -> None:
+        """End the probe after the first window; raise if no parameter got a gradient."""
+        self.close()
+        if not self.reached:
+            raise ValueError(
+                "fit(loss_fn=...): the first optimizer step's loss gave no gradient to any "
+                "parameter the optimizer trains, so no step would change a weight. The loss "
+                "must be computed from the model passed to fit (`model(batch...)` inside "
+                "loss_fn), not a constant or another module's output; a frozen model trains "
+                "nothing either."
+            )
 
 
 class _SeenCounters:

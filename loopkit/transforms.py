@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -209,6 +210,24 @@ class _Clip:
         return f"clip({self.max_norm}, norm_type={self.norm_type})"
 
 
+def warn_groups_added(state: TrainState, where: object) -> None:
+    """Warn that the optimizer holds param groups added after the record was made.
+
+    The record's `params` and `base_lrs` are fixed by TrainState.create: an added group's
+    gradients would be left out of the window's normalisation and the clip, and its lr
+    out of the schedule, without a word.
+    """
+    warnings.warn(
+        f"{where!r}: the optimizer has {len(state.optimizer.param_groups)} param groups, the "
+        f"TrainState was made with {len(state.base_lrs)} (optimizer.add_param_group after "
+        "TrainState.create): the added parameters' gradients are not normalised over the "
+        "window or clipped, and their lr follows no schedule. To unfreeze layers later, put "
+        "them in the optimizer from the start with requires_grad=False (they train nothing "
+        "until you set it True), or create a new record with TrainState.create.",
+        stacklevel=4,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _OptimizerStep:
     def __call__(self, state: TrainState, batch: Batch, /) -> TrainState:
@@ -217,8 +236,20 @@ class _OptimizerStep:
     def _changes(self, state: TrainState, batch: Batch, /) -> dict[str, Any] | None:
         window = state.window
         if not window.closed:
+            if window.size is None and state.micro_step >= 2:
+                # accumulate(k) sets the size of each window it sees: none has seen this one
+                raise ValueError(
+                    f"{self!r}: {state.micro_step} micro-batches ran without an optimizer "
+                    f"step (state.step stayed {state.step}) into one gradient window that no "
+                    "accumulate(k) has seen, so it never closes and nothing trains. Put "
+                    "accumulate(k) between forward and "
+                    "optimizer_step, e.g. chain(forward(loss_fn), accumulate(1), "
+                    "optimizer_step())."
+                )
             return None
         optimizer, schedule = state.optimizer, state.schedule
+        if len(optimizer.param_groups) != len(state.base_lrs):
+            warn_groups_added(state, self)
         if isinstance(schedule, LRScheduler):
             lr = optimizer.param_groups[0]["lr"]
         else:

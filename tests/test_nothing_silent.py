@@ -111,10 +111,12 @@ def test_an_opaque_chain_that_never_steps_stops_after_k_plus_1_micro_batches(k):
     counter = Counter()
     with pytest.raises(ValueError, match="micro-batches ran without an optimizer step") as error:
         lk.fit(mlp(), dataset(), step=step, batch_size=8, epochs=2, callbacks=[counter], **BASE)
-    assert counted.calls == k + 1
+    # optimizer_step refuses a window no accumulate(k) has seen at its second micro-batch,
+    # before fit's own check (after k + 1 micro-batches) would.
+    assert counted.calls == 2
     text = str(error.value)
-    assert f"{k + 1} micro-batches" in text and "state.step stayed 0" in text
-    assert repr(step) in text and "accumulate(k)" in text
+    assert "2 micro-batches" in text and "state.step stayed 0" in text
+    assert text.startswith("optimizer_step(): ") and "accumulate(k)" in text
     assert counter.steps == 0
 
 
@@ -377,3 +379,71 @@ def test_a_fit_built_loader_gets_data_timeout_s_only_with_workers():
     common = dict(batch_size=8, shuffle=False, seed=0, timeout_s=7.5)
     assert make_loader(samples, num_workers=1, **common).timeout == 7.5
     assert make_loader(samples, num_workers=0, **common).timeout == 0  # no worker to wait for
+
+
+def _two_layer_state(frozen_in_optimizer: bool) -> lk.TrainState:
+    model = mlp(seed=1)
+    first, last = model.get_submodule("0"), model.get_submodule("3")
+    first.requires_grad_(False)
+    trained = model.parameters() if frozen_in_optimizer else last.parameters()
+    optimizer = torch.optim.SGD(trained, lr=0.1)
+    return lk.TrainState.create(model, optimizer=optimizer, strategy=lk.SingleDevice("cpu"))
+
+
+def test_a_param_group_added_after_the_record_is_made_is_not_silent():
+    # The record's params and base_lrs are fixed at create: an added group's gradients
+    # would miss the window's normalisation and the clip, and its lr the schedule.
+    step = lk.chain(lk.forward(loss_fn), lk.accumulate(2), lk.clip(1e-3), lk.optimizer_step())
+    state = _two_layer_state(frozen_in_optimizer=False)
+    first = state.model.get_submodule("0")
+    first.requires_grad_(True)
+    state.optimizer.add_param_group({"params": first.parameters(), "lr": 0.1})
+    batch = data(8)
+    state = step(state, batch)  # an open window: nothing applied yet
+    with pytest.warns(UserWarning, match=r"has 2 param groups, the TrainState was made with 1"):
+        step(state, batch)
+
+
+def test_layers_frozen_in_the_optimizer_from_the_start_train_clipped_once_unfrozen():
+    # What the warning recommends: the unfrozen layer's gradients are clipped with the rest.
+    step = lk.chain(lk.forward(loss_fn), lk.accumulate(1), lk.clip(1e-3), lk.optimizer_step())
+    state = _two_layer_state(frozen_in_optimizer=True)
+    first = state.model.get_submodule("0")
+    before = first.weight.detach().clone()
+    state = step(state, data(8))
+    assert torch.equal(first.weight, before)  # frozen: not trained
+    first.requires_grad_(True)
+    state = step(state, data(8, seed=1))
+    moved = float((first.weight.detach() - before).norm())
+    assert 0 < moved <= 0.1 * 1e-3 * (1 + 1e-9)  # at most lr x the clipped global norm
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        lambda: [lk.forward(loss_fn), lk.optimizer_step()],
+        lambda: [lk.forward(loss_fn), lk.clip(1.0), lk.optimizer_step()],
+    ],
+    ids=["no-accumulate", "clip-no-accumulate"],
+)
+def test_a_custom_loop_without_accumulate_is_refused_at_the_second_micro_batch(parts):
+    # Outside fit no structure check runs: the window of such a chain never closed, and the
+    # loop went on forever, training nothing and piling up gradients.
+    model = mlp(seed=1)
+    state = lk.TrainState.create(model, optimizer=sgd, strategy=lk.SingleDevice("cpu"))
+    step = lk.chain(*parts())
+    state = step(state, data(8))
+    with pytest.raises(ValueError, match="2 micro-batches ran without an optimizer step"):
+        step(state, data(8))
+
+
+def test_optimizer_step_apart_from_its_window_still_trains():
+    # accumulate(k) called apart from the chain that holds optimizer_step (a loop of one's
+    # own) has seen the window: no error, and the step happens.
+    forward, acc = lk.chain(lk.forward(loss_fn), lk.optimizer_step()), lk.accumulate(3)
+    state = lk.TrainState.create(mlp(seed=1), optimizer=sgd, strategy=lk.SingleDevice("cpu"))
+    for _ in range(3):
+        state = acc(forward(state, data(8)), None)
+    assert state.step == 0 and state.window.closed
+    state = lk.optimizer_step()(state, data(8))
+    assert state.step == 1
