@@ -17,7 +17,9 @@ Nothing that changes per step enters a graph as a Python number: the closing fac
 the learning rates go in as tensors, the step count is the optimizer's own `step` tensor.
 While the update graph runs, each param group holds its `lr` as a 0-d tensor and, where the
 optimizer has these settings, `capturable=True, foreach=True` (its arithmetic all on
-tensors, as torch.compile arranges on CUDA); after it, the group is as eager left it. A
+tensors, as torch.compile arranges on CUDA), and `fused=False` where it was fused (the
+fused kernel cannot be traced; inductor fuses the foreach path); after it, the group is as
+eager left it. A
 run compiles each graph once (with accumulation, two micro-batch variants: gradients absent
 or present); a new batch shape compiles once more, after which torch marks the changed
 sizes dynamic. An optimizer whose state appears only after its first update (SGD with
@@ -319,8 +321,10 @@ class _Graphs:
         self.overrides: list[dict[str, Any]] = []
         for group, lr in zip(state.optimizer.param_groups, self.lrs):
             overrides: dict[str, Any] = {"lr": lr}
+            if group.get("fused"):  # a fused kernel is opaque to torch.compile (a graph break)
+                overrides["fused"] = False
             for key in _GROUP_FLAGS:
-                if key in group and not group.get("fused"):
+                if key in group:
                     overrides[key] = True
             self.overrides.append(overrides)
 

@@ -315,3 +315,20 @@ def test_fit_with_compile_and_an_average_compiles_the_step_and_averages_as_eager
     assert a.count == b.count == 4
     for p, q in zip(a.tensors, b.tensors, strict=True):
         torch.testing.assert_close(q, p, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_a_fused_optimizer_is_compiled_through_its_foreach_path():
+    # A fused kernel is opaque to torch.compile: AdamW(fused=True) made the whole step fall
+    # back to eager ("Skip calling torch.compiler.disable()d function"). The update graph
+    # now runs the foreach implementation (inductor fuses it); the group stays fused after.
+    def state() -> lk.TrainState:
+        model = mlp(d_hidden=16, dtype=torch.float32)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        return lk.TrainState.create(model, optimizer=optimizer, strategy=lk.SingleDevice("cpu"))
+
+    eager = run(STEP, state(), batches(8))
+    compiled = run(lk.compile_step(STEP), state(), batches(8))  # a fallback warning: an error
+    assert_params_close(eager, compiled)
+    group = compiled.optimizer.param_groups[0]
+    assert group["fused"] is True and not group["capturable"] and group["foreach"] is None
