@@ -91,6 +91,7 @@ def resume(
     source: bool | str | os.PathLike[str],
     checkpoint_dir: str | os.PathLike[str] | None,
     allow_data_reshard: bool = False,
+    hparams: Mapping[str, Any] | None = None,
 ) -> Resumed | None:
     """Load the checkpoint fit's `resume=` asks for; None when there is none to start from.
 
@@ -101,7 +102,9 @@ def resume(
     future it abandons) are moved aside, whole (see `set_aside_newer`). The data position
     and the callbacks' state are restored in place. A global data position (see
     `loopkit.data.EpochSampler`) resumes at any number of data-parallel ranks; any other is
-    rank 0's, refused at another number unless `allow_data_reshard`.
+    rank 0's, refused at another number unless `allow_data_reshard`. Settings in `hparams`
+    (fit's) that change what is trained and differ from the checkpoint's run are named in a
+    warning (see `say_changed_settings`).
 
     Raises:
         CheckpointMismatchError: (source=True) the newest valid checkpoint does not fit;
@@ -126,6 +129,8 @@ def resume(
     run_id = read_meta(path).get("run_id")
     if state.strategy.is_main:
         logger.info("resumed from %s (step %s, epoch %s).", path, state.step, state.epoch)
+        if hparams is not None:
+            say_changed_settings(extra.get("config"), hparams, path)
         if source is not True and checkpoint_dir is not None:
             set_aside_newer(checkpoint_dir, state.step, path)
     return Resumed(
@@ -135,6 +140,58 @@ def resume(
         evaluated_at=int(extra.get("evaluated_at", -1)),
         run_id=run_id if isinstance(run_id, str) else None,
     )
+
+
+# fit's settings that change what a step trains on or how; the others (max_steps, logging,
+# saving, ...) may change on resume without changing the training.
+_TRAINING_SETTINGS = (
+    "batch_size",
+    "accumulate",
+    "samples_per_step",
+    "tokens_per_step",
+    "clip",
+    "average",
+    "seed",
+    "compile",
+    "nonfinite",
+    "shuffle",
+    "drop_last",
+)
+
+
+def say_changed_settings(saved: Any, now: Mapping[str, Any], path: Path) -> list[str]:
+    """Warn when fit's training settings differ from those of the run that saved `path`.
+
+    The resume itself is exact (weights, optimizer, data position); from there the run
+    trains with the new settings, so it will not match the run it continues. Settings saved
+    as a repr with an address (functions) are not compared. Returns the differences.
+
+    Args:
+        saved: the checkpoint's `extra["config"]` (None: saved without it).
+        now: this fit's settings (as `checkpoint_extra` records them).
+        path: the checkpoint resumed from, for the message.
+    """
+    if not isinstance(saved, Mapping):
+        return []
+    changed = [
+        f"{name} {saved[name]!r} -> {now[name]!r}"
+        for name in _TRAINING_SETTINGS
+        if name in saved
+        and name in now
+        and saved[name] != now[name]
+        and " at 0x" not in f"{saved[name]}{now[name]}"
+    ]
+    if changed:
+        seed = "seed" in saved and "seed" in now and saved["seed"] != now["seed"]
+        logger.warning(
+            "fit(resume=...): this run's settings differ from those of the run that saved %s: "
+            "%s. It continues from the checkpoint exactly, then trains with the new settings, "
+            "so it will not match an uninterrupted run%s.",
+            path.name,
+            "; ".join(changed),
+            f" (the checkpoint's seed {saved['seed']!r} is kept)" if seed else "",
+        )
+    return changed
 
 
 def _load_first_valid(
@@ -314,4 +371,4 @@ def _restore_callbacks(callbacks: Sequence[Any], saved: Sequence[Any], path: Pat
             callback.load_state_dict(callback_state)
 
 
-__all__ = ["Resumed", "checkpoint_extra", "resume", "set_aside_newer"]
+__all__ = ["Resumed", "checkpoint_extra", "resume", "say_changed_settings", "set_aside_newer"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -61,6 +62,9 @@ _FILES = ("model.safetensors", "state.safetensors", "state.json")
 _SHARDED_FILES = ("state.safetensors", "state.json")
 SHARDS_DIR = "shards"
 _META_KEYS = ("step", "epoch", "samples_seen", "skipped_steps", "seed", "precision", "schedule")
+logger = logging.getLogger(__name__)
+# Optimizer settings fit sets every step (the lr from the schedule) or torch keeps itself.
+_SCHEDULED_KEYS = frozenset({"params", "lr", "initial_lr"})
 # Test hook: seconds to pause between the files of a save, so a kill can land inside it.
 _PAUSE_ENV = "LOOPKIT_TEST_SAVE_PAUSE_S"
 
@@ -358,6 +362,7 @@ def _state_payload(
         "seed": state.seed,
         "precision": state.precision.name,
         "base_lrs": list(state.base_lrs),
+        "optimizer": _optimizer_class(state.optimizer),
         "schedule": repr(state.schedule),
         "versions": {"torch": torch.__version__, "loopkit": __version__},
         "tree": skeleton,
@@ -609,6 +614,53 @@ def load_checkpoint(path: str | os.PathLike[str], state: TrainState) -> TrainSta
     )
 
 
+def _optimizer_class(optimizer: torch.optim.Optimizer) -> str:
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+
+
+def _plain(value: Any) -> Any:
+    """A param group's setting as JSON would give it back (tuples as lists, tensors as numbers)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check_optimizer(path: Path, state: TrainState, meta: dict[str, Any], saved: Any) -> None:
+    """Refuse another optimizer class; say which saved settings replace this one's.
+
+    Another class's state would load without error and then fail at the first step (Adam
+    over SGD's momentum buffers) or, worse, train on without the saved state. Settings
+    such as momentum or weight_decay are the checkpoint's once loaded (torch's
+    load_state_dict), so a changed one is named in a warning; the lr is fit's schedule's.
+    """
+    optimizer = state.optimizer
+    kind = meta.get("optimizer")  # absent: saved before loopkit recorded it
+    if kind is not None and kind != _optimizer_class(optimizer):
+        raise CheckpointMismatchError(
+            f"{path}: saved with optimizer {kind}, loading into {_optimizer_class(optimizer)}; "
+            "its state (step counts, moments, momentum buffers) does not carry over. Build "
+            "the same kind of optimizer to resume, or load only the weights (model.safetensors) "
+            "into a new run.",
+            path=path,
+        )
+    changed = [
+        f"group {i} {key}: checkpoint {group[key]!r}, this optimizer {now[key]!r}"
+        for i, (group, now) in enumerate(zip(saved, optimizer.param_groups))
+        for key in sorted(set(group) & set(now) - _SCHEDULED_KEYS)
+        if _plain(group[key]) != _plain(now[key])
+    ]
+    if changed and state.strategy.is_main:
+        logger.warning(
+            "load_checkpoint(%s): the optimizer's settings differ from the checkpoint's, and "
+            "the checkpoint's are loaded: %s. To train with other settings, change the "
+            "optimizer's param_groups after loading.",
+            path.name,
+            "; ".join(changed[:10]),
+        )
+
+
 def _check_state_fits(
     path: Path, state: TrainState, meta: dict[str, Any], tree: dict[str, Any], *, sharded: bool
 ) -> None:
@@ -630,6 +682,7 @@ def _check_state_fits(
             f"{path}: the optimizer had param groups of sizes {saved_sizes}, this one has "
             f"{sizes}; build the optimizer over the same parameter groups."
         )
+    _check_optimizer(path, state, meta, tree["optimizer"]["param_groups"])
     scheduler = state.schedule
     if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) != ("lr_scheduler" in tree):
         raise CheckpointMismatchError(
@@ -786,6 +839,8 @@ def save_model(
     Raises:
         TypeError: weights other than "model" with a module instead of a TrainState.
         ValueError: weights is not "model", "ema" or "swa", or the record has no such average.
+        CheckpointError: (a ValueError) the directory holds a model.safetensors or
+            config.json that save_model did not write (they are left as they are).
     """
     if weights != "model" and not isinstance(model, TrainState):
         raise TypeError(
@@ -822,6 +877,52 @@ def save_model(
         if sharded:
             torch.distributed.barrier()  # returns once rank 0 has written the file
         return directory / "model.safetensors"
+    try:
+        _write_model(directory, module, state_dict, step, written)
+    finally:
+        if sharded and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # the other ranks wait here, even when rank 0 failed
+    return directory / "model.safetensors"
+
+
+def _check_model_dir(directory: Path) -> None:
+    """Refuse a directory whose model.safetensors or config.json no save_model wrote.
+
+    save_model replaces its own two files (a re-save); anything else of those names (a
+    Hugging Face config.json, weights of another tool) would be lost.
+    """
+    config, weights = directory / "config.json", directory / "model.safetensors"
+    ours = False
+    if config.exists():
+        try:
+            ours = json.loads(config.read_text()).get("format") == MODEL_FORMAT
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise CheckpointError(
+                f"save_model(directory={str(directory)!r}): {config} exists and is not a "
+                f"{MODEL_FORMAT} config written by save_model; it would be overwritten. "
+                "Pass another directory, or move the file away first.",
+                path=config,
+            )
+    if weights.exists() and not ours:
+        raise CheckpointError(
+            f"save_model(directory={str(directory)!r}): {weights} exists without the "
+            "config.json save_model writes beside it, so it is not a save_model file; it would "
+            "be overwritten. Pass another directory, or move the file away first.",
+            path=weights,
+        )
+
+
+def _write_model(
+    directory: Path,
+    module: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    step: int | None,
+    written: str,
+) -> None:
+    """Rank 0's part of save_model: check the directory, write both files atomically."""
+    _check_model_dir(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = _tensors_for_file(state_dict)
     tmp = directory / f".model.safetensors.tmp-{os.getpid()}"
@@ -836,10 +937,9 @@ def save_model(
     }
     if written != "model":
         config["weights"] = written
-    _write_bytes(directory / "config.json", json.dumps(config, indent=1).encode())
-    if sharded and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return directory / "model.safetensors"
+    tmp = directory / f".config.json.tmp-{os.getpid()}"
+    _write_bytes(tmp, json.dumps(config, indent=1).encode())
+    os.replace(tmp, directory / "config.json")
 
 
 def _gathered(

@@ -680,6 +680,7 @@ class _Run:
             strategy=self.state.strategy,
         )
         self.claim, self.result.run_id = claim, claim.run_id
+        self.hparams["run_id"] = claim.run_id  # the loggers mark their files with it
         if self.saver is not None:
             self.saver.run_id = claim.run_id  # recorded in every checkpoint
         try:
@@ -737,6 +738,7 @@ class _Run:
             source=self.cfg.resume,
             checkpoint_dir=self.cfg.checkpoint_dir,
             allow_data_reshard=self.cfg.allow_data_reshard,
+            hparams=self.hparams,
         )
         if resumed is None:
             return False
@@ -746,7 +748,7 @@ class _Run:
         self.result.history = resumed.history
         self.evals.best, self.evals.evaluated_at = resumed.best, resumed.evaluated_at
         self.claim.adopt(resumed.run_id)  # the run continues under its own id
-        self.result.run_id = self.claim.run_id
+        self.result.run_id = self.hparams["run_id"] = self.claim.run_id
         if self.saver is not None:
             self.saver.saved_at = self.state.step  # on disk already
             self.saver.run_id = self.claim.run_id

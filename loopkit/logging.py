@@ -9,7 +9,10 @@ Logs continue across resumes, and no run's log is overwritten: a fit start past 
 (fit() resumed from a checkpoint) keeps the records through that step, drops later ones
 (logged after the checkpoint by work that was lost) and appends; TensorBoard purges the
 later events for readers. A fresh fit start (step 0) renames an earlier run's CSV/JSONL
-file to `path.N` and writes a new event file beside earlier ones.
+file to `path.N` and writes a new event file beside earlier ones. fit() records its run id
+beside each CSV/JSONL file (`path.run`): a resumed run continues only its own file, and
+renames another run's (a log_dir shared by two runs) to `path.N` instead of dropping its
+later records.
 
 loopkit's own messages ("resumed from ...", "accumulate=4 (...)") go through the standard
 library's `logging`, to the "loopkit" logger and its children, from the main rank only.
@@ -171,12 +174,51 @@ def _replace_atomically(path: str, write: Callable[[IO[str]], None]) -> None:
         raise
 
 
-def _set_aside(path: str, *, resumed: bool) -> str | None:
+_RUN_SUFFIX = ".run"
+"""`<log file>.run` holds the id of the fit run whose records the log file holds."""
+
+
+def _run_of_file(path: str) -> str | None:
+    """The run id recorded beside a log file, or None (none recorded: an older log)."""
+    try:
+        with open(path + _RUN_SUFFIX, encoding="utf-8") as file:
+            return file.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _other_run(path: str, hparams: Mapping[str, object]) -> str | None:
+    """The id of another run whose records `path` holds; None: ours, or not known.
+
+    fit() passes its run id in `hparams["run_id"]` (kept across resumes): a resumed run
+    must not continue, and drop the later records of, another run's log in a shared log_dir.
+    """
+    run_id = hparams.get("run_id")
+    owner = _run_of_file(path)
+    if not isinstance(run_id, str) or owner is None or owner == run_id:
+        return None
+    return owner if os.path.exists(path) else None
+
+
+def _mark_run(path: str, hparams: Mapping[str, object]) -> None:
+    """Record fit's run id beside the log file it writes (nothing outside fit)."""
+    run_id = hparams.get("run_id")
+    if not isinstance(run_id, str):
+        return
+
+    def write(file: IO[str]) -> None:
+        file.write(run_id + "\n")
+
+    _replace_atomically(path + _RUN_SUFFIX, write)
+
+
+def _set_aside(path: str, *, resumed: bool, other_run: str | None = None) -> str | None:
     """Rename a non-empty `path` to `path.N` (N one above the highest taken); its new name.
 
-    A run never overwrites a log it does not continue (a fresh run's, or a resumed run's
-    when the file is no loopkit log): the old file keeps its bytes under the new name (a
-    rename in the same directory), and the run starts a new one.
+    A run never overwrites a log it does not continue (a fresh run's, a resumed run's
+    when the file is no loopkit log or another run's): the old file keeps its bytes under
+    the new name (a rename in the same directory), with its `.run` record, and the run
+    starts a new one.
     """
     try:
         if os.path.getsize(path) == 0:
@@ -191,8 +233,12 @@ def _set_aside(path: str, *, resumed: bool) -> str | None:
     ]
     target = f"{path}.{max(taken, default=0) + 1}"
     os.rename(path, target)
+    if os.path.exists(path + _RUN_SUFFIX):
+        os.replace(path + _RUN_SUFFIX, target + _RUN_SUFFIX)
     why = (
-        "it is no loopkit log this resumed run can continue"
+        f"it holds the records of run {other_run}, another run than this resumed one"
+        if other_run is not None
+        else "it is no loopkit log this resumed run can continue"
         if resumed
         else "this fresh run (step 0) starts a new file; to continue a run instead, pass "
         "resume=True with its checkpoint_dir"
@@ -448,15 +494,17 @@ class CSVLogger:
         if not state.strategy.is_main:
             return
         resumed = _resumed_step(state)
-        if resumed is None or not self._continue(resumed):
-            self._keep_earlier_file(resumed=resumed is not None)
+        other = None if resumed is None else _other_run(self.path, hparams)
+        if resumed is None or other is not None or not self._continue(resumed):
+            self._keep_earlier_file(resumed=resumed is not None, other_run=other)
         self._rewrite()
+        _mark_run(self.path, hparams)
 
-    def _keep_earlier_file(self, *, resumed: bool) -> None:
+    def _keep_earlier_file(self, *, resumed: bool, other_run: str | None = None) -> None:
         """Set the file aside as `path.N`, unless it holds no rows (a header only)."""
         read = _read_csv(self.path)
         if read is None or read[1]:
-            _set_aside(self.path, resumed=resumed)
+            _set_aside(self.path, resumed=resumed, other_run=other_run)
 
     def _continue(self, step: int) -> bool:
         """Take the file's header and rows through `step`; False: no log to continue."""
@@ -536,9 +584,11 @@ class JSONLLogger:
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         resumed = _resumed_step(state)
-        if resumed is None or not self._continue(resumed):
-            _set_aside(self.path, resumed=resumed is not None)
+        other = None if resumed is None else _other_run(self.path, hparams)
+        if resumed is None or other is not None or not self._continue(resumed):
+            _set_aside(self.path, resumed=resumed is not None, other_run=other)
             open(self.path, "w", encoding="utf-8").close()
+        _mark_run(self.path, hparams)
         self._started = True
 
     def _continue(self, step: int) -> bool:
