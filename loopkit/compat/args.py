@@ -17,7 +17,7 @@ import logging
 import math
 import numbers
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
@@ -106,6 +106,21 @@ def _json_dict(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise _bad(name, value, "must be None, a dict or a JSON object string")
     return dict(value)
+
+
+def _refused_setter(name: str, fields_hint: str) -> Callable[..., Any]:
+    """HF's TrainingArguments.<name>(...): refused, naming the fields to pass instead."""
+
+    def refused(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            f"not supported by loopkit.compat: TrainingArguments.{name}() (the arguments are "
+            "checked together when they are built, so they are not changed afterwards); pass "
+            f"the fields to TrainingArguments(...) instead, e.g. {fields_hint}."
+        )
+
+    refused.__name__ = name
+    refused.__doc__ = f"Not supported by loopkit.compat: pass {fields_hint} when building."
+    return refused
 
 
 @dataclass
@@ -696,6 +711,21 @@ class TrainingArguments:
                     f"{self.save_steps}, eval_steps={self.eval_steps}): save_steps must be "
                     "a round multiple of eval_steps, so that the best evaluation is saved."
                 )
+
+    # HF's grouped setters (set_training, ...) change fields after the checks above ran.
+    set_training = _refused_setter(
+        "set_training", "learning_rate, per_device_train_batch_size, num_train_epochs, max_steps"
+    )
+    set_evaluate = _refused_setter("set_evaluate", "eval_strategy, eval_steps, eval_delay")
+    set_testing = _refused_setter("set_testing", "per_device_eval_batch_size")
+    set_save = _refused_setter("set_save", "save_strategy, save_steps, save_total_limit")
+    set_logging = _refused_setter("set_logging", "logging_strategy, logging_steps, report_to")
+    set_push_to_hub = _refused_setter("set_push_to_hub", "push_to_hub (refused)")
+    set_optimizer = _refused_setter("set_optimizer", "optim, learning_rate, weight_decay")
+    set_lr_scheduler = _refused_setter("set_lr_scheduler", "lr_scheduler_type, warmup_steps")
+    set_dataloader = _refused_setter(
+        "set_dataloader", "per_device_train_batch_size, dataloader_num_workers"
+    )
 
     # -- derived values, with HF's rules ---------------------------------------------------
 

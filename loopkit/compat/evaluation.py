@@ -106,11 +106,44 @@ def check_eval_settings(
             "Trainer(eval_dataset=...); pass one or set eval_strategy='no'."
         )
     metric = args.metric_for_best_model
-    if metric is not None and metric.removeprefix("eval_") != "loss" and compute_metrics is None:
+    if metric is None:
+        return
+    name = metric.removeprefix("eval_")
+    if isinstance(eval_dataset, Mapping):
+        _check_named_metric(metric, name, [str(k) for k in eval_dataset], compute_metrics)
+        return
+    if name != "loss" and compute_metrics is None:
         raise ValueError(
             f"TrainingArguments(metric_for_best_model={metric!r}): the eval metrics are only "
             "'loss' without Trainer(compute_metrics=...); pass compute_metrics returning "
-            f"{metric.removeprefix('eval_')!r}, or use 'loss'."
+            f"{name!r}, or use 'loss'."
+        )
+
+
+def _check_named_metric(
+    metric: str, name: str, sets: list[str], compute_metrics: ComputeMetrics | None
+) -> None:
+    """With a dict of eval datasets every metric is named `eval_<set>_<metric>` (HF).
+
+    Raises:
+        ValueError: `name` names no eval set, or a set's metric other than its loss
+            without compute_metrics.
+    """
+    if not sets:
+        return
+    losses = [f"{s}_loss" for s in sets]
+    if compute_metrics is None and name not in losses:
+        raise ValueError(
+            f"TrainingArguments(metric_for_best_model={metric!r}): with "
+            f"Trainer(eval_dataset={{{', '.join(repr(s) for s in sets)}}}) and no "
+            f"compute_metrics the eval metrics are {['eval_' + n for n in losses]}; use one "
+            "of those."
+        )
+    if not any(name.startswith(f"{s}_") for s in sets):
+        raise ValueError(
+            f"TrainingArguments(metric_for_best_model={metric!r}): with a dict of eval "
+            f"datasets each metric is named 'eval_<set>_<metric>' (sets: {sets}); use e.g. "
+            f"{'eval_' + sets[0] + '_' + name!r}."
         )
 
 
@@ -461,7 +494,13 @@ def run_evaluation(
     if collector.batch_metrics is None and compute_metrics is not None and label_ids is not None:
         computed = compute_metrics(EvalPrediction(predictions, label_ids))
     if computed is not None:
-        for key, value in dict(computed).items():
+        if not isinstance(computed, Mapping):
+            raise TypeError(
+                f"Trainer(compute_metrics=...): returned {type(computed).__name__} "
+                f"{computed!r:.80}; expected a dict of metric names to numbers, e.g. "
+                "{'accuracy': 0.9} (or None for no metrics)."
+            )
+        for key, value in computed.items():
             name = key if key.startswith(f"{prefix}_") else f"{prefix}_{key}"
             metrics[name] = value.item() if hasattr(value, "item") else value
     return EvalResult(predictions, label_ids, metrics, n_items)

@@ -62,13 +62,24 @@ def default_data_collator(features: list[Any]) -> Any:
     for key, value in first.items():
         if key in ("label", "label_ids") or value is None or isinstance(value, str):
             continue
-        if isinstance(value, torch.Tensor):
-            batch[key] = torch.stack([f[key] for f in features])
-        elif isinstance(value, np.ndarray):
-            batch[key] = torch.from_numpy(np.stack([f[key] for f in features]))
-        else:
-            batch[key] = torch.tensor([f[key] for f in features])
+        try:
+            batch[key] = _stacked(value, [f[key] for f in features])
+        except (ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"Trainer: default_data_collator cannot stack the samples' {key!r} ({error}); "
+                "samples of different lengths need padding: pass processing_class=<your "
+                "tokenizer> (HF's DataCollatorWithPadding) or data_collator=... that pads."
+            ) from error
     return batch
+
+
+def _stacked(first: Any, values: list[Any]) -> torch.Tensor:
+    """One batch tensor from the samples' values of one key (`first` is the first's)."""
+    if isinstance(first, torch.Tensor):
+        return torch.stack(values)
+    if isinstance(first, np.ndarray):
+        return torch.from_numpy(np.stack(values))
+    return torch.tensor(values)
 
 
 @dataclass(frozen=True, slots=True)

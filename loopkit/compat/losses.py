@@ -118,25 +118,32 @@ class TrainLoss:
         reader: how batches are read (columns, labels, item count).
         pass_num_items: call compute_loss with num_items_in_batch=1 (see passes_num_items).
         loss_fn: the user's loopkit loss_fn, which replaces all of the above; or None.
+        batch_items: pass the micro-batch's own item count as num_items_in_batch and
+            weight the loss by it (for compute_loss_func: HF allows one that returns a
+            mean and ignores num_items_in_batch; with 1 its loss would be taken as a sum).
     """
 
     compute_loss: ComputeLoss
     reader: BatchReader
     pass_num_items: bool
     loss_fn: LossFn | None = None
+    batch_items: bool = False
 
     def __call__(self, model: torch.nn.Module, batch: Any, /) -> Any:
         if self.loss_fn is not None:
             return self.loss_fn(model, batch)
         count = self.reader.item_count(batch)
         if self.pass_num_items:
-            loss = self.compute_loss(model, batch, num_items_in_batch=1)
             if count is None:
                 raise ValueError(
                     "Trainer: the model takes num_items_in_batch but the batch has no labels "
                     f"({self.reader.label_names}) to count items from; pass loss_fn=... ."
                 )
-            return Loss(loss, count)
+            if self.batch_items:  # a mean over this batch's items, whether honoured or not
+                # at least 1: a batch whose labels are all -100 sums to 0, not 0 / 0
+                loss = self.compute_loss(model, batch, num_items_in_batch=count.clamp(min=1))
+                return Loss(loss * count, count)
+            return Loss(self.compute_loss(model, batch, num_items_in_batch=1), count)
         loss = self.compute_loss(model, batch)
         return loss if count is None else Loss(loss * count, count)
 

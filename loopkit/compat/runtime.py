@@ -197,7 +197,8 @@ def enable_activation_checkpointing(model: torch.nn.Module, args: TrainingArgume
             _call_with_accepted(enable, {key: kwargs or None, **extra})
             return
     raise ValueError(
-        "TrainingArguments(activation_checkpointing=True): the model has no "
+        "TrainingArguments(activation_checkpointing=True, or its old name "
+        "gradient_checkpointing=True): the model has no "
         "activation_checkpointing_enable() or gradient_checkpointing_enable(); wrap its "
         "blocks in torch.utils.checkpoint yourself, or use FSDP's activation checkpointing."
     )

@@ -188,6 +188,7 @@ class Trainer:
         self.model_init = model_init
         self.model = _first_model(model, model_init)
         self.processing_class = processing_class if processing_class is not None else tokenizer
+        _check_collator(data_collator)
         self.data_collator = data_collator or default_collator(self.processing_class)
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
@@ -292,7 +293,8 @@ class Trainer:
             compute_loss_func=self.compute_loss_func,
             compute_loss_overridden=type(self).compute_loss is not Trainer.compute_loss,
         )
-        return TrainLoss(self.compute_loss, reader, pass_num_items, self.loss_fn)
+        batch_items = self.loss_fn is None and self.compute_loss_func is not None
+        return TrainLoss(self.compute_loss, reader, pass_num_items, self.loss_fn, batch_items)
 
     # -- train -------------------------------------------------------------------------
 
@@ -477,9 +479,33 @@ class Trainer:
         self.model.to(self.strategy.device)
         return EvalView(self.model, self.strategy, precision_of(self.args))
 
+    def _named_eval_set(self, eval_dataset: Any) -> Any:
+        """`eval_dataset`, the Trainer's when None, or (a str, as HF takes it) the set of
+        that name in the Trainer's dict eval_dataset.
+
+        Raises:
+            ValueError: a str that names no set of the Trainer's eval_dataset.
+        """
+        if eval_dataset is None:
+            return self.eval_dataset
+        if not isinstance(eval_dataset, str):
+            return eval_dataset
+        sets = self.eval_dataset
+        if not isinstance(sets, Mapping) or eval_dataset not in sets:
+            names = sorted(sets) if isinstance(sets, Mapping) else []
+            raise ValueError(
+                f"Trainer.evaluate(eval_dataset={eval_dataset!r}): a str names one of the sets "
+                f"of Trainer(eval_dataset={{...}}), whose names are {names}; pass one of "
+                "those, or a dataset."
+            )
+        return sets[eval_dataset]
+
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
-        """An evaluation loader (dataset order, this rank's share); kept per dataset."""
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        """An evaluation loader (dataset order, this rank's share); kept per dataset.
+
+        `eval_dataset` may name one of a dict eval_dataset's sets (HF).
+        """
+        dataset = self._named_eval_set(eval_dataset)
         if dataset is None:
             raise ValueError("Trainer.evaluate(): needs eval_dataset=... here or in Trainer(...).")
         key = id(dataset)
@@ -505,6 +531,7 @@ class Trainer:
         want_predictions: bool,
         description: str = "Evaluation",
     ) -> EvalResult:
+        dataset = self._named_eval_set(dataset)
         loader = self.get_eval_dataloader(dataset)
         _, prepared, collate = self._eval_loaders[id(dataset)]
         _log_evaluation(description, loader, self.args.per_device_eval_batch_size)
@@ -556,7 +583,7 @@ class Trainer:
         Raises:
             ValueError: no eval dataset.
         """
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        dataset = self._named_eval_set(eval_dataset)
         if dataset is None:
             raise ValueError("Trainer.evaluate(): needs eval_dataset=... here or in Trainer(...).")
         if isinstance(dataset, Mapping):
@@ -877,6 +904,17 @@ def _first_model(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"Trainer(model={type(model).__name__}): expected a torch.nn.Module.")
     return model
+
+
+def _check_collator(data_collator: Any) -> None:
+    """Raises TypeError: data_collator is not callable (often a dataset given positionally:
+    HF's third argument is data_collator, not train_dataset)."""
+    if data_collator is not None and not callable(data_collator):
+        raise TypeError(
+            f"Trainer(data_collator={type(data_collator).__name__}): expected a callable that "
+            "builds a batch from a list of samples. The third positional argument is "
+            "data_collator (HF's order); pass a dataset by name: train_dataset=... ."
+        )
 
 
 def _check_callables(**functions: Any) -> None:
