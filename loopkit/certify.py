@@ -205,15 +205,15 @@ def _draw(sizes: list[int], count: int, seed: int) -> list[tuple[int, int]]:
 def _interrupt(
     config: RunConfig,
     draws: list[tuple[int, int]],
+    sizes: list[int],
     metas: dict[int, dict[str, Any]],
     epoch_ends: _EpochEnds,
 ) -> tuple[list[Interruption], list[str]]:
     """Run `config` (resume=True) in segments, each stopped by a drawn interruption.
 
     Returns the interruptions and notes on those that did not stop the run where they
-    should (at the end of the window of the signal).
+    should (at the end of the window of the signal). `sizes`: each step's micro-batches.
     """
-    sizes = _window_sizes(metas)
     first = [sum(sizes[:s]) for s in range(len(sizes) + 1)]  # of each step, from 0
     done, notes = [], []
     at_step = 0
@@ -294,7 +294,7 @@ def certify_resume(
     sizes = _window_sizes(metas)
     draws = _draw(sizes, interruptions, seed)
     resumed_cfg = run_config("resumed", True)
-    done, problems = _interrupt(resumed_cfg, draws, metas, epoch_ends)
+    done, problems = _interrupt(resumed_cfg, draws, sizes, metas, epoch_ends)
     notes = _draw_notes(n_steps, max(sizes), interruptions, len(draws)) + problems
     final = _run(resumed_cfg)
     report = diff_runs(work / "reference", work / "resumed")

@@ -634,6 +634,7 @@ def _check_optimizer(path: Path, state: TrainState, meta: dict[str, Any], saved:
     over SGD's momentum buffers) or, worse, train on without the saved state. Settings
     such as momentum or weight_decay are the checkpoint's once loaded (torch's
     load_state_dict), so a changed one is named in a warning; the lr is fit's schedule's.
+    Under a torch LRScheduler, which may change any setting as it steps, nothing is compared.
     """
     optimizer = state.optimizer
     kind = meta.get("optimizer")  # absent: saved before loopkit recorded it
@@ -645,6 +646,8 @@ def _check_optimizer(path: Path, state: TrainState, meta: dict[str, Any], saved:
             "into a new run.",
             path=path,
         )
+    if isinstance(state.schedule, torch.optim.lr_scheduler.LRScheduler):
+        return  # it may set any group setting each step (OneCycleLR: momentum), and resumes
     changed = [
         f"group {i} {key}: checkpoint {group[key]!r}, this optimizer {now[key]!r}"
         for i, (group, now) in enumerate(zip(saved, optimizer.param_groups))

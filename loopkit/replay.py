@@ -61,28 +61,24 @@ class Captured:
     tensor: torch.Tensor
 
 
+def _valid_checkpoints(directory: str | os.PathLike[str]) -> Iterator[tuple[int, Path]]:
+    """(step, path) of each complete checkpoint in `directory`, newest first."""
+    for path in list_checkpoints(directory):
+        try:
+            validate_checkpoint(path, deep=False)
+            yield int(read_meta(path)["step"]), path
+        except (CheckpointError, KeyError, ValueError):
+            continue
+
+
 def checkpoint_at_or_before(directory: str | os.PathLike[str], step: int) -> Path | None:
     """The newest valid checkpoint in `directory` whose step is <= `step`, or None."""
-    for path in list_checkpoints(directory):
-        try:
-            validate_checkpoint(path, deep=False)
-            if int(read_meta(path)["step"]) <= step:
-                return path
-        except (CheckpointError, KeyError, ValueError):
-            continue
-    return None
+    return next((path for at, path in _valid_checkpoints(directory) if at <= step), None)
 
 
-def _valid_steps(directory: Path) -> list[int]:
+def _valid_steps(directory: str | os.PathLike[str]) -> list[int]:
     """The steps of the complete checkpoints in `directory`, oldest first."""
-    steps = []
-    for path in list_checkpoints(directory):
-        try:
-            validate_checkpoint(path, deep=False)
-            steps.append(int(read_meta(path)["step"]))
-        except (CheckpointError, KeyError, ValueError):
-            continue
-    return sorted(steps)
+    return sorted(at for at, _ in _valid_checkpoints(directory))
 
 
 def check_replay_inputs(*runs: str | os.PathLike[str]) -> None:

@@ -422,10 +422,14 @@ def write_record(config: RunConfig, log_dir: str | os.PathLike[str]) -> Path:
     directory = Path(log_dir)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / RUN_RECORD
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(config.record(), indent=1))
-    os.replace(tmp, path)
+    _write_text_atomically(path, json.dumps(config.record(), indent=1))
     return path
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -479,9 +483,7 @@ def keep_record_with(earlier: Earlier, log_dir: str | os.PathLike[str]) -> list[
         path = directory / RUN_RECORD
         if directory.name in earlier.set_aside or path.exists():
             continue
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(earlier.record)
-        os.replace(tmp, path)
+        _write_text_atomically(path, earlier.record)
         written.append(path)
     return written
 

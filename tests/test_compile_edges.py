@@ -149,17 +149,19 @@ def torch_fails_while_tracing(fn: Any, **options: Any) -> Any:
     return compiled
 
 
+# The fallback tests: no dropout, no clip; eager and compiled from the same start.
+PLAIN_STEP = lk.chain(lk.forward(mean_loss), lk.accumulate(2), lk.optimizer_step())
+
+
+def plain_state() -> lk.TrainState:
+    return lk.TrainState.create(
+        mlp(dtype=torch.float32), optimizer=adamw, strategy=lk.SingleDevice("cpu")
+    )
+
+
 @pytest.mark.filterwarnings("default::loopkit.compiled.CompileFallbackWarning")
 def test_a_failure_inside_torchs_tracer_falls_back_with_one_warning(monkeypatch):
-    step = lk.chain(lk.forward(mean_loss), lk.accumulate(2), lk.optimizer_step())
-
-    def state() -> lk.TrainState:
-        return lk.TrainState.create(
-            mlp(dtype=torch.float32),
-            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
-            strategy=lk.SingleDevice("cpu"),
-        )
-
+    step, state = PLAIN_STEP, plain_state
     data = batches(4)
     eager = run(step, state(), data)
     compiled_step = lk.compile_step(step)
@@ -276,15 +278,7 @@ def stance_force_eager() -> Any:
 def test_a_compiler_switched_off_runs_the_step_eagerly_with_one_warning(off, named):
     # Uncompiled, the update called AdamW with capturable=True on CPU (AdamW refuses), and
     # with torch._dynamo.config.disable fullgraph=True raised after the micro-batch ran.
-    step = lk.chain(lk.forward(mean_loss), lk.accumulate(2), lk.optimizer_step())
-
-    def state() -> lk.TrainState:
-        return lk.TrainState.create(
-            mlp(dtype=torch.float32),
-            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
-            strategy=lk.SingleDevice("cpu"),
-        )
-
+    step, state = PLAIN_STEP, plain_state
     data = batches(4)
     eager = run(step, state(), data)
     compiled_step = lk.compile_step(step)

@@ -55,6 +55,18 @@ def first_run(directory: Path, **kw: Any) -> None:
     lk.fit(mlp(), dataset(), **{**BASE, **kw}, checkpoint_dir=directory, save_every=2, max_steps=4)
 
 
+def resumed_run(directory: Path, max_steps: int = 6, **kw: Any) -> lk.FitResult:
+    return lk.fit(
+        mlp(),
+        dataset(),
+        **{**BASE, **kw},
+        checkpoint_dir=directory,
+        save_every=2,
+        max_steps=max_steps,
+        resume=True,
+    )
+
+
 def digests(directory: Path) -> dict[str, str]:
     return {
         str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -71,15 +83,7 @@ def test_resume_with_another_optimizer_class_is_refused_before_any_step(tmp_path
     first_run(tmp_path)
     before = digests(tmp_path)
     with pytest.raises(CheckpointMismatchError) as raised:
-        lk.fit(
-            mlp(),
-            dataset(),
-            **{**BASE, "optimizer": adam},
-            checkpoint_dir=tmp_path,
-            save_every=2,
-            max_steps=8,
-            resume=True,
-        )
+        resumed_run(tmp_path, max_steps=8, optimizer=adam)
     message = str(raised.value)
     assert "torch.optim.sgd.SGD" in message and "torch.optim.adam.Adam" in message
     assert "step-00000004" in message
@@ -113,15 +117,7 @@ def test_resume_with_changed_settings_goes_on_and_names_them(
 ) -> None:
     first_run(tmp_path)
     with caplog.at_level(logging.WARNING, logger="loopkit"):
-        result = lk.fit(
-            mlp(),
-            dataset(),
-            **{**BASE, "batch_size": 16, "accumulate": 2},
-            checkpoint_dir=tmp_path,
-            save_every=2,
-            max_steps=6,
-            resume=True,
-        )
+        result = resumed_run(tmp_path, batch_size=16, accumulate=2)
     assert result.state.step == 6
     said = warnings_of(caplog)
     assert "batch_size 8 -> 16" in said and "accumulate 1 -> 2" in said
@@ -133,16 +129,27 @@ def test_resume_with_the_same_settings_says_nothing_of_them(
 ) -> None:
     first_run(tmp_path)
     with caplog.at_level(logging.WARNING, logger="loopkit"):
-        lk.fit(
-            mlp(),
-            dataset(),
-            **BASE,
-            checkpoint_dir=tmp_path,
-            save_every=2,
-            max_steps=6,
-            resume=True,
-        )
+        resumed_run(tmp_path)
     assert "settings differ" not in warnings_of(caplog)
+
+
+def test_a_torch_scheduler_that_changes_momentum_resumes_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # OneCycleLR sets each group's momentum as it steps: the checkpoint's momentum differs
+    # from a fresh optimizer's by design, and the scheduler resumes it with its own state.
+    def run(max_steps: int, resume: bool) -> None:
+        model = mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=20)
+        kw = {**BASE, "optimizer": optimizer, "schedule": schedule}
+        lk.fit(model, dataset(), **kw, checkpoint_dir=tmp_path, save_every=2,
+               max_steps=max_steps, resume=resume)  # fmt: skip
+
+    run(4, resume=False)
+    with caplog.at_level(logging.WARNING, logger="loopkit"):
+        run(6, resume=True)
+    assert "optimizer's settings differ" not in warnings_of(caplog)
 
 
 @pytest.mark.parametrize("foreign", ["config.json", "model.safetensors"])
